@@ -1,0 +1,1 @@
+"""Registry promotion, export and serving of registered students (no training code)."""

@@ -1,0 +1,1 @@
+"""Prefect flows, stages, CLI and tracking: composes models/ and meta/ with data and MLflow."""

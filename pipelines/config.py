@@ -1,0 +1,352 @@
+"""The typed configuration tree, its presets, and the override rules.
+
+Everything is validated before any work starts: unknown keys, wrong types and impossible
+combinations raise :class:`ConfigError`, whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.registry import MODEL_NAMES, build_model, count_parameters, is_known_model
+
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "omniglot",
+                      "imagefolder"]
+AUGMENTATIONS = ("random_crop", "horizontal_flip", "random_affine", "color_jitter")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work started."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class AugmentConfig(Strict):
+    """One ``torchvision.transforms.v2`` transform, by name, applied to training batches."""
+
+    name: Literal["random_crop", "horizontal_flip", "random_affine", "color_jitter"]
+    padding: int = Field(2, ge=0, description="random_crop: zero padding on each side")
+    degrees: float = Field(10.0, ge=0, description="random_affine: max rotation")
+    translate: float = Field(0.1, ge=0, le=0.5, description="random_affine: max shift fraction")
+    strength: float = Field(0.2, ge=0, le=1, description="color_jitter: brightness/contrast")
+
+
+class DataConfig(Strict):
+    name: DatasetName = "digits"
+    root: Path | None = Field(None, description="data folder; default $METADISTILL_DATA")
+    download: bool = Field(False, description="let torchvision download CIFAR (needs internet)")
+    quiz_fraction: float = Field(0.1, gt=0, lt=1, description="held-out part of train for meta-objectives")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1,
+                                 description="test share carved out where the set has no test split")
+    train_fraction: float = Field(1.0, gt=0, le=1, description="keep this share of the train split")
+    label_budget: int | None = Field(None, gt=0, description="keep at most this many train labels")
+    split_seed: int = 0
+    augment: list[AugmentConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.quiz_fraction + self.val_fraction >= 0.9:
+            raise ValueError(f"data.quiz_fraction + data.val_fraction = "
+                             f"{self.quiz_fraction + self.val_fraction:.2f} leaves under 10% "
+                             f"of train for training; keep their sum below 0.9")
+        return self
+
+
+class ModelConfig(Strict):
+    arch: str = "mlp"
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="architecture arguments, e.g. {hidden: [64]}")
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, arch: str) -> str:
+        if not is_known_model(arch):
+            raise ValueError(f"unknown model {arch!r}; allowed: {', '.join(MODEL_NAMES)}")
+        return arch
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1500, gt=0)
+    batch_size: int = Field(64, gt=0)
+    optimizer: OptimConfig = Field(default_factory=OptimConfig)
+    log_every: int = Field(50, gt=0, description="steps between logged training metrics")
+    augment: bool = Field(True, description="apply data.augment to this role's training batches")
+
+
+class TeacherConfig(Strict):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000))
+    seed: int = 0
+
+
+class KDConfig(Strict):
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term")
+    soft_loss: Literal["kl", "mse"] = "kl"
+
+
+class StudentConfig(Strict):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [16]}))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    methods: list[str] = Field(default_factory=lambda: ["scratch", "kd"])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    must_be_smaller: bool = Field(True, description="refuse a student with more parameters than the teacher")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: list[str]) -> list[str]:
+        from pipelines.students import STUDENT_METHODS
+
+        unknown = [m for m in methods if m not in STUDENT_METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown student method(s) {unknown}; allowed: {', '.join(STUDENT_METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"student.methods lists a method twice: {methods}")
+        return methods
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError("student.seeds must be a non-empty list of distinct integers")
+        return seeds
+
+
+class TrackingConfig(Strict):
+    experiment: str = Field("metadistill-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    register_best: bool = Field(True, description="register the best student in the model registry")
+
+
+class DistConfig(Strict):
+    nproc: int = Field(1, ge=1, description="processes per node for training stages")
+
+
+class PipelineConfig(Strict):
+    preset: str = "digits"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        shape, classes = DATASET_SHAPES[self.data.name]
+        for role in ("teacher", "student"):
+            batch = getattr(self, role).train.batch_size
+            if batch > MIN_TRAIN_SIZE[self.data.name] and self.data.label_budget is None:
+                raise ValueError(f"{role}.train.batch_size={batch} exceeds the train split of {self.data.name}")
+        if self.data.label_budget is not None and self.data.label_budget < self.student.train.batch_size:
+            raise ValueError(f"data.label_budget={self.data.label_budget} is smaller than "
+                             f"student.train.batch_size={self.student.train.batch_size}")
+        teacher = _param_count(self.teacher.model, shape, classes, "teacher")
+        student = _param_count(self.student.model, shape, classes, "student")
+        if self.student.must_be_smaller and student > teacher:
+            raise ValueError(f"student.model has {student:,} parameters, more than teacher.model's "
+                             f"{teacher:,}; shrink it or set student.must_be_smaller=false")
+        return self
+
+
+# (C, H, W) and class count per data set, used to check models before any data is read.
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "omniglot": ((1, 28, 28), 964),
+    "imagefolder": ((3, 32, 32), 10),
+}
+MIN_TRAIN_SIZE = {"digits": 800, "mnist": 40000, "fashion-mnist": 40000, "cifar10": 5000,
+                  "cifar100": 30000, "omniglot": 10000, "imagefolder": 64}
+
+
+def _param_count(cfg: ModelConfig, shape, classes, role: str) -> int:
+    try:
+        return count_parameters(build_model(cfg.arch, shape, classes, **cfg.kwargs))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{role}.model ({cfg.arch} with {cfg.kwargs}) cannot be built: {exc}") from exc
+
+
+def _cnn_teacher(arch: str, steps: int, lr: float = 0.05) -> dict:
+    return {"model": {"arch": arch}, "train": {"steps": steps, "batch_size": 64,
+                                               "optimizer": {"name": "sgd", "lr": lr}}}
+
+
+_SMALL_SHIFTS = [{"name": "random_affine", "degrees": 10, "translate": 0.1}]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {
+        # The teacher (resnet8, augmented: ~99% test accuracy) is far stronger than the
+        # 64-16-10 MLP student (~95-96% alone); augmentation is for the teacher only.
+        "data": {"name": "digits", "augment": _SMALL_SHIFTS},
+        "teacher": _cnn_teacher("resnet8", 3000),
+        "student": {"model": {"arch": "mlp", "kwargs": {"hidden": [16]}},
+                    "train": {"steps": 1500, "batch_size": 64, "augment": False},
+                    "seeds": [0, 1, 2, 3, 4]},
+        "tracking": {"experiment": "metadistill-digits"},
+    },
+    "mnist": {
+        "data": {"name": "mnist", "label_budget": 1000},
+        "teacher": _cnn_teacher("resnet8", 2000),
+        "student": {"model": {"arch": "mlp", "kwargs": {"hidden": [32]}}, "train": {"steps": 1500}},
+        "tracking": {"experiment": "metadistill-mnist"},
+    },
+    "fashion-mnist": {
+        "data": {"name": "fashion-mnist", "label_budget": 5000},
+        "teacher": _cnn_teacher("resnet8", 3000),
+        "student": {"model": {"arch": "mlp", "kwargs": {"hidden": [64]}}, "train": {"steps": 2000}},
+        "tracking": {"experiment": "metadistill-fashion-mnist"},
+    },
+    "cifar10": {
+        "data": {"name": "cifar10", "augment": [{"name": "random_crop", "padding": 4},
+                                                {"name": "horizontal_flip"}]},
+        "teacher": _cnn_teacher("resnet20", 4000, lr=0.1),
+        "student": {"model": {"arch": "resnet8", "kwargs": {"base_width": 8}}, "train": {"steps": 3000}},
+        "tracking": {"experiment": "metadistill-cifar10"},
+    },
+    "cifar100": {
+        "data": {"name": "cifar100", "augment": [{"name": "random_crop", "padding": 4},
+                                                 {"name": "horizontal_flip"}]},
+        "teacher": _cnn_teacher("resnet56", 60000, lr=0.1),
+        "student": {"model": {"arch": "resnet20"}, "train": {"steps": 60000}},
+        "tracking": {"experiment": "metadistill-cifar100"},
+    },
+    "omniglot": {
+        "data": {"name": "omniglot"},
+        "teacher": _cnn_teacher("conv4", 3000),
+        "student": {"model": {"arch": "conv4", "kwargs": {"channels": 32}}, "train": {"steps": 3000}},
+        "tracking": {"experiment": "metadistill-omniglot"},
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a table/mapping")
+    return data
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _check_path(parts: list[str], model: type[BaseModel] = None) -> None:
+    """Name the first unknown segment of a dotted key, with the allowed keys at that level."""
+    model = model or PipelineConfig
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"unknown key {'.'.join(parts)!r}: {where} allows "
+                              f"{', '.join(sorted(fields))}")
+        annotation = fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return
+
+
+def _apply_set(tree: dict, parts: list[str], value: Any) -> None:
+    _check_path(parts)
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Preset, then file, then ``--set`` items, validated as one tree."""
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        tree = _read_file(Path(config_file))
+    name = preset or tree.get("preset") or "digits"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    tree = _merge(_merge(PRESETS[name], tree), {"preset": name})
+    for item in overrides:
+        parts, value = _parse_set(item)
+        _apply_set(tree, parts, value)
+    return validate_tree(tree)
+
+
+def validate_tree(tree: dict) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+                                          and not isinstance(err.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def flatten(cfg: PipelineConfig) -> dict[str, str]:
+    """Dotted-key view of the config, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and not prefix.endswith("kwargs"):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out[prefix] = json.dumps(node) if not isinstance(node, str) else node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

@@ -1,0 +1,359 @@
+"""Data stage: read a data set, split it deterministically, normalise, cache on disk.
+
+Splits: where a data set has no test split (digits, the CIFAR-10 JPEG test folder, a
+single ImageFolder tree, Omniglot), ``data.test_fraction`` of it is carved out, stratified
+by class.  From the remaining training pool, ``train_fraction`` / ``label_budget`` keep a
+labelled subset; from that subset ``val_fraction`` and ``quiz_fraction`` are held out.
+Every split is drawn with ``data.split_seed``.
+
+Prepared tensors are cached under ``<home>/cache/data/<key>``; the key is a SHA-256 of
+the source files' bytes, the split settings and the augmentation list, so a second run
+with the same inputs skips the stage and a changed file invalidates it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.config import DataConfig
+from pipelines.home import cache_dir
+
+CACHE_VERSION = 1
+SPLITS = ("train", "quiz", "val", "test")
+
+
+class DataError(RuntimeError):
+    """Missing or corrupt data; the message names the file and the expected layout."""
+
+
+@dataclass
+class Prepared:
+    tensors: dict[str, torch.Tensor]  # {split}_x float32 (N,C,H,W) normalised, {split}_y int64
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    key: str
+    source: str
+    cached: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def x(self, split: str) -> torch.Tensor:
+        return self.tensors[f"{split}_x"]
+
+    def y(self, split: str) -> torch.Tensor:
+        return self.tensors[f"{split}_y"]
+
+
+@dataclass
+class RawData:
+    """Images in [0, 1] as float32 (N,C,H,W); ``test`` is None when the source has none."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray] | None
+    class_names: list[str]
+    source: str
+
+
+def resolve_root(cfg: DataConfig) -> Path | None:
+    if cfg.root is not None:
+        return Path(cfg.root).expanduser()
+    env = os.environ.get("METADISTILL_DATA")
+    return Path(env).expanduser() if env else None
+
+
+def _need_root(cfg: DataConfig, layout: str) -> Path:
+    root = resolve_root(cfg)
+    if root is None:
+        raise DataError(f"data set {cfg.name!r} needs a data folder: pass --set data.root=PATH or set "
+                        f"METADISTILL_DATA; expected layout: {layout}")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder; expected layout: {layout}")
+    return root
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- readers
+
+def _load_digits() -> RawData:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    return RawData((x, bunch.target.astype(np.int64)), None, [str(i) for i in range(10)],
+                   "sklearn.datasets.load_digits")
+
+
+_IDX_FOLDERS = {"mnist": ("MNIST", "mnist/MNIST"), "fashion-mnist": ("FashionMNIST", "fashion_mnist/FashionMNIST")}
+_IDX_CLASSES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+}
+# MD5 of the decompressed official files, for error messages.
+_IDX_MD5 = {
+    ("mnist", "train-images-idx3-ubyte"): "6bbc9ace898e44ae57da46a324031adb",
+    ("fashion-mnist", "train-images-idx3-ubyte"): "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+}
+
+
+def _find_idx(root: Path, name: str, stem: str) -> Path:
+    layout = f"<root>/{_IDX_FOLDERS[name][0]}/raw/{stem}[.gz]"
+    for folder in _IDX_FOLDERS[name]:
+        for candidate in (root / folder / "raw" / stem, root / folder / "raw" / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise DataError(f"{name}: file {stem}[.gz] not found under {root}; expected layout: {layout}")
+
+
+def read_idx(path: Path, expected_dims: int, what: str) -> np.ndarray:
+    """Parse an IDX file (gzipped or plain): big-endian header, unsigned bytes."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc}); the file is corrupt or truncated") from exc
+    if len(raw) < 4 + 4 * expected_dims:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX {what} file")
+    zero, dtype, dims = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or dims != expected_dims:
+        raise DataError(f"{path}: not an IDX {what} file (header {raw[:4].hex()}, expected "
+                        f"0000 08 {expected_dims:02x}: unsigned bytes, {expected_dims} dimensions)")
+    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
+    body = raw[4 + 4 * dims:]
+    if len(body) != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} = {int(np.prod(shape))} bytes but the file holds "
+                        f"{len(body)}; it is truncated or corrupt")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _load_idx_set(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    root = _need_root(cfg, f"<root>/{_IDX_FOLDERS[cfg.name][0]}/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]")
+    files = {stem: _find_idx(root, cfg.name, stem) for stem in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    arrays = {}
+    for stem, path in files.items():
+        dims = 3 if "images" in stem else 1
+        arrays[stem] = read_idx(path, dims, "images" if dims == 3 else "labels")
+    for split in ("train", "t10k"):
+        n_img, n_lab = len(arrays[f"{split}-images-idx3-ubyte"]), len(arrays[f"{split}-labels-idx1-ubyte"])
+        if n_img != n_lab:
+            md5 = _IDX_MD5.get((cfg.name, f"{split}-images-idx3-ubyte"))
+            raise DataError(f"{files[f'{split}-images-idx3-ubyte']}: {n_img} images but {n_lab} labels"
+                            + (f"; the official decompressed file has MD5 {md5}" if md5 else ""))
+
+    def pair(split):
+        x = arrays[f"{split}-images-idx3-ubyte"].astype(np.float32)[:, None] / 255.0
+        return x, arrays[f"{split}-labels-idx1-ubyte"].astype(np.int64)
+
+    return RawData(pair("train"), pair("t10k"), _IDX_CLASSES[cfg.name], str(root)), list(files.values())
+
+
+def _decode_images(items: list[tuple[bytes, int]], mode: str, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for data, _ in items:
+        img = Image.open(io.BytesIO(data)).convert(mode)
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    root = _need_root(cfg, "<root>/cifar10/cifar10_test_jpg.zip (test/<class>/*.jpg) or torchvision's "
+                           "<root>/cifar-10-batches-py / cifar-100-python")
+    jpg_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
+                    if p.is_file()), None)
+    if cfg.name == "cifar10" and jpg_zip is not None:
+        return _read_image_zip(jpg_zip, "RGB", None), [jpg_zip]
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise DataError(f"{cfg.name}: {exc} under {root}; set data.download=true to fetch it "
+                        f"(needs internet) or point data.root at a folder that has it") from exc
+    to_x = lambda d: d.data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # noqa: E731
+    folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
+    return (RawData((to_x(train), np.asarray(train.targets)), (to_x(test), np.asarray(test.targets)),
+                    list(train.classes), str(root)), sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def _read_image_zip(path: Path, mode: str, size: int | None) -> RawData:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n for n in zf.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
+            classes = sorted({n.split("/")[-2] for n in names})
+            items = [(zf.read(n), classes.index(n.split("/")[-2])) for n in names]
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{path}: not a readable zip ({exc})") from exc
+    if not items:
+        raise DataError(f"{path}: no images inside; expected <split>/<class>/<image>.jpg")
+    x = _decode_images(items, mode, size)
+    return RawData((x, np.array([c for _, c in items], dtype=np.int64)), None, classes, str(path))
+
+
+def _load_imagefolder(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    root = _need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
+
+    def read(folder: Path, classes: list[str] | None = None):
+        classes = classes or sorted(d.name for d in folder.iterdir() if d.is_dir())
+        files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
+                 if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]
+        if not files:
+            raise DataError(f"{folder}: no images found; expected <class>/<image>.png|jpg")
+        x = _decode_images([(p.read_bytes(), c) for p, c in files], "RGB", 32)
+        return (x, np.array([c for _, c in files], dtype=np.int64)), classes, [p for p, _ in files]
+
+    if (root / "train").is_dir():
+        train, classes, f1 = read(root / "train")
+        test, _, f2 = read(root / "test", classes) if (root / "test").is_dir() else (None, None, [])
+        return RawData(train, test, classes, str(root)), f1 + f2
+    train, classes, files = read(root)
+    return RawData(train, None, classes, str(root)), files
+
+
+def _load_omniglot(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    """Background characters of Omniglot as a 964-way classification set, 28x28."""
+    root = _need_root(cfg, "<root>/omniglot_npz/images_background.npz or "
+                           "<root>/omniglot/omniglot-py/images_background*.zip")
+    from pipelines.omniglot import load_background
+
+    x, y, names, files = load_background(root)
+    return RawData((x, y), None, names, str(root)), files
+
+
+def load_raw(cfg: DataConfig) -> tuple[RawData, str]:
+    """The raw data set and a fingerprint of its source bytes."""
+    if cfg.name == "digits":
+        raw = _load_digits()
+        return raw, hashlib.sha256(raw.train[0].tobytes() + raw.train[1].tobytes()).hexdigest()
+    loader = {"mnist": _load_idx_set, "fashion-mnist": _load_idx_set, "cifar10": _load_cifar,
+              "cifar100": _load_cifar, "imagefolder": _load_imagefolder, "omniglot": _load_omniglot}[cfg.name]
+    raw, files = loader(cfg)
+    return raw, _sha256_files(files)
+
+
+# ---------------------------------------------------------------- splitting
+
+def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held_out) with ``fraction`` of each class held out (at least one)."""
+    kept, held = [], []
+    for cls in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        n_held = max(1, int(round(len(idx) * fraction))) if fraction > 0 else 0
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def make_splits(raw: RawData, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(cfg.split_seed)
+    x, y = raw.train
+    if raw.test is None:
+        keep, test = _stratified_split(y, cfg.test_fraction, rng)
+        test_pair = (x[test], y[test])
+        x, y = x[keep], y[keep]
+    else:
+        test_pair = raw.test
+    n_keep = int(round(len(y) * cfg.train_fraction))
+    if cfg.label_budget is not None:
+        n_keep = min(n_keep, cfg.label_budget)
+    if n_keep < len(y):
+        pool = rng.permutation(len(y))[:n_keep]
+        x, y = x[np.sort(pool)], y[np.sort(pool)]
+    order = rng.permutation(len(y))
+    n_val = int(round(len(y) * cfg.val_fraction))
+    n_quiz = max(1, int(round(len(y) * cfg.quiz_fraction)))
+    val, quiz, train = order[:n_val], order[n_val:n_val + n_quiz], order[n_val + n_quiz:]
+    return {"train": (x[train], y[train]), "quiz": (x[quiz], y[quiz]), "val": (x[val], y[val]),
+            "test": test_pair}
+
+
+# ---------------------------------------------------------------- caching
+
+def cache_key(cfg: DataConfig, source_hash: str) -> str:
+    settings = cfg.model_dump(mode="json", exclude={"root", "download"})
+    blob = json.dumps({"v": CACHE_VERSION, "source": source_hash, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _save(folder: Path, prepared: Prepared) -> None:
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in prepared.tensors.items()}, str(tmp / "tensors.safetensors"))
+    meta = {"input_shape": prepared.input_shape, "num_classes": prepared.num_classes,
+            "class_names": prepared.class_names, "mean": prepared.mean, "std": prepared.std,
+            "key": prepared.key, "source": prepared.source}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: its copy is equivalent
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(folder: Path) -> Prepared | None:
+    meta_path, tensor_path = folder / "meta.json", folder / "tensors.safetensors"
+    if not (meta_path.is_file() and tensor_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(tensor_path))
+    return Prepared(tensors=tensors, input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"],
+                    class_names=meta["class_names"], mean=meta["mean"], std=meta["std"], key=meta["key"],
+                    source=meta["source"], cached=True, counts={s: len(tensors[f"{s}_y"]) for s in SPLITS})
+
+
+def prepare(cfg: DataConfig) -> Prepared:
+    """Load (or reuse from cache) the normalised train/quiz/val/test tensors."""
+    raw, source_hash = load_raw(cfg)
+    key = cache_key(cfg, source_hash)
+    folder = cache_dir("data") / key
+    cached = _load_cached(folder)
+    if cached is not None:
+        return cached
+    splits = make_splits(raw, cfg)
+    if len(splits["train"][1]) < 2:
+        raise DataError(f"{cfg.name}: only {len(splits['train'][1])} training examples remain after the splits")
+    train_x = splits["train"][0]
+    mean = train_x.mean(axis=(0, 2, 3))
+    std = train_x.std(axis=(0, 2, 3)) + 1e-6
+    tensors = {}
+    for name, (x, y) in splits.items():
+        x = (x - mean[None, :, None, None]) / std[None, :, None, None]
+        tensors[f"{name}_x"] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        tensors[f"{name}_y"] = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    num_classes = len(raw.class_names)
+    prepared = Prepared(tensors=tensors, input_shape=tuple(int(s) for s in train_x.shape[1:]),
+                        num_classes=num_classes, class_names=raw.class_names, mean=mean.tolist(),
+                        std=std.tolist(), key=key, source=raw.source,
+                        counts={s: len(tensors[f"{s}_y"]) for s in SPLITS})
+    _save(folder, prepared)
+    return prepared

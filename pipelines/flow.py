@@ -1,0 +1,196 @@
+"""The ``metadistill`` Prefect flow: prepare data -> train teacher -> train students ->
+evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from deploy.promotion import decide
+from pipelines import data as data_stage
+from pipelines import plots, stages, tracking
+from pipelines.checkpoints import save_weights
+from pipelines.config import DataConfig, PipelineConfig, flatten
+from pipelines.data import Prepared
+from pipelines.evaluate import evaluate
+from pipelines.home import project_home
+from pipelines.stages import StudentOutcome
+from pipelines.tracking import RunLogger
+
+
+def _retry_on_io(task, task_run, state) -> bool:
+    """Retry transient I/O failures only; missing or corrupt data fails at once."""
+    try:
+        state.result()
+    except data_stage.DataError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _tags() -> dict[str, str]:
+    return {"prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": str(flow_run.get_name() or "")}
+
+
+def _log_curve(run: RunLogger, curve: dict, title: str) -> None:
+    fig = plots.learning_curve(curve, title)
+    run.log_figure(fig, "learning_curve.png")
+    plots.close(fig)
+
+
+@task(name="prepare-data", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
+def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
+    with tracking.child_run(parent, "data", _tags()) as run:
+        start = time.perf_counter()
+        prepared = data_stage.prepare(cfg)
+        timings["data"] = time.perf_counter() - start
+        run.log_params({f"data.{k}": v for k, v in cfg.model_dump(mode="json").items()})
+        run.log_metrics({f"n_{k}": v for k, v in prepared.counts.items()}, step=0)
+        run.set_tags({"data.key": prepared.key, "data.cached": prepared.cached})
+        for r in (run, parent):
+            r.log_dataset(cfg.name, prepared.key, prepared.source, "training", prepared.counts)
+    get_run_logger().info("data %s: %s (cached=%s)", cfg.name, prepared.counts, prepared.cached)
+    return prepared
+
+
+@task(name="train-teacher", cache_policy=NO_CACHE)
+def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
+    with tracking.child_run(parent, "teacher", _tags()) as run:
+        run.log_params({f"teacher.{k}": v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
+        outcome = stages.train_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+        start = time.perf_counter()
+        ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
+        timings["teacher"] = outcome.seconds + time.perf_counter() - start
+        run.log_metrics(ev.metrics(), step=cfg.teacher.train.steps)
+        run.set_tags({"teacher.cached": outcome.result is None, "teacher.key": outcome.key})
+        if outcome.result is not None:
+            _log_curve(run, outcome.result.curve, "teacher")
+    get_run_logger().info("teacher %s: test acc %.4f (cached=%s)", cfg.teacher.model.arch, ev.accuracy,
+                          outcome.result is None)
+    return outcome.model, ev
+
+
+@task(name="train-student", cache_policy=NO_CACHE)
+def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str, seed: int,
+                  parent: RunLogger, timings: dict) -> StudentOutcome:
+    with tracking.child_run(parent, f"student/{method}/seed{seed}", {**_tags(), "method": method,
+                                                                      "seed": str(seed)}) as run:
+        run.log_params({"method": method, "seed": seed})
+        outcome = stages.train_student(method, cfg, prepared, teacher, seed,
+                                       on_log=lambda step, m: run.log_metrics(m, step))
+        timings["students"] = timings.get("students", 0.0) + outcome.result.seconds
+        run.log_metrics({**outcome.evaluation.metrics(), "val_acc_final": outcome.val_acc},
+                        step=cfg.student.train.steps)
+        _log_curve(run, outcome.result.curve, f"{method} (seed {seed})")
+        outcome.run_id = run.run_id
+    get_run_logger().info("student %s seed %d: test acc %.4f", method, seed, outcome.evaluation.accuracy)
+    return outcome
+
+
+def cfg_methods(outcomes: list[StudentOutcome]) -> list[str]:
+    return list(dict.fromkeys(o.method for o in outcomes))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunLogger) -> list[dict]:
+    rows = stages.summarise(outcomes)
+    with tracking.child_run(parent, "evaluate", _tags()) as run:
+        for method in cfg_methods(outcomes):
+            best = stages.best_student([o for o in outcomes if o.method == method])
+            fig = plots.confusion_matrix(best.evaluation.confusion, class_names,
+                                         f"{method} (seed {best.seed}, best on validation)")
+            run.log_figure(fig, f"confusion_matrix_{method}.png")
+            plots.close(fig)
+        for target in (run, parent):
+            target.log_text(stages.comparison_markdown(rows), "comparison.md")
+            target.log_text(stages.comparison_csv(rows), "comparison.csv")
+        fig = plots.comparison_bars(rows, "test accuracy by method (mean ± std over seeds)")
+        run.log_figure(fig, "comparison.png")
+        parent.log_figure(fig, "comparison.png")
+        plots.close(fig)
+        metrics = {}
+        for r in rows:
+            metrics.update({f"{r['method']}_test_acc_mean": r["test_acc"], f"{r['method']}_test_acc_std": r["test_acc_std"],
+                            f"{r['method']}_test_loss": r["test_loss"]})
+        run.log_metrics(metrics, step=0)
+        parent.log_metrics(metrics, step=0)
+    return rows
+
+
+def _champion_accuracy(champion: dict | None, prepared: Prepared) -> float | None:
+    """The champion's accuracy on *this* test split: its recorded number when it was
+    measured on the same split, else a fresh evaluation of its weights."""
+    if champion is None:
+        return None
+    if champion.get("data_key") == prepared.key and "test_acc" in champion:
+        return float(champion["test_acc"])
+    from pipelines.checkpoints import load_weights
+
+    folder = tracking.download_artifacts(champion["source_run_id"], "weights")
+    model, spec = load_weights(folder)
+    if tuple(spec["input_shape"]) != tuple(prepared.input_shape) or spec["num_classes"] != prepared.num_classes:
+        raise ValueError(f"champion v{champion['version']} takes inputs {spec['input_shape']} with "
+                         f"{spec['num_classes']} classes; this run's data has {list(prepared.input_shape)} "
+                         f"and {prepared.num_classes}: use another experiment name")
+    return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, parent: RunLogger) -> dict | None:
+    model_name = f"{cfg.tracking.experiment}-student"
+    with tracking.child_run(parent, "register", _tags()) as run:
+        spec = stages.model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
+        weights = project_home() / "cache" / "staging" / run.run_id
+        save_weights(best.model, weights, {**spec, "method": best.method, "seed": best.seed,
+                                           "test_acc": best.evaluation.accuracy})
+        example = prepared.x("test")[:2].numpy().astype(np.float32)
+        model_uri = tracking.log_student_model(run, best.model, example, weights)
+        champion = tracking.current_champion(model_name)
+        decision = decide(best.evaluation.accuracy, _champion_accuracy(champion, prepared),
+                          champion["version"] if champion else None)
+        tags = {"method": best.method, "seed": best.seed, "test_acc": f"{best.evaluation.accuracy:.6f}",
+                "data_key": prepared.key, "source_run_id": run.run_id, "student_run_id": best.run_id,
+                "pipeline_run_id": parent.run_id, "promotion_reason": decision.reason,
+                "promoted_by": "pipeline", "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if decision.delta is not None:
+            tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
+        if champion is not None:
+            tags["previous_champion"] = champion["version"]
+        reg = tracking.register(model_uri, model_name, decision.alias, tags)
+        run.set_tags({"registered_model": model_name, "registered_version": reg.version, "alias": reg.alias})
+    get_run_logger().info("registered %s v%s as %s: %s", model_name, reg.version, reg.alias, decision.reason)
+    return {"name": reg.name, "version": reg.version, "alias": reg.alias}
+
+
+@flow(name="metadistill", log_prints=True)
+def metadistill_flow(config: PipelineConfig) -> dict:
+    """Prepare data, train the teacher and every student method over seeds, compare them
+    on the test split, and register the best student."""
+    cfg = config
+    timings: dict[str, float] = {}
+    run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.pipeline_run(cfg.tracking.experiment, run_name, {**_tags(), "preset": cfg.preset}) as parent:
+        parent.log_params(flatten(cfg))
+        parent.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        prepared = prepare_data(cfg.data, parent, timings)
+        teacher, teacher_eval = train_teacher(cfg, prepared, parent, timings)
+        outcomes = [train_student(cfg, prepared, teacher, method, seed, parent, timings)
+                    for method in cfg.student.methods for seed in cfg.student.seeds]
+        rows = compare(outcomes, prepared.class_names, parent)
+        registered = None
+        if cfg.tracking.register_best:
+            registered = register(cfg, prepared, stages.best_student(outcomes), parent)
+        parent.log_metrics({"teacher_test_acc": teacher_eval.accuracy}, step=0)
+    return {"mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
+            "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds")}
+                        for r in rows},
+            "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
+            "timings": timings, "data_cached": prepared.cached}

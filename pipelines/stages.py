@@ -1,0 +1,119 @@
+"""Stage bodies in plain Python (no Prefect, no MLflow): the flow wraps and tracks them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import build_model
+from pipelines.augment import make_augmenter
+from pipelines.checkpoints import load_weights, save_weights
+from pipelines.config import PipelineConfig
+from pipelines.data import Prepared
+from pipelines.evaluate import Evaluation, evaluate
+from pipelines.home import cache_dir
+from pipelines.students import STUDENT_METHODS, StudentContext
+from pipelines.training import LogFn, TrainResult, train_classifier
+
+TEACHER_CACHE_VERSION = 1
+
+
+def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
+    """Everything needed to rebuild a model and feed it raw [0, 1] images."""
+    return {"arch": arch, "kwargs": kwargs, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "class_names": data.class_names,
+            "mean": data.mean, "std": data.std, "data_key": data.key}
+
+
+@dataclass
+class TeacherOutcome:
+    model: nn.Module
+    result: TrainResult | None  # None when loaded from cache
+    key: str
+    seconds: float
+
+
+def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
+    blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": cfg.data.model_dump(mode="json")["augment"],
+                       "teacher": cfg.teacher.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
+    """Train the teacher, or reuse the cached one trained on the same inputs."""
+    start = time.perf_counter()
+    key = teacher_key(cfg, data)
+    folder = cache_dir("teacher") / key
+    if (folder / "model.safetensors").is_file():
+        model, _ = load_weights(folder)
+        return TeacherOutcome(model, None, key, time.perf_counter() - start)
+    torch.manual_seed(cfg.teacher.seed)
+    model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
+    result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
+                              lambda logits, x, y: F.cross_entropy(logits, y), seed=cfg.teacher.seed,
+                              augment=make_augmenter(cfg.data.augment, data.input_shape) if cfg.teacher.train.augment else None,
+                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher")
+    save_weights(model, folder, model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data))
+    return TeacherOutcome(model, result, key, time.perf_counter() - start)
+
+
+@dataclass
+class StudentOutcome:
+    method: str
+    seed: int
+    model: nn.Module
+    result: TrainResult
+    evaluation: Evaluation
+    val_acc: float
+    run_id: str = ""
+
+
+def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
+                  on_log: LogFn | None = None) -> StudentOutcome:
+    ctx = StudentContext(cfg=cfg, data=data, teacher=teacher, seed=seed, on_log=on_log,
+                         desc=f"{method} seed {seed}")
+    model, result = STUDENT_METHODS[method](ctx)
+    evaluation = evaluate(model, data.x("test"), data.y("test"), data.num_classes)
+    val_acc = evaluate(model, data.x("val"), data.y("val"), data.num_classes).accuracy if len(data.y("val")) else 0.0
+    return StudentOutcome(method, seed, model, result, evaluation, val_acc)
+
+
+def summarise(outcomes: list[StudentOutcome]) -> list[dict]:
+    """One row per method: mean and std over seeds of the test metrics, train seconds."""
+    rows = []
+    for method in dict.fromkeys(o.method for o in outcomes):
+        runs = [o for o in outcomes if o.method == method]
+        accs = np.array([o.evaluation.accuracy for o in runs])
+        rows.append({"method": method, "test_acc": float(accs.mean()),
+                     "test_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                     "test_loss": float(np.mean([o.evaluation.loss for o in runs])),
+                     "test_ece": float(np.mean([o.evaluation.ece for o in runs])),
+                     "train_seconds": float(np.mean([o.result.seconds for o in runs])),
+                     "seeds": len(runs)})
+    return rows
+
+
+def best_student(outcomes: list[StudentOutcome]) -> StudentOutcome:
+    """Chosen on validation accuracy (ties: lower test loss is not consulted, first wins),
+    so the test split stays an unbiased estimate for the promotion gate."""
+    return max(outcomes, key=lambda o: o.val_acc)
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    lines = ["| method | test acc (mean ± std) | test loss | ECE | train s | seeds |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} | "
+              f"{r['test_loss']:.4f} | {r['test_ece']:.4f} | {r['train_seconds']:.1f} | {r['seeds']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(rows: list[dict]) -> str:
+    keys = ["method", "test_acc", "test_acc_std", "test_loss", "test_ece", "train_seconds", "seeds"]
+    return "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n"

@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.config import PRESETS, ConfigError, flatten, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.preset == preset and cfg.data.name in preset.replace("fashion-mnist", "fashion-mnist")
+
+
+def test_default_is_digits_with_scratch_and_kd():
+    cfg = load_config()
+    assert cfg.data.name == "digits" and cfg.student.methods == ["scratch", "kd"]
+    assert len(cfg.student.seeds) >= 3
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["student.train.steps=7", "kd.temperature=2.5", "student.seeds=[4, 5]",
+                                 "data.label_budget=500", "tracking.register_best=false"])
+    assert cfg.student.train.steps == 7 and cfg.kd.temperature == 2.5 and cfg.student.seeds == [4, 5]
+    assert cfg.data.label_budget == 500 and cfg.tracking.register_best is False
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'kd.temp'.*alpha, soft_loss, temperature"):
+        load_config(overrides=["kd.temp=3"])
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        load_config(overrides=["nope=1"])
+
+
+def test_wrong_type_and_range():
+    with pytest.raises(ConfigError, match=r"student.train.steps.*integer"):
+        load_config(overrides=["student.train.steps=many"])
+    with pytest.raises(ConfigError, match=r"kd.alpha.*less than or equal to 1"):
+        load_config(overrides=["kd.alpha=1.5"])
+    with pytest.raises(ConfigError, match=r"data.name.*'digits'"):
+        load_config(overrides=["data.name=svhn"])
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match="quiz_fraction \\+ data.val_fraction"):
+        load_config(overrides=["data.quiz_fraction=0.6", "data.val_fraction=0.4"])
+    big = ["student.model.arch=resnet20", "student.model.kwargs={}"]
+    with pytest.raises(ConfigError, match="more than teacher.model's"):
+        load_config(overrides=big)
+    assert load_config(overrides=big + ["student.must_be_smaller=false"])
+    with pytest.raises(ConfigError, match="student.model .* cannot be built.*'hidden'"):
+        load_config(overrides=["student.model.arch=resnet20"])
+    with pytest.raises(ConfigError, match="unknown student method"):
+        load_config(overrides=["student.methods=[scratch, telepathy]"])
+    with pytest.raises(ConfigError, match="unknown model 'resnet9'"):
+        load_config(overrides=["teacher.model.arch=resnet9"])
+    with pytest.raises(ConfigError, match="label_budget=10 is smaller"):
+        load_config(overrides=["data.label_budget=10"])
+
+
+def test_config_files(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "mnist"\n[student.train]\nsteps = 11\n')
+    cfg = load_config(config_file=toml)
+    assert cfg.preset == "mnist" and cfg.student.train.steps == 11 and cfg.data.label_budget == 1000
+    yml = tmp_path / "c.yaml"
+    yml.write_text("kd:\n  alpha: 0.5\n")
+    assert load_config(config_file=yml, overrides=["kd.alpha=0.25"]).kd.alpha == 0.25
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kd: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(config_file=bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(config_file=tmp_path / "missing.toml")
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(load_config())
+    assert flat["kd.temperature"] == "4.0" and flat["student.model.kwargs"] == '{"hidden": [16]}'
+
+
+def test_cli_rejects_bad_config_with_exit_2_before_any_work(home):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--set", "kd.temp=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'kd.temp'" in proc.stderr and "temperature" in proc.stderr
+    assert not (home / "mlflow.db").exists() and not (home / "prefect").exists()

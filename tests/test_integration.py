@@ -1,0 +1,125 @@
+"""The whole flow on a tiny config, under a real Prefect test server and a real
+(temporary) MLflow SQLite store and registry."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+
+TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150",
+        "teacher.train.log_every=25", "student.train.steps=60", "student.train.log_every=20",
+        "student.seeds=[0, 1]", "tracking.experiment=it-digits"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _client(home) -> MlflowClient:
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _children(client, parent_run_id, experiment_id):
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_pipeline_end_to_end(home, prefect_server):
+    from pipelines.flow import metadistill_flow
+
+    summary = metadistill_flow(config=load_config(overrides=TINY))
+    assert set(summary["methods"]) == {"scratch", "kd"}
+    for m in summary["methods"].values():
+        assert 0.3 < m["test_acc"] <= 1.0 and m["seeds"] == 2 and m["train_seconds"] > 0
+    assert summary["registered_model"] == {"name": "it-digits-student", "version": "1", "alias": "champion"}
+
+    client = _client(home)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["kd.temperature"] == "4.0"
+    assert {"config.yaml", "comparison.md", "comparison.csv", "comparison.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "| kd |" in (home / "mlartifacts").joinpath(
+        "it-digits", parent.info.run_id, "artifacts", "comparison.md").read_text()
+    assert parent.inputs.dataset_inputs and parent.inputs.dataset_inputs[0].dataset.name == "digits"
+
+    children = _children(client, parent.info.run_id, parent.info.experiment_id)
+    assert {"data", "teacher", "student/scratch/seed0", "student/scratch/seed1", "student/kd/seed0",
+            "student/kd/seed1", "evaluate", "register"} == set(children)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert all(r.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for r in children.values())
+    kd = children["student/kd/seed0"]
+    history = client.get_metric_history(kd.info.run_id, "train_loss")
+    assert [m.step for m in history] == [20, 40, 60]
+    assert 0 <= kd.data.metrics["test_ece"] <= 1 and "test_acc_class_9" in kd.data.metrics
+    assert "learning_curve.png" in {a.path for a in client.list_artifacts(kd.info.run_id)}
+    assert {"confusion_matrix_kd.png", "confusion_matrix_scratch.png", "comparison.png"} <= {
+        a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "train_loss")) == 6
+
+    version = client.get_model_version_by_alias("it-digits-student", "champion")
+    assert version.tags["promotion_reason"] == "no champion yet"
+    assert version.tags["method"] in ("scratch", "kd") and float(version.tags["test_acc"]) > 0.3
+
+    # The registered model loads without unpickling (torch.export) and predicts.
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"models:/it-digits-student@champion")
+    out = model(__import__("torch").zeros(3, 1, 8, 8))
+    assert tuple(out.shape) == (3, 10)
+
+    # A second run with a crippled student does not dethrone the champion.
+    worse = metadistill_flow(config=load_config(overrides=TINY + ["student.train.steps=1", "student.seeds=[0]"]))
+    assert worse["registered_model"]["alias"] == "challenger"
+    assert str(client.get_model_version_by_alias("it-digits-student", "champion").version) == "1"
+    challenger = client.get_model_version("it-digits-student", worse["registered_model"]["version"])
+    assert "does not beat champion v1" in challenger.tags["promotion_reason"]
+    assert float(challenger.tags["delta_vs_champion"]) < 0
+    # Cached data and teacher were reused.
+    teacher_runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'teacher'")
+    assert {r.data.tags["teacher.cached"] for r in teacher_runs} == {"True", "False"}
+
+
+def test_failed_run_is_marked_failed_and_registers_nothing(home, prefect_server, monkeypatch):
+    from pipelines.data import DataError
+    from pipelines.flow import metadistill_flow
+
+    monkeypatch.delenv("METADISTILL_DATA", raising=False)
+    cfg = load_config("mnist", overrides=["tracking.experiment=it-fail", f"data.root={home / 'nothing'}"])
+    with pytest.raises(DataError, match="is not a folder"):
+        metadistill_flow(config=cfg)
+    client = _client(home)
+    experiment = client.get_experiment_by_name("it-fail")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert all(r.info.status == "FAILED" for r in runs)
+    assert client.search_registered_models("name = 'it-fail-student'") == []
+
+
+def test_cli_run_writes_summary(home, tmp_path):
+    """`metadistill run` in a subprocess: ephemeral Prefect API, embedded MLflow store."""
+    out = tmp_path / "summary.json"
+    args = [x for item in TINY + ["student.seeds=[0]"] for x in ("--set", item)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *args, "--summary", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary) >= {"mlflow_run_id", "experiment", "methods", "registered_model"}
+    assert set(summary["methods"]["kd"]) >= {"test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds"}
+    assert summary["registered_model"]["alias"] == "champion"
+    assert "test acc (mean ± std)" in proc.stdout
+    assert np.isfinite(summary["methods"]["scratch"]["test_acc"])
