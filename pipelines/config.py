@@ -103,10 +103,68 @@ class KDConfig(Strict):
     soft_loss: Literal["kl", "mse"] = "kl"
 
 
+class MetaDistillConfig(Strict):
+    """Learning to teach: the teacher is meta-updated on the pilot student's quiz loss."""
+
+    order: Literal["second", "first"] = Field("second", description="second: MetaDistil; first: MPL-style")
+    pilot_steps: int = Field(1, ge=1, description="K pilot SGD steps of the student copy")
+    pilot_lr: float | None = Field(None, gt=0, description="pilot step size; default: student.train.optimizer.lr")
+    teacher_lr: float = Field(1e-4, ge=0)
+    teacher_optimizer: Literal["adam", "sgd"] = "adam"
+    interval: int = Field(5, ge=1, description="a teacher update every n student steps")
+    start_step: int = Field(0, ge=0, description="no teacher update before this student step")
+    quiz_batch_size: int = Field(64, gt=0)
+    teacher_ce_weight: float = Field(0.0, ge=0, description="adds the teacher's own CE on the batch, against forgetting")
+
+
+class MetaConfig(Strict):
+    """Meta-learning of an initialisation over episodic tasks (MAML family)."""
+
+    algorithm: Literal["maml", "fomaml", "metasgd", "reptile"] = "maml"
+    ways: int | None = Field(None, gt=1, description="classes per task; default: every class of the data set")
+    shots: int = Field(5, gt=0)
+    queries: int = Field(5, gt=0, description="query examples per class")
+    inner_steps: int = Field(3, ge=0)
+    inner_lr: float = Field(0.3, gt=0)
+    outer_lr: float = Field(1e-3, gt=0, description="Adam; for reptile: the outer step size epsilon (SGD)")
+    meta_batch: int = Field(8, gt=0, description="tasks per meta-step")
+    meta_steps: int = Field(300, ge=0)
+    time_budget_s: float | None = Field(None, gt=0, description="stop meta-training after this many seconds")
+    vectorize: bool = Field(True, description="batch tasks with torch.func.vmap (else a per-task loop)")
+    chunk_size: int | None = Field(None, gt=0, description="vmap chunk size, bounds memory")
+    workers: int | None = Field(None, gt=0, description="task-parallel threads; default: one per CPU core")
+    rotations: bool = Field(False, description="add 90/180/270-degree rotations as extra classes")
+    eval_inner_steps: int | None = Field(None, ge=0, description="inner steps at evaluation (default: inner_steps)")
+    log_every: int = Field(10, gt=0)
+
+
+class FewShotConfig(Strict):
+    """``metadistill fewshot``: meta-train on Omniglot background characters, test on
+    evaluation characters, one model per number of ways."""
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="conv4", kwargs={"channels": 64}))
+    meta: MetaConfig = Field(default_factory=lambda: MetaConfig(
+        ways=5, shots=1, queries=15, inner_steps=1, inner_lr=0.4, meta_batch=32, meta_steps=100000,
+        time_budget_s=1500, rotations=True, eval_inner_steps=3))
+    train_ways: list[int] = Field(default_factory=lambda: [5, 20])
+    eval_shots: list[int] = Field(default_factory=lambda: [1, 5])
+    eval_tasks: int = Field(600, gt=0)
+    eval_queries: int = Field(15, gt=0, description="query examples per class at evaluation (20 - 5 shots max)")
+    lake_runs: bool = Field(True, description="also score the 20 one-shot runs of Lake et al. (all_runs.zip)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits_twenty(self) -> FewShotConfig:
+        if max(self.eval_shots) + self.eval_queries > 20:
+            raise ValueError(f"fewshot: max(eval_shots) + eval_queries = {max(self.eval_shots) + self.eval_queries} "
+                             f"exceeds Omniglot's 20 drawings per character")
+        return self
+
+
 class StudentConfig(Strict):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [16]}))
     train: TrainConfig = Field(default_factory=TrainConfig)
-    methods: list[str] = Field(default_factory=lambda: ["scratch", "kd"])
+    methods: list[str] = Field(default_factory=lambda: ["scratch", "kd", "maml_init", "meta_distill"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     must_be_smaller: bool = Field(True, description="refuse a student with more parameters than the teacher")
 
@@ -145,6 +203,9 @@ class PipelineConfig(Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
+    maml: MetaConfig = Field(default_factory=MetaConfig)
+    meta_distill: MetaDistillConfig = Field(default_factory=MetaDistillConfig)
+    fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
 
@@ -158,6 +219,8 @@ class PipelineConfig(Strict):
         if self.data.label_budget is not None and self.data.label_budget < self.student.train.batch_size:
             raise ValueError(f"data.label_budget={self.data.label_budget} is smaller than "
                              f"student.train.batch_size={self.student.train.batch_size}")
+        if self.maml.ways is not None and self.maml.ways > classes:
+            raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
         teacher = _param_count(self.teacher.model, shape, classes, "teacher")
         student = _param_count(self.student.model, shape, classes, "student")
         if self.student.must_be_smaller and student > teacher:
@@ -239,6 +302,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
+    if "arch" in over and "kwargs" not in over and over["arch"] != base.get("arch"):
+        out["kwargs"] = {}  # another architecture: the old one's arguments do not apply
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
             out[key] = _merge(out[key], value)
@@ -311,7 +376,10 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     name = preset or tree.get("preset") or "digits"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    tree = _merge(_merge(PRESETS[name], tree), {"preset": name})
+    # Start from the full default tree so a partial override of a nested default
+    # (e.g. fewshot.model.kwargs) keeps the default's other fields.
+    defaults = PipelineConfig.model_construct().model_dump(mode="json")
+    tree = _merge(_merge(_merge(defaults, PRESETS[name]), tree), {"preset": name})
     for item in overrides:
         parts, value = _parse_set(item)
         _apply_set(tree, parts, value)

@@ -90,6 +90,8 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
         run.log_metrics({**outcome.evaluation.metrics(), "val_acc_final": outcome.val_acc},
                         step=cfg.student.train.steps)
         _log_curve(run, outcome.result.curve, f"{method} (seed {seed})")
+        if outcome.learned_teacher is not None:
+            _log_learned_teacher(run, outcome.learned_teacher, cfg, prepared)
         outcome.run_id = run.run_id
     get_run_logger().info("student %s seed %d: test acc %.4f", method, seed, outcome.evaluation.accuracy)
     return outcome
@@ -97,6 +99,17 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
 
 def cfg_methods(outcomes: list[StudentOutcome]) -> list[str]:
     return list(dict.fromkeys(o.method for o in outcomes))
+
+
+def _log_learned_teacher(run: RunLogger, teacher, cfg: PipelineConfig, prepared: Prepared) -> None:
+    """The teacher after meta-training: its test metrics and its weights (safetensors)."""
+    ev = evaluate(teacher, prepared.x("test"), prepared.y("test"), prepared.num_classes)
+    run.log_metrics({f"learned_teacher_{k}": v for k, v in ev.metrics().items() if "class" not in k},
+                    step=cfg.student.train.steps)
+    folder = project_home() / "cache" / "staging" / f"{run.run_id}-teacher"
+    save_weights(teacher, folder, stages.model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, prepared))
+    run.log_artifact(folder / "model.safetensors", "learned_teacher")
+    run.log_artifact(folder / "spec.json", "learned_teacher")
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -83,3 +83,31 @@ def load_background(root: Path, size: int = 28) -> tuple[np.ndarray, np.ndarray,
     x, names, files = load_characters(root, "background", size)
     chars, per_char = x.shape[:2]
     return x.reshape(chars * per_char, 1, size, size), np.repeat(np.arange(chars), per_char), names, files
+
+
+def load_lake_runs(root: Path, size: int = 28) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The 20 one-shot 20-way runs of Lake et al. (``all_runs.zip``) as tasks
+    ``(xs [20], ys [20], xq [20], yq [20])``: one training image per class, 20 test items."""
+    from PIL import Image
+
+    candidates = [root / "omniglot" / "omniglot-py" / "all_runs.zip", root / "omniglot-py" / "all_runs.zip",
+                  root / "all_runs.zip"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise DataError(f"all_runs.zip not found under {root}; expected <root>/omniglot/omniglot-py/all_runs.zip")
+
+    def image(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+        return 1.0 - np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("L"), dtype=np.float32) / 255
+
+    runs = []
+    with zipfile.ZipFile(path) as zf:
+        for run in sorted({n.split("/")[0] for n in zf.namelist() if n.startswith("run")}):
+            pairs = [line.split() for line in zf.read(f"{run}/class_labels.txt").decode().splitlines() if line.strip()]
+            train_names = sorted({t for _, t in pairs})
+            xs = _resize(np.stack([image(zf, n) for n in train_names]), size)
+            xq = _resize(np.stack([image(zf, q) for q, _ in pairs]), size)
+            yq = [train_names.index(t) for _, t in pairs]
+            runs.append((torch.from_numpy(xs), torch.arange(len(train_names)), torch.from_numpy(xq), torch.tensor(yq)))
+    if len(runs) != 20:
+        raise DataError(f"{path}: expected 20 runs, found {len(runs)}")
+    return runs

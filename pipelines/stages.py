@@ -73,6 +73,7 @@ class StudentOutcome:
     evaluation: Evaluation
     val_acc: float
     run_id: str = ""
+    learned_teacher: nn.Module | None = None
 
 
 def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
@@ -82,7 +83,7 @@ def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.
     model, result = STUDENT_METHODS[method](ctx)
     evaluation = evaluate(model, data.x("test"), data.y("test"), data.num_classes)
     val_acc = evaluate(model, data.x("val"), data.y("val"), data.num_classes).accuracy if len(data.y("val")) else 0.0
-    return StudentOutcome(method, seed, model, result, evaluation, val_acc)
+    return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=ctx.learned_teacher)
 
 
 def summarise(outcomes: list[StudentOutcome]) -> list[dict]:

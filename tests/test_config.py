@@ -14,7 +14,7 @@ def test_every_preset_validates(preset):
 
 def test_default_is_digits_with_scratch_and_kd():
     cfg = load_config()
-    assert cfg.data.name == "digits" and cfg.student.methods == ["scratch", "kd"]
+    assert cfg.data.name == "digits" and cfg.student.methods == ["scratch", "kd", "maml_init", "meta_distill"]
     assert len(cfg.student.seeds) >= 3
 
 

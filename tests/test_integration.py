@@ -14,7 +14,8 @@ from pipelines.config import load_config
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150",
         "teacher.train.log_every=25", "student.train.steps=60", "student.train.log_every=20",
-        "student.seeds=[0, 1]", "tracking.experiment=it-digits"]
+        "student.seeds=[0, 1]", "tracking.experiment=it-digits", "maml.meta_steps=20", "maml.log_every=5"]
+METHODS = {"scratch", "kd", "maml_init", "meta_distill"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_pipeline_end_to_end(home, prefect_server):
     from pipelines.flow import metadistill_flow
 
     summary = metadistill_flow(config=load_config(overrides=TINY))
-    assert set(summary["methods"]) == {"scratch", "kd"}
+    assert set(summary["methods"]) == METHODS
     for m in summary["methods"].values():
         assert 0.3 < m["test_acc"] <= 1.0 and m["seeds"] == 2 and m["train_seconds"] > 0
     assert summary["registered_model"] == {"name": "it-digits-student", "version": "1", "alias": "champion"}
@@ -56,8 +57,8 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert parent.inputs.dataset_inputs and parent.inputs.dataset_inputs[0].dataset.name == "digits"
 
     children = _children(client, parent.info.run_id, parent.info.experiment_id)
-    assert {"data", "teacher", "student/scratch/seed0", "student/scratch/seed1", "student/kd/seed0",
-            "student/kd/seed1", "evaluate", "register"} == set(children)
+    assert {"data", "teacher", "evaluate", "register"} | {
+        f"student/{m}/seed{s}" for m in METHODS for s in (0, 1)} == set(children)
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert all(r.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for r in children.values())
     kd = children["student/kd/seed0"]
@@ -65,13 +66,20 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert [m.step for m in history] == [20, 40, 60]
     assert 0 <= kd.data.metrics["test_ece"] <= 1 and "test_acc_class_9" in kd.data.metrics
     assert "learning_curve.png" in {a.path for a in client.list_artifacts(kd.info.run_id)}
-    assert {"confusion_matrix_kd.png", "confusion_matrix_scratch.png", "comparison.png"} <= {
+    assert {f"confusion_matrix_{m}.png" for m in METHODS} | {"comparison.png"} <= {
         a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
     assert len(client.get_metric_history(children["teacher"].info.run_id, "train_loss")) == 6
+    maml = children["student/maml_init/seed0"].info.run_id
+    assert [m.step for m in client.get_metric_history(maml, "meta_query_acc")] == [5, 10, 15, 20]
+    md = children["student/meta_distill/seed1"]
+    assert client.get_metric_history(md.info.run_id, "teacher_quiz_loss_before")
+    assert "learned_teacher_test_acc" in md.data.metrics
+    assert {"learned_teacher/model.safetensors", "learned_teacher/spec.json"} <= {
+        a.path for a in client.list_artifacts(md.info.run_id, "learned_teacher")}
 
     version = client.get_model_version_by_alias("it-digits-student", "champion")
     assert version.tags["promotion_reason"] == "no champion yet"
-    assert version.tags["method"] in ("scratch", "kd") and float(version.tags["test_acc"]) > 0.3
+    assert version.tags["method"] in METHODS and float(version.tags["test_acc"]) > 0.3
 
     # The registered model loads without unpickling (torch.export) and predicts.
     import mlflow.pytorch

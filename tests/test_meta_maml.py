@@ -156,3 +156,21 @@ def test_meta_sgd_with_frozen_learning_rates_equals_maml():
     loss, _ = meta_batch_loss(model, params, tasks, inner, lrs=lrs)
     lr_grads = torch.autograd.grad(loss, list(lrs.values()))
     assert all(g.abs().sum() > 0 for g in lr_grads)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_task_parallel_meta_gradient_equals_single_loop(workers):
+    from meta.parallel import TaskParallel
+
+    model, tasks = tiny_mlp(), make_tasks(n_tasks=7)
+    inner = InnerLoop(steps=2, lr=0.3)
+    reference = meta_grad(model, tasks, inner, vectorize=False)
+    runner = TaskParallel(model, workers)
+    wrt = list(model.parameters())
+    grads, loss, acc = runner.grad(params_of(model), wrt, tasks,
+                                   lambda m, p, chunk: meta_batch_loss(m, p, chunk, inner, vectorize=True))
+    runner.close()
+    for (name, _), g in zip(model.named_parameters(), grads):
+        assert (g - reference[name]).abs().max() <= 1e-10
+    expected_loss, _ = meta_batch_loss(model, params_of(model), tasks, inner, vectorize=False)
+    assert abs(loss - expected_loss.item()) < 1e-10 and 0 <= acc <= 1

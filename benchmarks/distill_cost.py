@@ -1,0 +1,49 @@
+"""Wall seconds per student step of ``meta_distill`` against ``kd`` on the same networks,
+measured in one run (same data, same teacher, same student budget).
+
+    python benchmarks/distill_cost.py [--preset digits] [--set k=v ...] --json PATH
+
+Target: ratio <= 2.0 at the default teacher-update interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    from pipelines import data as data_stage
+    from pipelines import stages
+    from pipelines.config import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest counts")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.preset, None, args.overrides)
+    prepared = data_stage.prepare(cfg.data)
+    teacher = stages.train_teacher(cfg, prepared).model
+    seconds: dict[str, list[float]] = {"kd": [], "meta_distill": []}
+    for r in range(args.repeats):
+        for method in seconds:
+            outcome = stages.train_student(method, cfg, prepared, teacher, seed=r)
+            seconds[method].append(outcome.result.seconds / outcome.result.steps)
+    per_step = {m: min(v) for m, v in seconds.items()}
+    result = {"preset": cfg.preset, "interval": cfg.meta_distill.interval, "pilot_steps": cfg.meta_distill.pilot_steps,
+              "order": cfg.meta_distill.order, "seconds_per_step": per_step, "all_seconds_per_step": seconds,
+              "ratio": per_step["meta_distill"] / per_step["kd"], "target_ratio_max": 2.0}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Outer loops for meta-learning an initialisation (and, for Meta-SGD, per-parameter
+inner learning rates), plus few-shot evaluation on fixed tasks.  The algorithms are the
+functions of ``meta.maml``; this module owns the optimiser, the sampler and logging."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from meta.functional import params_of
+from meta.maml import InnerLoop, adapt, meta_batch_loss, reptile_target
+from meta.parallel import TaskParallel
+from meta.tasks import Tasks, TaskSampler, split_tasks
+from pipelines.config import MetaConfig
+from pipelines.progress import progress_bar
+from pipelines.training import LogFn
+
+
+@dataclass
+class MetaResult:
+    lrs: dict[str, torch.Tensor] | None = None  # Meta-SGD's learned inner learning rates
+    curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    tasks: int = 0
+
+
+def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: int,
+               on_log: LogFn | None = None, desc: str = "meta-train") -> MetaResult:
+    """Meta-train ``model``'s parameters in place as an initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    inner = InnerLoop(cfg.inner_steps, cfg.inner_lr, first_order=cfg.algorithm == "fomaml")
+    lrs = None
+    if cfg.algorithm == "metasgd":
+        lrs = {k: torch.full_like(v, cfg.inner_lr, requires_grad=True) for k, v in model.named_parameters()}
+    meta_params = list(model.parameters()) + (list(lrs.values()) if lrs else [])
+    if cfg.algorithm == "reptile":
+        optimizer = torch.optim.SGD(meta_params, lr=cfg.outer_lr)
+    else:
+        optimizer = torch.optim.Adam(meta_params, lr=cfg.outer_lr)
+    result = MetaResult(lrs=lrs, curve={"meta_query_loss": [], "meta_query_acc": []})
+    runner = TaskParallel(model, min(cfg.workers or os.cpu_count() or 1, cfg.meta_batch))
+
+    def chunk_loss(replica: nn.Module, params, chunk):
+        return meta_batch_loss(replica, params, chunk, inner, lrs=lrs, vectorize=cfg.vectorize,
+                               chunk_size=cfg.chunk_size)
+
+    start = time.perf_counter()
+    with progress_bar(desc, total=cfg.meta_steps) as advance:
+        for step in range(1, cfg.meta_steps + 1):
+            tasks = sampler.sample(cfg.meta_batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.algorithm == "reptile":
+                loss, acc = _reptile_pseudo_gradient(model, tasks, cfg)
+            else:
+                grads, loss, acc = runner.grad(params_of(model), meta_params, tasks, chunk_loss)
+                for p, g in zip(meta_params, grads):
+                    p.grad = g
+            optimizer.step()
+            result.steps, result.tasks = step, result.tasks + cfg.meta_batch
+            advance()
+            if step % cfg.log_every == 0 or step == cfg.meta_steps:
+                metrics = {"meta_query_loss": float(loss), "meta_query_acc": float(acc)}
+                for k, v in metrics.items():
+                    result.curve[k].append((step, v))
+                if on_log is not None:
+                    on_log(step, metrics)
+            if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+                break
+    result.seconds = time.perf_counter() - start
+    runner.close()
+    if lrs is not None:
+        result.lrs = {k: v.detach() for k, v in lrs.items()}
+    return result
+
+
+def _reptile_pseudo_gradient(model: nn.Module, tasks: Tasks, cfg: MetaConfig):
+    """Set ``p.grad = p - mean_i(p_i')`` so that SGD with lr epsilon is Reptile's update."""
+    params = params_of(model, detach=True)
+    targets = [reptile_target(model, params, tuple(t[i] for t in tasks), cfg.inner_steps, cfg.inner_lr)
+               for i in range(len(tasks[0]))]
+    for name, p in model.named_parameters():
+        p.grad = p.detach() - torch.stack([t[name] for t in targets]).mean(0)
+    with torch.no_grad():  # report the query loss after adaptation, as the other algorithms do
+        from meta.functional import forward
+
+        xq, yq = tasks[2], tasks[3]
+        logits = torch.stack([forward(model, t, xq[i]) for i, t in enumerate(targets)])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), yq.flatten())
+        acc = (logits.argmax(-1) == yq).float().mean()
+    return loss, acc
+
+
+def evaluate_tasks(model: nn.Module, tasks: Tasks, steps: int, lr: float,
+                   lrs: dict[str, torch.Tensor] | None = None, batch: int = 50) -> tuple[float, float]:
+    """Adapt on each task's support set, score its query set.  Returns the mean query
+    accuracy and its 95% confidence half-width (1.96 * std / sqrt(n))."""
+    accs = []
+    inner = InnerLoop(steps, lr, first_order=True)
+    base = {k: v.detach().requires_grad_() for k, v in params_of(model).items()}
+    for xs, ys, xq, yq in split_tasks(tasks, batch):
+        for i in range(len(xs)):
+            with torch.enable_grad():
+                adapted = adapt(model, base, xs[i], ys[i], inner, lrs)
+            with torch.no_grad():
+                from meta.functional import forward
+
+                accs.append((forward(model, adapted, xq[i]).argmax(-1) == yq[i]).float().mean().item())
+    t = torch.tensor(accs)
+    half = 1.96 * t.std(unbiased=True).item() / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
+    return t.mean().item(), half
