@@ -52,6 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(few)
     few.add_argument("--summary", metavar="PATH", help="write the results as JSON to PATH")
 
+    srv = sub.add_parser("serve", help="serve a registered student over HTTP",
+                         description="Serve NAME@ALIAS (weights only, no unpickling): POST /predict, POST "
+                                     "/invocations (MLflow protocol), GET /health, /ready, /metadata. "
+                                     "Micro-batches concurrent requests; picks up a new alias holder by "
+                                     "polling the registry or on SIGHUP.")
+    srv.add_argument("--model", help="registered model name (default: metadistill-digits-student)")
+    srv.add_argument("--alias", default="champion")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--workers", type=int, default=1)
+    srv.add_argument("--max-batch", type=int, default=64, help="rows per micro-batch")
+    srv.add_argument("--max-wait-ms", type=float, default=1.0, help="wait for more requests to batch")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    srv.add_argument("--max-instances", type=int, default=256, help="rows per request")
+    srv.add_argument("--poll-seconds", type=float, default=30.0, help="registry polling (0: only on SIGHUP)")
+
+    prom = sub.add_parser("promote", help="make VERSION the champion (old champion becomes challenger)")
+    prom.add_argument("version")
+    prom.add_argument("--model", help="registered model name (default: metadistill-digits-student)")
+    prom.add_argument("--reason", default="", help="why; recorded in the version's tags")
+    back = sub.add_parser("rollback", help="move champion back to the previous champion")
+    back.add_argument("--model", help="registered model name (default: metadistill-digits-student)")
+    back.add_argument("--reason", default="")
+
+    exp = sub.add_parser("export", help="export a registered student as TorchScript or ONNX",
+                         description="Write NAME@ALIAS as TorchScript or ONNX (normalisation included: "
+                                     "the exported graph takes raw [0, 1] pixels).")
+    exp.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    exp.add_argument("--model", help="registered model name (default: metadistill-digits-student)")
+    exp.add_argument("--alias", default="champion")
+    exp.add_argument("--out", required=True, help="output file")
+
     show = sub.add_parser("config", help="print the resolved configuration (validated) and exit",
                           description="Resolve preset + --config + --set, validate, print as YAML.")
     _add_config_args(show)
@@ -150,6 +182,43 @@ def cmd_fewshot(args) -> int:
     return 0
 
 
+DEFAULT_MODEL = "metadistill-digits-student"
+
+
+def cmd_serve(args) -> int:
+    from deploy.serve import ServeConfig, serve
+
+    cfg = ServeConfig(model=args.model or DEFAULT_MODEL, alias=args.alias, max_batch=args.max_batch,
+                      max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                      max_instances=args.max_instances, poll_seconds=args.poll_seconds)
+    print(f"serving {cfg.model}@{cfg.alias} on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(cfg, args.host, args.port, args.workers)
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from deploy.promotion import promote
+
+    print(json.dumps(promote(args.model or DEFAULT_MODEL, args.version, args.reason), indent=2))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from deploy.promotion import rollback
+
+    print(json.dumps(rollback(args.model or DEFAULT_MODEL, args.reason), indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from deploy.export import export
+    from deploy.registry import load_registered
+
+    path = export(load_registered(args.model or DEFAULT_MODEL, args.alias), args.format, Path(args.out))
+    print(path)
+    return 0
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -166,7 +235,8 @@ def cmd_ui(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "fewshot": cmd_fewshot, "config": cmd_config, "ui": cmd_ui}[args.command]
+    handler = {"run": cmd_run, "fewshot": cmd_fewshot, "config": cmd_config, "ui": cmd_ui, "serve": cmd_serve,
+               "promote": cmd_promote, "rollback": cmd_rollback, "export": cmd_export}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -174,10 +244,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback on bad input
+        from deploy.registry import ModelLoadError
         from pipelines.data import DataError
 
         if isinstance(exc, DataError):
             print(f"metadistill: data error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, (ModelLoadError, ValueError)):
+            print(f"metadistill: {exc}", file=sys.stderr)
             return 1
         raise
 

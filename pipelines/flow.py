@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from deploy.promotion import decide
+from models.normalize import Normalized
 from pipelines import data as data_stage
 from pipelines import plots, stages, tracking
 from pipelines.checkpoints import save_weights
@@ -164,8 +165,12 @@ def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, pare
         weights = project_home() / "cache" / "staging" / run.run_id
         save_weights(best.model, weights, {**spec, "method": best.method, "seed": best.seed,
                                            "test_acc": best.evaluation.accuracy})
-        example = prepared.x("test")[:2].numpy().astype(np.float32)
-        model_uri = tracking.log_student_model(run, best.model, example, weights)
+        # The logged MLflow model takes raw [0, 1] pixels, like `metadistill serve`.
+        mean = np.asarray(prepared.mean, dtype=np.float32)[None, :, None, None]
+        std = np.asarray(prepared.std, dtype=np.float32)[None, :, None, None]
+        example = (prepared.x("test")[:2].numpy() * std + mean).astype(np.float32)
+        deployable = Normalized(best.model, prepared.mean, prepared.std).eval()
+        model_uri = tracking.log_student_model(run, deployable, example, weights)
         champion = tracking.current_champion(model_name)
         decision = decide(best.evaluation.accuracy, _champion_accuracy(champion, prepared),
                           champion["version"] if champion else None)

@@ -68,14 +68,17 @@ class RunLogger:
 
     run_id: str
     _pending: list[Metric] = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.monotonic)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self._pending) >= 200:
+        # Batched for speed, but never older than a few seconds, so the UI follows along.
+        if len(self._pending) >= 200 or time.monotonic() - self._last_flush > 5.0:
             self.flush()
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         while self._pending:
             batch, self._pending = self._pending[:1000], self._pending[1000:]
             client().log_batch(self.run_id, metrics=batch)
@@ -135,6 +138,7 @@ def child_run(parent: RunLogger, name: str, tags: dict[str, str] | None = None):
 
 
 def log_student_model(run: RunLogger, model, example: np.ndarray, weights_dir: Path) -> str:
+    """``model`` should take raw [0, 1] pixels (see ``models.normalize.Normalized``)."""
     """Log ``model`` as an MLflow model (torch.export "pt2": loads without unpickling), with
     signature and input example, plus its safetensors weights and spec; returns the model URI."""
     import mlflow.pytorch
@@ -177,6 +181,27 @@ def current_champion(model_name: str) -> dict | None:
     except MlflowException:
         return None
     return {"version": str(version.version), **version.tags}
+
+
+def model_version_by_alias(model_name: str, alias: str) -> dict | None:
+    """``{"version", "run_id", "tags", "aliases"}`` of the version holding ``alias``, or None."""
+    try:
+        v = client().get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+def model_version(model_name: str, version: str) -> dict:
+    v = client().get_model_version(model_name, version)
+    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name, version, k, str(v))
+    c.set_registered_model_alias(model_name, alias, version)
 
 
 def register(model_uri: str, model_name: str, alias: str, tags: dict[str, str]) -> Registration:

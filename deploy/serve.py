@@ -1,0 +1,307 @@
+"""HTTP serving of a registered student: a small ASGI app on uvicorn.
+
+Routes: ``POST /predict`` (JSON ``{"instances": nested arrays}`` or ``{"images_b64": [PNG/JPEG]}``;
+returns class ids, class names and probabilities), ``POST /invocations`` (MLflow's scoring
+protocol: ``{"inputs": ...}`` or ``{"instances": ...}``, returns ``{"predictions": logits}``),
+``GET /health``, ``GET /ready``, ``GET /metadata``.
+
+Concurrent requests are micro-batched: the batcher takes whatever is queued (up to
+``max_batch`` rows, waiting at most ``max_wait_ms`` for more) and runs one forward pass.
+A new ``champion`` is picked up by polling the registry (``poll_seconds``) or on SIGHUP:
+the new model is loaded completely, then swapped in; batches already running finish on
+the old one.  Bad input is answered with a 4xx and a message, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import orjson
+import torch
+
+from deploy.registry import LoadedModel, ModelLoadError, load_registered
+
+log = logging.getLogger("metadistill.serve")
+ENV_CONFIG = "METADISTILL_SERVE_CONFIG"
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    alias: str = "champion"
+    max_batch: int = 64
+    max_wait_ms: float = 1.0
+    max_body_bytes: int = 1 << 20
+    max_instances: int = 256
+    poll_seconds: float = 30.0
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Batcher:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="infer")
+
+    async def infer(self, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((model, x, future))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            rows = len(items[0][1])
+            if self.cfg.max_wait_ms > 0 and self.queue.empty() and rows < self.cfg.max_batch:
+                await asyncio.sleep(self.cfg.max_wait_ms / 1000)
+            while rows < self.cfg.max_batch and not self.queue.empty():
+                item = self.queue.get_nowait()
+                items.append(item)
+                rows += len(item[1])
+            # Requests queued under different models (a swap happened) run in separate groups.
+            for model in dict.fromkeys(i[0] for i in items):
+                group = [i for i in items if i[0] is model]
+                try:
+                    out = await loop.run_in_executor(self.executor, _forward, model,
+                                                     np.concatenate([i[1] for i in group]))
+                except Exception as exc:  # noqa: BLE001 - answer every waiting request
+                    for _, _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                start = 0
+                for _, x, fut in group:
+                    if not fut.done():
+                        fut.set_result(out[start:start + len(x)])
+                    start += len(x)
+
+
+def _forward(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+class App:
+    """The ASGI application."""
+
+    def __init__(self, loaded: LoadedModel, cfg: ServeConfig):
+        self.current, self.cfg = loaded, cfg
+        self.batcher = Batcher(cfg)
+        self.shape = tuple(loaded.spec["input_shape"])
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------ lifecycle
+    async def _startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.batcher.run()))
+        if self.cfg.poll_seconds > 0:
+            self._tasks.append(loop.create_task(self._poll()))
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_seconds)
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Swap in the version that holds the alias now, if it changed."""
+        loop = asyncio.get_running_loop()
+        try:
+            from pipelines import tracking
+
+            info = await loop.run_in_executor(None, tracking.model_version_by_alias, self.cfg.model, self.cfg.alias)
+            if info is None or info["version"] == self.current.version:
+                return False
+            loaded = await loop.run_in_executor(None, load_registered, self.cfg.model, self.cfg.alias)
+        except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            log.error("reload of %s@%s failed, still serving v%s: %s", self.cfg.model, self.cfg.alias,
+                      self.current.version, exc)
+            return False
+        if tuple(loaded.spec["input_shape"]) != self.shape:
+            log.error("new %s v%s takes %s, the server was started for %s; not swapped", self.cfg.model,
+                      loaded.version, loaded.spec["input_shape"], list(self.shape))
+            return False
+        log.info("serving %s v%s (was v%s)", self.cfg.model, loaded.version, self.current.version)
+        self.current = loaded
+        return True
+
+    # ------------------------------------------------------------ ASGI
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await self._startup()
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    for task in self._tasks:
+                        task.cancel()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        try:
+            status, body = await self._route(scope, receive)
+        except BadRequest as exc:
+            status, body = exc.status, {"error": exc.message}
+        except Exception as exc:  # noqa: BLE001
+            log.exception("internal error")
+            status, body = 500, {"error": f"internal error: {type(exc).__name__}"}
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _route(self, scope, receive):
+        method, path = scope["method"], scope["path"]
+        if method == "GET":
+            if path == "/health":
+                return 200, {"status": "ok"}
+            if path == "/ready":
+                return 200, {"ready": True, "version": self.current.version}
+            if path == "/metadata":
+                return 200, self.current.metadata
+        if method == "POST" and path in ("/predict", "/invocations"):
+            data = await self._json_body(scope, receive)
+            if path == "/predict":
+                return 200, await self._predict(data)
+            return 200, await self._invocations(data)
+        if path in ("/health", "/ready", "/metadata", "/predict", "/invocations"):
+            raise BadRequest(405, f"{method} is not allowed on {path}")
+        raise BadRequest(404, f"no route {path}; routes: /predict, /invocations, /health, /ready, /metadata")
+
+    async def _json_body(self, scope, receive) -> dict:
+        headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            raise BadRequest(415, f"content-type must be application/json, got {ctype.decode() or 'none'!r}")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            raise BadRequest(413, f"body of {int(declared)} bytes exceeds the limit of {self.cfg.max_body_bytes}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.cfg.max_body_bytes:
+                raise BadRequest(413, f"body exceeds the limit of {self.cfg.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        try:
+            data = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest(400, "body must be a JSON object")
+        return data
+
+    def _to_batch(self, instances) -> np.ndarray:
+        try:
+            x = np.asarray(instances, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise BadRequest(400, "instances must be a rectangular nested array of numbers") from None
+        c, h, w = self.shape
+        if x.ndim == 4 and x.shape[1:] == (c, h, w):
+            pass
+        elif c == 1 and x.ndim == 3 and x.shape[1:] == (h, w):
+            x = x[:, None]
+        elif x.ndim == 2 and x.shape[1] == c * h * w:
+            x = x.reshape(-1, c, h, w)
+        else:
+            raise BadRequest(400, f"instances have shape {list(x.shape)}; expected [batch, {c}, {h}, {w}]"
+                                  + (f" or [batch, {h}, {w}]" if c == 1 else "") + f" or [batch, {c * h * w}]")
+        return self._check_rows(x)
+
+    def _check_rows(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            raise BadRequest(400, "empty batch: send at least one instance")
+        if len(x) > self.cfg.max_instances:
+            raise BadRequest(413, f"{len(x)} instances exceed the limit of {self.cfg.max_instances} per request")
+        if not np.isfinite(x).all():
+            raise BadRequest(400, "instances contain NaN or infinite values")
+        return np.ascontiguousarray(x)
+
+    def _decode_images(self, images) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise BadRequest(400, "images_b64 must be a list of base64 strings")
+        c, h, w = self.shape
+        out = []
+        for n, text in enumerate(images):
+            try:
+                raw = base64.b64decode(text, validate=True)
+                img = Image.open(io.BytesIO(raw)).convert("L" if c == 1 else "RGB").resize((w, h))
+            except (binascii.Error, ValueError):
+                raise BadRequest(400, f"images_b64[{n}] is not valid base64") from None
+            except (UnidentifiedImageError, OSError):
+                raise BadRequest(400, f"images_b64[{n}] is not a PNG or JPEG image") from None
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            out.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+        return self._check_rows(np.stack(out) if out else np.zeros((0, c, h, w), np.float32))
+
+    async def _predict(self, data: dict) -> dict:
+        unknown = set(data) - {"instances", "images_b64"}
+        if unknown:
+            raise BadRequest(400, f"unknown field(s) {sorted(unknown)}; send 'instances' or 'images_b64'")
+        if len(data) != 1:
+            raise BadRequest(400, "send exactly one of 'instances' or 'images_b64'")
+        x = self._to_batch(data["instances"]) if "instances" in data else self._decode_images(data["images_b64"])
+        loaded = self.current
+        logits = await self.batcher.infer(loaded.model, x)
+        probs = torch.from_numpy(logits).softmax(-1).numpy()
+        ids = probs.argmax(-1)
+        names = loaded.spec["class_names"]
+        return {"predictions": ids.tolist(), "classes": [names[i] for i in ids], "probabilities": probs.tolist(),
+                "model": {"name": loaded.name, "version": loaded.version}}
+
+    async def _invocations(self, data: dict) -> dict:
+        keys = set(data) - {"params"}
+        if keys not in ({"inputs"}, {"instances"}):
+            raise BadRequest(400, f"expected 'inputs' or 'instances' (tensor input), got {sorted(data)}")
+        x = self._to_batch(data.get("inputs", data.get("instances")))
+        logits = await self.batcher.infer(self.current.model, x)
+        return {"predictions": logits.tolist()}
+
+
+def create_app(cfg: ServeConfig | None = None) -> App:
+    """App factory; without ``cfg`` it reads the JSON in ``$METADISTILL_SERVE_CONFIG``
+    (how ``--workers`` processes get their settings)."""
+    if cfg is None:
+        cfg = ServeConfig(**json.loads(os.environ[ENV_CONFIG]))
+    torch.set_num_threads(1)  # many small forwards: threads would only contend
+    return App(load_registered(cfg.model, cfg.alias), cfg)
+
+
+def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
+    import uvicorn
+
+    load_registered(cfg.model, cfg.alias)  # fail before binding if the model cannot be served
+    os.environ[ENV_CONFIG] = json.dumps(asdict(cfg))
+    uvicorn.run("deploy.serve:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False, http="httptools", loop="uvloop",
+                timeout_graceful_shutdown=10)
+
+
+__all__ = ["App", "BadRequest", "ModelLoadError", "ServeConfig", "create_app", "serve"]

@@ -1,0 +1,251 @@
+"""Serving, promotion, export and unsafe-artifact refusal against a real MLflow store and
+registry and a real `metadistill serve` process over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from deploy.promotion import promote, rollback
+from deploy.registry import ModelLoadError, load_folder, load_registered
+from models import build_model
+from models.normalize import Normalized
+from pipelines import tracking
+from pipelines.checkpoints import save_weights
+
+NAME = "serve-test-student"
+SPEC = {"arch": "mlp", "kwargs": {"hidden": [16]}, "input_shape": [1, 8, 8], "num_classes": 10,
+        "class_names": [str(i) for i in range(10)], "mean": [0.3], "std": [0.4], "data_key": "k1"}
+
+
+def register_tiny(seed: int, test_acc: float, alias: str) -> str:
+    torch.manual_seed(seed)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=[16]).eval()
+    with tracking.pipeline_run("serve-test", f"tiny-{seed}", {}) as run:
+        folder = tracking.project_home() / "staging" / run.run_id
+        save_weights(model, folder, SPEC)
+        uri = tracking.log_student_model(run, Normalized(model, SPEC["mean"], SPEC["std"]).eval(),
+                                         np.random.rand(2, 1, 8, 8).astype(np.float32), folder)
+        reg = tracking.register(uri, NAME, alias, {"test_acc": test_acc, "data_key": "k1", "source_run_id": run.run_id,
+                                                   "method": "kd"})
+    return reg.version
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve-home")
+    old = os.environ.get("METADISTILL_HOME")
+    os.environ["METADISTILL_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    v1 = register_tiny(1, 0.90, "champion")
+    v2 = register_tiny(2, 0.80, "challenger")
+    yield {"home": home, "v1": v1, "v2": v2}
+    if old is None:
+        os.environ.pop("METADISTILL_HOME", None)
+    else:
+        os.environ["METADISTILL_HOME"] = old
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port, path, body=None, ctype="application/json", raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"content-type": ctype} if data is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", NAME, "--port", str(port),
+                             "--poll-seconds", "1", "--max-body-bytes", "200000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if request(port, "/ready")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read().decode())
+    yield port
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def reference(version: str):
+    folder = tracking.download_artifacts(tracking.model_version(NAME, version)["tags"]["source_run_id"], "weights")
+    return load_folder(folder)[0]
+
+
+def test_predict_and_invocations_match_the_model(registry, server):
+    x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
+    status, out = request(server, "/predict", {"instances": x.tolist()})
+    assert status == 200 and out["model"]["version"] == registry["v1"]
+    with torch.no_grad():
+        logits = reference(registry["v1"])(torch.from_numpy(x))
+    assert out["predictions"] == logits.argmax(-1).tolist()
+    assert np.allclose(out["probabilities"], logits.softmax(-1).numpy(), atol=1e-5)
+    status, inv = request(server, "/invocations", {"inputs": x.tolist()})
+    assert status == 200 and np.allclose(inv["predictions"], logits.numpy(), atol=1e-4)
+    # [batch, H, W] for one channel and flat rows are accepted too
+    assert request(server, "/predict", {"instances": x[:, 0].tolist()})[1]["predictions"] == out["predictions"]
+    assert request(server, "/predict", {"instances": x.reshape(3, -1).tolist()})[1]["predictions"] == out["predictions"]
+
+
+def test_base64_png(server):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    status, out = request(server, "/predict", {"images_b64": [base64.b64encode(buf.getvalue()).decode()]})
+    assert status == 200 and len(out["predictions"]) == 1 and abs(sum(out["probabilities"][0]) - 1) < 1e-5
+
+
+def test_metadata_health(registry, server):
+    assert request(server, "/health") == (200, {"status": "ok"})
+    status, meta = request(server, "/metadata")
+    assert status == 200 and meta["model"] == NAME and meta["input_shape"] == [1, 8, 8]
+    assert meta["test_metrics"]["test_acc"] == 0.9 and meta["class_names"][3] == "3"
+
+
+@pytest.mark.parametrize("body,ctype,raw,status,message", [
+    ({"instances": [[[1.0] * 8] * 7]}, "application/json", None, 400, "expected [batch, 1, 8, 8]"),
+    ({"instances": [["a"] * 64]}, "application/json", None, 400, "nested array of numbers"),
+    ({"instances": [[1e39] * 64]}, "application/json", None, 400, "NaN or infinite"),
+    (None, "application/json", b'{"instances": [[NaN]]}', 400, "not valid JSON"),
+    ({"instances": []}, "application/json", None, 400, "expected"),
+    ({"instances": np.zeros((0, 64)).tolist()}, "application/json", None, 400, "expected"),
+    ({"instances": [[0.0] * 64] * 300}, "application/json", None, 413, "exceed the limit"),
+    ({"instances": [[0.0] * 64]}, "text/plain", None, 415, "content-type"),
+    ({"images_b64": ["!!!not base64"]}, "application/json", None, 400, "not valid base64"),
+    ({"images_b64": [base64.b64encode(b"not an image").decode()]}, "application/json", None, 400, "PNG or JPEG"),
+    ({"instances": [[0.0] * 64], "extra": 1}, "application/json", None, 400, "unknown field"),
+    (None, "application/json", b"{broken", 400, "not valid JSON"),
+    (None, "application/json", b"[1, 2]", 400, "JSON object"),
+])
+def test_bad_input_gets_4xx_and_server_survives(server, body, ctype, raw, status, message):
+    got, out = request(server, "/predict", body, ctype=ctype, raw=raw)
+    assert got == status and message in out["error"]
+    assert request(server, "/health")[0] == 200
+
+
+def test_oversized_payload_and_bad_routes(server):
+    big = json.dumps({"instances": [[0.123456789012] * 64] * 250}).encode()
+    assert len(big) > 200_000  # the limit set above
+    status, out = request(server, "/predict", raw=big)
+    assert status == 413 and "body" in out["error"]
+    assert request(server, "/nope")[0] == 404
+    assert request(server, "/predict")[0] == 405
+    status, out = request(server, "/invocations", {"dataframe_split": {}})
+    assert status == 400 and "tensor input" in out["error"]
+
+
+def test_concurrent_requests_and_hot_swap_on_promotion(registry, server):
+    x = np.random.default_rng(2).random((1, 1, 8, 8)).astype(np.float32).tolist()
+
+    def hit(_):
+        return request(server, "/predict", {"instances": x})
+
+    with ThreadPoolExecutor(8) as pool:
+        before = list(pool.map(hit, range(40)))
+        promote(NAME, registry["v2"], reason="test swap")
+        during = list(pool.map(hit, range(200)))
+    assert all(s == 200 for s, _ in before + during)
+    deadline = time.time() + 30
+    while request(server, "/metadata")[1]["version"] != registry["v2"] and time.time() < deadline:
+        time.sleep(0.3)
+    assert request(server, "/metadata")[1]["version"] == registry["v2"]
+    assert hit(0)[1]["model"]["version"] == registry["v2"]
+    rollback(NAME, reason="test rollback")
+
+
+def test_promote_and_rollback_record_who_when_why(registry):
+    # (runs after the swap test, which ended with a rollback to v1)
+    assert tracking.model_version_by_alias(NAME, "champion")["version"] == registry["v1"]
+    info = promote(NAME, registry["v2"], reason="better calibrated")
+    tags = tracking.model_version(NAME, registry["v2"])["tags"]
+    assert tags["promotion_reason"] == "better calibrated" and tags["promoted_by"] and tags["promoted_at"]
+    assert tags["previous_champion"] == registry["v1"] and float(tags["delta_vs_champion"]) == pytest.approx(-0.1)
+    assert tracking.model_version_by_alias(NAME, "challenger")["version"] == registry["v1"]
+    assert info["previous"] == registry["v1"]
+    back = rollback(NAME, reason="regression")
+    assert back["version"] == registry["v1"]
+    assert tracking.model_version_by_alias(NAME, "champion")["version"] == registry["v1"]
+    assert "rollback from v" in tracking.model_version(NAME, registry["v1"])["tags"]["promotion_reason"]
+    with pytest.raises(ValueError, match="already the champion"):
+        promote(NAME, registry["v1"], reason="again")
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_artifact_is_refused_not_executed(registry, tmp_path):
+    sentinel = tmp_path / "pwned"
+    with tracking.pipeline_run("serve-test", "evil", {}) as run:
+        evil = tmp_path / "evil"
+        evil.mkdir()
+        (evil / "model.safetensors").write_bytes(pickle.dumps(Exploit(str(sentinel))))
+        (evil / "spec.json").write_text(json.dumps(SPEC))
+        run.log_artifact(evil / "model.safetensors", "weights")
+        run.log_artifact(evil / "spec.json", "weights")
+        only_pt = tmp_path / "only_pt"
+        only_pt.mkdir()
+        torch.save({"x": Exploit(str(sentinel))}, only_pt / "model.pt")
+    c = tracking.client()
+    version = c.create_model_version(NAME, f"runs:/{run.run_id}/weights",
+                                     tags={"source_run_id": run.run_id}).version
+    c.set_registered_model_alias(NAME, "evil", str(version))
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_registered(NAME, "evil")
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_folder(only_pt)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(registry, tmp_path, fmt):
+    from deploy.export import export
+
+    loaded = load_registered(NAME, "champion")
+    path = export(loaded, fmt, tmp_path / f"student.{fmt}")
+    x = np.random.default_rng(3).random((5, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = loaded.model(torch.from_numpy(x)).numpy()
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    else:
+        got = torch.jit.load(str(path))(torch.from_numpy(x)).detach().numpy()
+    assert np.allclose(got, expected, atol=1e-5)
