@@ -52,6 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(few)
     few.add_argument("--summary", metavar="PATH", help="write the results as JSON to PATH")
 
+    sch = sub.add_parser("schedule", help="create/update a scheduled deployment of the pipeline and serve it",
+                         description="Create or update the Prefect deployment metadistill/NAME with a cron or "
+                                     "interval schedule and this configuration, then serve it from this process "
+                                     "(or, with --work-pool, deploy it to a process work pool). Needs a Prefect "
+                                     "server: see `metadistill server`.")
+    _add_config_args(sch)
+    when = sch.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 2 * * *"')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    sch.add_argument("--name", default="default", help="deployment name (default: default)")
+    sch.add_argument("--work-pool", help="deploy to this process work pool instead of serving here")
+
+    trg = sub.add_parser("trigger", help="run a deployment now (with --set overrides) and wait for it")
+    trg.add_argument("--name", default="default")
+    trg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    trg.add_argument("--timeout", type=float, default=None, help="seconds to wait (default: until done)")
+
+    psrv = sub.add_parser("server", help="start the local Prefect server (database under the project home)",
+                          description="Run `prefect server start` with PREFECT_HOME under the project home "
+                                      "(SQLite). Teams point PREFECT_SERVER_DATABASE_CONNECTION_URL at PostgreSQL.")
+    psrv.add_argument("--host", default="127.0.0.1")
+    psrv.add_argument("--port", type=int, default=4200)
+
     srv = sub.add_parser("serve", help="serve a registered student over HTTP",
                          description="Serve NAME@ALIAS (weights only, no unpickling): POST /predict, POST "
                                      "/invocations (MLflow protocol), GET /health, /ready, /metadata. "
@@ -185,6 +208,35 @@ def cmd_fewshot(args) -> int:
 DEFAULT_MODEL = "metadistill-digits-student"
 
 
+def cmd_schedule(args) -> int:
+    cfg = _load(args)
+    _prepare_env()
+    from pipelines.schedule import schedule
+
+    schedule(cfg, args.name, args.cron, args.interval, args.work_pool)
+    return 0
+
+
+def cmd_trigger(args) -> int:
+    _prepare_env()
+    from pipelines.schedule import trigger
+
+    result = trigger(args.name, args.overrides, args.timeout)
+    print(f"flow run {result['flow_run_id']}: {result['state']}")
+    print(f"mlflow run {result['mlflow_run_id']}")
+    return 0 if result["state"] == "COMPLETED" else 1
+
+
+def cmd_server(args) -> int:
+    from pipelines.schedule import server_command
+
+    cmd, env = server_command(args.host, args.port)
+    print(f"Prefect server on http://{args.host}:{args.port}; set PREFECT_API_URL=http://{args.host}:{args.port}/api",
+          file=sys.stderr)
+    os.execvpe(cmd[0], cmd, env)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from deploy.serve import ServeConfig, serve
 
@@ -236,6 +288,7 @@ def cmd_ui(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "fewshot": cmd_fewshot, "config": cmd_config, "ui": cmd_ui, "serve": cmd_serve,
+               "schedule": cmd_schedule, "trigger": cmd_trigger, "server": cmd_server,
                "promote": cmd_promote, "rollback": cmd_rollback, "export": cmd_export}[args.command]
     try:
         return handler(args)
@@ -245,12 +298,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback on bad input
         from deploy.registry import ModelLoadError
+        from pipelines.config import ConfigError
         from pipelines.data import DataError
 
+        if isinstance(exc, ConfigError):
+            print(f"metadistill: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         if isinstance(exc, DataError):
             print(f"metadistill: data error: {exc}", file=sys.stderr)
             return 1
-        if isinstance(exc, (ModelLoadError, ValueError)):
+        from pipelines.schedule import ScheduleError
+
+        if isinstance(exc, (ModelLoadError, ScheduleError, ValueError)):
             print(f"metadistill: {exc}", file=sys.stderr)
             return 1
         raise

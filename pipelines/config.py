@@ -367,6 +367,12 @@ def _apply_set(tree: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_override(tree: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` item to a config tree (checked, not yet validated)."""
+    parts, value = _parse_set(item)
+    _apply_set(tree, parts, value)
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Preset, then file, then ``--set`` items, validated as one tree."""
@@ -381,8 +387,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     defaults = PipelineConfig.model_construct().model_dump(mode="json")
     tree = _merge(_merge(_merge(defaults, PRESETS[name]), tree), {"preset": name})
     for item in overrides:
-        parts, value = _parse_set(item)
-        _apply_set(tree, parts, value)
+        apply_override(tree, item)
     return validate_tree(tree)
 
 

@@ -1,7 +1,8 @@
 """The ``metadistill`` Prefect flow: prepare data -> train teacher -> train students ->
-evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``."""
+evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Prefect builds the parameter model from
+the real annotations when a deployment loads this flow from its entrypoint."""
 
 import time
 

@@ -163,6 +163,17 @@ def log_student_model(run: RunLogger, model, example: np.ndarray, weights_dir: P
     return info.model_uri
 
 
+def find_run_by_tag(experiment: str, key: str, value: str) -> str | None:
+    """The parent run (no parent tag) of ``experiment`` whose tag ``key`` equals ``value``."""
+    c = client()
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = c.search_runs([found.experiment_id], f"tags.`{key}` = '{value}'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents[0].info.run_id if parents else None
+
+
 # ---------------------------------------------------------------- registry
 
 @dataclass
