@@ -9,7 +9,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install install-dev run test bench
+.PHONY: install install-dev system-deps run test bench
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
@@ -19,7 +19,14 @@ install-dev: $(BIN)/python
 run: install
 	$(BIN)/metadistill run
 
-test: install-dev
+# The browser test drives Debian's Chromium; install it when missing (needs root).
+system-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else echo "install chromium and chromium-driver (Debian packages) for the browser test" >&2; exit 1; fi; fi
+
+test: install-dev system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install-dev

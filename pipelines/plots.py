@@ -47,7 +47,7 @@ def confusion_matrix(confusion: np.ndarray, class_names: list[str], title: str):
 
 def comparison_bars(rows: list[dict], title: str, err_key: str = "test_acc_std"):
     """Bar per method of mean test accuracy, error bar ``err_key`` (std or CI half-width)."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(rows), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 1.1 * len(rows)), 3.5))
     names = [r["method"] for r in rows]
     means = [100 * r["test_acc"] for r in rows]
     errs = [100 * r.get(err_key, 0.0) for r in rows]

@@ -1,0 +1,128 @@
+"""The MLflow UI in a real headless Chromium: experiment, parent and child runs, plots,
+and the registered model with its alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
+        "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch, kd]", "tracking.experiment=ui-digits"]
+SCREENSHOTS = Path(os.environ.get("METADISTILL_SCREENSHOTS", "results/screenshots"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ui-home")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["METADISTILL_HOME"] = str(home)
+    summary = home / "summary.json"
+    args = [x for item in TINY for x in ("--set", item)]
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *args, "--summary", str(summary)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                break
+        except OSError:
+            assert proc.poll() is None
+            time.sleep(0.5)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("ui-digits").experiment_id
+    yield f"http://127.0.0.1:{port}", json.loads(summary.read_text()), exp_id, client
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def wait_text(driver, text: str, timeout: float = 60) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        body = driver.find_element("tag name", "body").text
+        if text in body:
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not on the page; it shows:\n{driver.find_element('tag name', 'body').text[:2000]}")
+
+
+def shot(driver, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def test_experiment_runs_plots_and_registered_model(ui, browser):
+    base, summary, exp_id, client = ui
+    run_id = summary["mlflow_run_id"]
+    parent = client.get_run(run_id)
+    children = {r.info.run_name: r.info.run_id for r in client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{run_id}'")}
+
+    browser.get(f"{base}/#/experiments")
+    wait_text(browser, "ui-digits")
+    shot(browser, "experiments")
+
+    browser.get(f"{base}/#/experiments/{exp_id}/runs")
+    wait_text(browser, parent.info.run_name)
+    shot(browser, "experiment_runs")
+
+    browser.get(f"{base}/#/experiments/{exp_id}/runs/{run_id}")
+    wait_text(browser, "kd_test_acc_mean")
+    shot(browser, "parent_run")
+
+    browser.get(f"{base}/#/experiments/{exp_id}/runs/{run_id}/artifacts/comparison.png")
+    wait_text(browser, "comparison.png")
+    rendered = "return Array.from(document.images).some(i => i.src.startsWith('blob:') && i.naturalWidth > 200)"
+    deadline = time.time() + 30
+    while time.time() < deadline and not browser.execute_script(rendered):
+        time.sleep(0.5)
+    assert browser.execute_script(rendered), "the comparison plot was not rendered"
+    shot(browser, "parent_comparison_plot")
+
+    browser.get(f"{base}/#/experiments/{exp_id}/runs/{children['student/kd/seed0']}/artifacts/learning_curve.png")
+    wait_text(browser, "student/kd/seed0")
+    wait_text(browser, "learning_curve.png")
+    shot(browser, "child_run_learning_curve")
+
+    model = summary["registered_model"]["name"]
+    browser.get(f"{base}/#/models/{model}")
+    wait_text(browser, "champion")
+    wait_text(browser, "Version 1")
+    shot(browser, "registered_model")
