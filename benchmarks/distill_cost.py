@@ -9,7 +9,6 @@ Target: ratio <= 2.0 at the default teacher-update interval.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
+    from benchmarks.common import write_json
+
     from pipelines import data as data_stage
     from pipelines import stages
     from pipelines.config import load_config
@@ -39,9 +40,7 @@ def main() -> int:
     result = {"preset": cfg.preset, "interval": cfg.meta_distill.interval, "pilot_steps": cfg.meta_distill.pilot_steps,
               "order": cfg.meta_distill.order, "seconds_per_step": per_step, "all_seconds_per_step": seconds,
               "ratio": per_step["meta_distill"] / per_step["kd"], "target_ratio_max": 2.0}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -37,6 +37,7 @@ def paired_stats(diffs: np.ndarray) -> dict:
 def main() -> int:
     from pipelines import data as data_stage
     from pipelines import plots, stages, tracking
+    from benchmarks.common import write_json
     from pipelines.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,8 +72,6 @@ def main() -> int:
                     for m, a in accs.items()},
         "vs_kd": {m: paired_stats(a - accs["kd"]) for m, a in accs.items() if m != "kd"},
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
     rows = [{"method": m, "test_acc": v["mean"], "ci": 1.96 * v["std"] / np.sqrt(v["n"])}
             for m, v in result["methods"].items()]
     with tracking.pipeline_run(f"{cfg.tracking.experiment}-quality", f"quality-{cfg.preset}", {"kind": "quality"}) as run:
@@ -80,7 +79,7 @@ def main() -> int:
         run.log_figure(fig, "quality.png")
         plots.close(fig)
         run.log_text(json.dumps(result, indent=2), "quality.json")
-    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -17,7 +17,6 @@ per task in a Python loop, or vmapped over tasks).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -55,6 +54,7 @@ def engine_step(vectorize: bool, workers: int):
                                       lambda m, p, c: meta_batch_loss(m, p, c, inner, vectorize=vectorize))
             for p, g in zip(wrt, grads):
                 p.grad = g
+        step.close = runner.close
         return step
     return build
 
@@ -133,28 +133,37 @@ class Contender:
     noisy neighbour on the machine does not favour whoever ran in a quiet moment."""
 
     def __init__(self, name, build, args):
-        self.name, self.args = name, args
-        model, sampler = make_workload(args)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        self.step = build(model, args)
+        self.name, self.args, self.build = name, args, build
+        self.model, sampler = make_workload(args)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(1)
         self.batches = [sampler.sample(args.meta_batch, generator) for _ in range(3)]
         self.rounds: list[float] = []
         self.count = 0
-        self.one()  # warm-up
+        self._round(0.0)  # fails here, before any timing, if the contender cannot run
 
-    def one(self):
+    def one(self, step):
         self.optimizer.zero_grad(set_to_none=True)
-        self.step(self.batches[self.count % len(self.batches)])
+        step(self.batches[self.count % len(self.batches)])
         self.optimizer.step()
         self.count += 1
 
     def round(self, seconds: float) -> None:
-        start, steps = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds or steps < 1:
-            self.one()
-            steps += 1
-        self.rounds.append(steps * self.args.meta_batch / (time.perf_counter() - start))
+        self.rounds.append(self._round(seconds))
+
+    def _round(self, seconds: float) -> float:
+        # Built per round and closed after it: idle worker threads left alive slow every
+        # other contender's intra-op parallel kernels by about 2x on this machine.
+        step = self.build(self.model, self.args)
+        try:
+            self.one(step)  # warm-up
+            start, steps = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds or steps < 1:
+                self.one(step)
+                steps += 1
+            return steps * self.args.meta_batch / (time.perf_counter() - start)
+        finally:
+            getattr(step, "close", lambda: None)()
 
 
 def flops_per_task(args) -> float:
@@ -182,6 +191,8 @@ def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
 
 
 def main() -> int:
+    from benchmarks.common import write_json
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--channels", type=int, default=32)
@@ -237,9 +248,7 @@ def main() -> int:
         "matmul_peak_gflops": peak / 1e9,
         "peak_fraction": engine * flops / peak,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

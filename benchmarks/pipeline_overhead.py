@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
 def run_once(home: Path, summary: Path, extra: list[str]) -> dict:
     env = {**os.environ, "METADISTILL_HOME": str(home), "METADISTILL_PROGRESS": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -43,6 +46,8 @@ def run_once(home: Path, summary: Path, extra: list[str]) -> dict:
 
 
 def main() -> int:
+    from benchmarks.common import write_json
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="passed to metadistill run")
@@ -63,9 +68,7 @@ def main() -> int:
         "overhead_second": second["overhead_fraction"] <= 0.15,
         "second_over_first": result["second_over_first"] <= 0.60,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -60,6 +60,8 @@ def promote(model_name: str, version: str, reason: str, actor: str | None = None
         delta = _delta(target["tags"], current["tags"])
         if delta is not None:
             tags["delta_vs_champion"] = f"{delta:+.6f}"
+        elif "delta_vs_champion" in target["tags"]:  # measured by the pipeline on its own split
+            tags["delta_vs_champion"] = target["tags"]["delta_vs_champion"]
     tracking.set_alias(model_name, "champion", str(version), tags)
     if current is not None:
         tracking.set_alias(model_name, "challenger", current["version"], {"demoted_at": tags["promoted_at"]})

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from deploy.promotion import decide
+from deploy.promotion import decide, promote
 from models.normalize import Normalized
 from pipelines import data as data_stage
 from pipelines import plots, stages, tracking
@@ -177,13 +177,17 @@ def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, pare
                           champion["version"] if champion else None)
         tags = {"method": best.method, "seed": best.seed, "test_acc": f"{best.evaluation.accuracy:.6f}",
                 "data_key": prepared.key, "source_run_id": run.run_id, "student_run_id": best.run_id,
-                "pipeline_run_id": parent.run_id, "promotion_reason": decision.reason,
-                "promoted_by": "pipeline", "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "pipeline_run_id": parent.run_id, "promotion_reason": decision.reason}
         if decision.delta is not None:
             tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
-        if champion is not None:
-            tags["previous_champion"] = champion["version"]
-        reg = tracking.register(model_uri, model_name, decision.alias, tags)
+        reg = tracking.register(model_uri, model_name, "challenger", tags)
+        if decision.alias == "champion":  # the same code path as `metadistill promote`
+            try:
+                promote(model_name, reg.version, decision.reason, actor="pipeline")
+            except BaseException:
+                tracking.delete_version(model_name, reg.version)  # no half-registered model
+                raise
+            reg.alias = "champion"
         run.set_tags({"registered_model": model_name, "registered_version": reg.version, "alias": reg.alias})
     get_run_logger().info("registered %s v%s as %s: %s", model_name, reg.version, reg.alias, decision.reason)
     return {"name": reg.name, "version": reg.version, "alias": reg.alias}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,15 @@ from models.registry import build_model
 from pipelines.augment import make_augmenter
 from pipelines.training import LogFn, TrainResult, train_classifier
 
+if TYPE_CHECKING:  # config imports this module (method names), so only for type checkers
+    from pipelines.config import PipelineConfig
+    from pipelines.data import Prepared
+
 
 @dataclass
 class StudentContext:
-    cfg: "PipelineConfig"  # noqa: F821 - imported lazily to keep config -> students acyclic
-    data: "Prepared"  # noqa: F821
+    cfg: PipelineConfig
+    data: Prepared
     teacher: nn.Module
     seed: int
     on_log: LogFn | None = None

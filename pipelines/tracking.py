@@ -232,6 +232,10 @@ def register(model_uri: str, model_name: str, alias: str, tags: dict[str, str]) 
     return Registration(model_name, str(version.version), alias, tags.get("promotion_reason", ""))
 
 
+def delete_version(model_name: str, version: str) -> None:
+    client().delete_model_version(model_name, version)
+
+
 def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while c.get_model_version(name, version).status == "PENDING_REGISTRATION":

@@ -84,7 +84,7 @@ def test_pipeline_end_to_end(home, prefect_server):
     # The registered model loads without unpickling (torch.export) and predicts.
     import mlflow.pytorch
 
-    model = mlflow.pytorch.load_model(f"models:/it-digits-student@champion")
+    model = mlflow.pytorch.load_model("models:/it-digits-student@champion")
     out = model(__import__("torch").zeros(3, 1, 8, 8))
     assert tuple(out.shape) == (3, 10)
 

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import free_port, wait_http
+
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
         "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch, kd]",
         "tracking.experiment=sched-digits"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def group_gone(proc: subprocess.Popen, timeout: float = 30) -> bool:
@@ -55,14 +49,7 @@ def prefect_server(home, tmp_path):
                             stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+    wait_http(f"{url}/health", 180, lambda: proc.poll() is None, lambda: (tmp_path / "server.log").read_text()[-3000:])
     yield url, env
     stop(proc)
     assert group_gone(proc), "prefect server left processes behind"

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from models import build_model
 from models.normalize import Normalized
 from pipelines import tracking
 from pipelines.checkpoints import save_weights
+from tests.helpers import free_port
 
 NAME = "serve-test-student"
 SPEC = {"arch": "mlp", "kwargs": {"hidden": [16]}, "input_shape": [1, 8, 8], "num_classes": 10,
@@ -58,12 +58,6 @@ def registry(tmp_path_factory):
         os.environ.pop("METADISTILL_HOME", None)
     else:
         os.environ["METADISTILL_HOME"] = old
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(port, path, body=None, ctype="application/json", raw: bytes | None = None):
