@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from models.normalize import Normalized
-from models.registry import build_model
+from models.weights import load_weights
 
 
 class ModelLoadError(RuntimeError):
@@ -49,19 +48,18 @@ def _float(value) -> float | None:
 
 
 def load_folder(folder: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model from ``spec.json`` + ``model.safetensors`` in ``folder``."""
+    """The model in ``folder`` (``spec.json`` + ``model.safetensors``), wrapped so that it
+    takes raw [0, 1] pixels; anything else is refused with ModelLoadError."""
     folder = Path(folder)
-    spec_path, weights = folder / "spec.json", folder / "model.safetensors"
-    if not spec_path.is_file() or not weights.is_file():
+    if not (folder / "spec.json").is_file() or not (folder / "model.safetensors").is_file():
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise ModelLoadError(f"{folder}: expected spec.json and model.safetensors, found {present}; "
                              f"other formats (pickles, .pt files) are refused")
     try:
-        spec = json.loads(spec_path.read_text())
-        model = build_model(spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec.get("kwargs", {}))
-        model.load_state_dict(load_file(str(weights)))
+        model, spec = load_weights(folder)
     except (SafetensorError, json.JSONDecodeError, KeyError, RuntimeError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{weights}: not a valid safetensors model for its spec ({exc}); refused") from exc
+        raise ModelLoadError(f"{folder / 'model.safetensors'}: not a valid safetensors model for its spec "
+                             f"({exc}); refused") from exc
     return Normalized(model, spec["mean"], spec["std"]).eval(), spec
 
 

@@ -16,7 +16,7 @@ from deploy.promotion import decide, promote
 from models.normalize import Normalized
 from pipelines import data as data_stage
 from pipelines import plots, stages, tracking
-from pipelines.checkpoints import save_weights
+from models.weights import save_weights
 from pipelines.config import DataConfig, PipelineConfig, flatten
 from pipelines.data import Prepared
 from pipelines.evaluate import evaluate
@@ -147,7 +147,7 @@ def _champion_accuracy(champion: dict | None, prepared: Prepared) -> float | Non
         return None
     if champion.get("data_key") == prepared.key and "test_acc" in champion:
         return float(champion["test_acc"])
-    from pipelines.checkpoints import load_weights
+    from models.weights import load_weights
 
     folder = tracking.download_artifacts(champion["source_run_id"], "weights")
     model, spec = load_weights(folder)

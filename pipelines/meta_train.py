@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from meta.functional import params_of
+from meta.functional import forward, params_of
 from meta.maml import InnerLoop, adapt, meta_batch_loss, reptile_target
 from meta.parallel import TaskParallel
-from meta.tasks import Tasks, TaskSampler, split_tasks
+from meta.tasks import Tasks, TaskSampler
 from pipelines.config import MetaConfig
 from pipelines.progress import progress_bar
 from pipelines.training import LogFn
@@ -44,7 +44,9 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
     else:
         optimizer = torch.optim.Adam(meta_params, lr=cfg.outer_lr)
     result = MetaResult(lrs=lrs, curve={"meta_query_loss": [], "meta_query_acc": []})
-    runner = TaskParallel(model, min(cfg.workers or os.cpu_count() or 1, cfg.meta_batch))
+    # Reptile needs no meta-gradient threads; idle ones would slow other kernels down.
+    runner = None if cfg.algorithm == "reptile" else TaskParallel(
+        model, min(cfg.workers or os.cpu_count() or 1, cfg.meta_batch))
 
     def chunk_loss(replica: nn.Module, params, chunk):
         return meta_batch_loss(replica, params, chunk, inner, lrs=lrs, vectorize=cfg.vectorize,
@@ -73,7 +75,8 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
             if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
                 break
     result.seconds = time.perf_counter() - start
-    runner.close()
+    if runner is not None:
+        runner.close()
     if lrs is not None:
         result.lrs = {k: v.detach() for k, v in lrs.items()}
     return result
@@ -87,8 +90,6 @@ def _reptile_pseudo_gradient(model: nn.Module, tasks: Tasks, cfg: MetaConfig):
     for name, p in model.named_parameters():
         p.grad = p.detach() - torch.stack([t[name] for t in targets]).mean(0)
     with torch.no_grad():  # report the query loss after adaptation, as the other algorithms do
-        from meta.functional import forward
-
         xq, yq = tasks[2], tasks[3]
         logits = torch.stack([forward(model, t, xq[i]) for i, t in enumerate(targets)])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), yq.flatten())
@@ -97,20 +98,17 @@ def _reptile_pseudo_gradient(model: nn.Module, tasks: Tasks, cfg: MetaConfig):
 
 
 def evaluate_tasks(model: nn.Module, tasks: Tasks, steps: int, lr: float,
-                   lrs: dict[str, torch.Tensor] | None = None, batch: int = 50) -> tuple[float, float]:
+                   lrs: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
     """Adapt on each task's support set, score its query set.  Returns the mean query
     accuracy and its 95% confidence half-width (1.96 * std / sqrt(n))."""
     accs = []
     inner = InnerLoop(steps, lr, first_order=True)
     base = {k: v.detach().requires_grad_() for k, v in params_of(model).items()}
-    for xs, ys, xq, yq in split_tasks(tasks, batch):
-        for i in range(len(xs)):
-            with torch.enable_grad():
-                adapted = adapt(model, base, xs[i], ys[i], inner, lrs)
-            with torch.no_grad():
-                from meta.functional import forward
-
-                accs.append((forward(model, adapted, xq[i]).argmax(-1) == yq[i]).float().mean().item())
+    for xs, ys, xq, yq in zip(*tasks):
+        with torch.enable_grad():
+            adapted = adapt(model, base, xs, ys, inner, lrs)
+        with torch.no_grad():
+            accs.append((forward(model, adapted, xq).argmax(-1) == yq).float().mean().item())
     t = torch.tensor(accs)
     half = 1.96 * t.std(unbiased=True).item() / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
     return t.mean().item(), half

@@ -14,13 +14,13 @@ from torch import nn
 
 from models.registry import build_model
 from pipelines.augment import make_augmenter
-from pipelines.checkpoints import load_weights, save_weights
+from models.weights import load_weights, save_weights
 from pipelines.config import PipelineConfig
 from pipelines.data import Prepared
 from pipelines.evaluate import Evaluation, evaluate
 from pipelines.home import cache_dir
 from pipelines.students import STUDENT_METHODS, StudentContext
-from pipelines.training import LogFn, TrainResult, train_classifier
+from pipelines.training import LogFn, TrainResult, accuracy, train_classifier
 
 TEACHER_CACHE_VERSION = 1
 
@@ -82,7 +82,7 @@ def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.
                          desc=f"{method} seed {seed}")
     model, result = STUDENT_METHODS[method](ctx)
     evaluation = evaluate(model, data.x("test"), data.y("test"), data.num_classes)
-    val_acc = evaluate(model, data.x("val"), data.y("val"), data.num_classes).accuracy if len(data.y("val")) else 0.0
+    val_acc = accuracy(model, data.x("val"), data.y("val")) if len(data.y("val")) else 0.0
     return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=ctx.learned_teacher)
 
 

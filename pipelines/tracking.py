@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.home import project_home
 
-_initialised: set[str] = set()
+_clients: dict[str, MlflowClient] = {}
 
 
 def tracking_uri() -> str:
@@ -36,16 +36,16 @@ def artifact_root() -> Path:
 
 
 def client() -> MlflowClient:
-    """A client on the project's store; the first call creates/upgrades the database
-    once, before any parallel writer could race MLflow's migrations."""
+    """The client on the project's store, one per tracking URI; the first call creates or
+    upgrades the database, before any parallel writer could race MLflow's migrations."""
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model, load_model) too
     mlflow.set_registry_uri(uri)
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if uri not in _initialised:
+    if uri not in _clients:
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
-        _initialised.add(uri)
-    return c
+        _clients[uri] = c
+    return _clients[uri]
 
 
 def ensure_experiment(name: str) -> str:

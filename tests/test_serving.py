@@ -24,7 +24,7 @@ from deploy.registry import ModelLoadError, load_folder, load_registered
 from models import build_model
 from models.normalize import Normalized
 from pipelines import tracking
-from pipelines.checkpoints import save_weights
+from models.weights import save_weights
 from tests.helpers import free_port
 
 NAME = "serve-test-student"

@@ -1,4 +1,6 @@
-"""Weights on disk: safetensors plus a JSON spec, written atomically, never unpickled."""
+"""Models on disk: ``model.safetensors`` plus a ``spec.json`` naming the architecture,
+written atomically, read without unpickling anything.  Shared by the pipeline (teacher
+cache, registration) and ``deploy`` (serving)."""
 
 from __future__ import annotations
 
