@@ -17,6 +17,7 @@ scaled by how much the pilot step changed the student's quiz loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,10 @@ from meta.distill import distillation_loss
 from meta.functional import Params, forward, sgd_step
 
 
+def _alone(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tensors
+
+
 @dataclass(frozen=True)
 class Pilot:
     steps: int = 1  # K
@@ -34,6 +39,9 @@ class Pilot:
     temperature: float = 4.0
     alpha: float = 0.9
     soft_loss: str = "kl"
+    # Averages tensors over data-parallel replicas, differentiably; identity in one process.
+    # Each replica holds a shard of the batch, and the pilot steps on the global mean gradient.
+    average: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] = _alone
 
 
 def detached(params: Params) -> Params:
@@ -50,7 +58,7 @@ def pilot_student(student: nn.Module, student_params: Params, teacher: nn.Module
         loss = distillation_loss(forward(student, p, x), teacher_logits, y, pilot.temperature, pilot.alpha,
                                  pilot.soft_loss)
         grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-        p = sgd_step(p, grads, pilot.lr)
+        p = sgd_step(p, pilot.average(grads), pilot.lr)
     return p
 
 
@@ -91,10 +99,11 @@ def first_order_teacher_grad(student: nn.Module, student_params: Params, teacher
     p = detached(s)
     loss = distillation_loss(forward(student, p, x), teacher_logits.detach(), y, pilot.temperature,
                              pilot.alpha, pilot.soft_loss)
-    grads = torch.autograd.grad(loss, list(p.values()))
+    grads = pilot.average(torch.autograd.grad(loss, list(p.values())))
     with torch.no_grad():
         after_params = sgd_step({k: v.detach() for k, v in p.items()}, grads, pilot.lr)
         after = F.cross_entropy(forward(student, after_params, xq), yq)
+        before, after = pilot.average((before, after))
     h = float(before - after)
     teacher_loss = h * F.cross_entropy(teacher_logits / pilot.temperature, labels)
     teacher_grads = torch.autograd.grad(teacher_loss, list(teacher_params.values()))

@@ -1,7 +1,7 @@
 """Training-time augmentation from the config, built on ``torchvision.transforms.v2``.
 
-Transforms run per sample (each image gets its own random parameters) on the
-normalised tensors, seeded from the training loop's generator for reproducibility.
+Transforms run per sample (each image gets its own random parameters and its own seed,
+drawn from the training loop's generator) on the normalised tensors.
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ class Augmenter:
     def __init__(self, configs: list[AugmentConfig], size: tuple[int, int]):
         self.transform = v2.Compose([build_transform(c, size) for c in configs])
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        # v2 transforms draw from the global RNG: seed it from ours so runs repeat exactly.
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Augment each image with its own seed (drawn by the training loop for the whole
+        global batch), so a rank's shard gets exactly the augmentation one process would."""
+        # v2 transforms draw from the global RNG: seed it per sample so runs repeat exactly.
+        out = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return torch.stack([self.transform(img) for img in x])
+            for img, seed in zip(x, seeds.tolist()):
+                torch.random.default_generator.manual_seed(seed)
+                out.append(self.transform(img))
+        return torch.stack(out)
 
 
 def make_augmenter(configs: list[AugmentConfig], input_shape: tuple[int, ...]) -> Augmenter | None:

@@ -194,7 +194,36 @@ class TrackingConfig(Strict):
 
 
 class DistConfig(Strict):
-    nproc: int = Field(1, ge=1, description="processes per node for training stages")
+    """Training stages as torchrun workers: data-parallel over ``nnodes * nproc`` processes."""
+
+    launcher: Literal["auto", "inprocess", "torchrun", "srun"] = Field(
+        "auto", description="auto: torchrun when nnodes * nproc > 1, else inside the flow's process; "
+                            "srun: torchrun on every node of the Slurm allocation")
+    nproc: int | None = Field(None, ge=1, description="processes per node; default: one per GPU, or 1 on CPU")
+    nnodes: int = Field(1, ge=1, description="nodes; each runs the same torchrun line (see docs/distributed.md)")
+    rdzv_endpoint: str = Field("127.0.0.1:0", pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$",
+                               description="c10d rendezvous HOST:PORT; port 0: a free local port (one node only)")
+    max_restarts: int = Field(3, ge=0, description="torchrun restarts all workers after a failure, this often")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: gloo (training tensors are on the CPU)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per process; default: cores / nproc")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints of a torchrun stage")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> DistConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint.endswith(":0"):
+            raise ValueError(f"dist.nnodes={self.nnodes} needs dist.rdzv_endpoint=HOST:PORT that every node "
+                             f"can reach; port 0 only works on one node")
+        return self
+
+    def procs_per_node(self) -> int:
+        import torch
+
+        return self.nproc or max(1, torch.cuda.device_count())
+
+    def uses_torchrun(self) -> bool:
+        if self.launcher != "auto":
+            return self.launcher != "inprocess"
+        return self.nnodes * self.procs_per_node() > 1
 
 
 class PipelineConfig(Strict):
@@ -219,6 +248,8 @@ class PipelineConfig(Strict):
         if self.data.label_budget is not None and self.data.label_budget < self.student.train.batch_size:
             raise ValueError(f"data.label_budget={self.data.label_budget} is smaller than "
                              f"student.train.batch_size={self.student.train.batch_size}")
+        if self.dist.nproc is not None:
+            _check_splits(self, self.dist.nproc * self.dist.nnodes)
         if self.maml.ways is not None and self.maml.ways > classes:
             raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
         teacher = _param_count(self.teacher.model, shape, classes, "teacher")
@@ -227,6 +258,17 @@ class PipelineConfig(Strict):
             raise ValueError(f"student.model has {student:,} parameters, more than teacher.model's "
                              f"{teacher:,}; shrink it or set student.must_be_smaller=false")
         return self
+
+
+def _check_splits(cfg: PipelineConfig, world: int) -> None:
+    """Data parallelism cuts every global batch into equal shards, one per process."""
+    sizes = {"teacher.train.batch_size": cfg.teacher.train.batch_size,
+             "student.train.batch_size": cfg.student.train.batch_size,
+             "maml.meta_batch": cfg.maml.meta_batch, "meta_distill.quiz_batch_size": cfg.meta_distill.quiz_batch_size}
+    for key, n in sizes.items():
+        if n % world:
+            raise ValueError(f"{key}={n} does not split evenly over {world} processes "
+                             f"(dist.nnodes * dist.nproc): use a multiple of {world}")
 
 
 # (C, H, W) and class count per data set, used to check models before any data is read.

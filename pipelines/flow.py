@@ -4,6 +4,7 @@ evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``.
 No ``from __future__ import annotations`` here: Prefect builds the parameter model from
 the real annotations when a deployment loads this flow from its entrypoint."""
 
+import shutil
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from prefect.runtime import flow_run
 from deploy.promotion import decide, promote
 from models.normalize import Normalized
 from pipelines import data as data_stage
-from pipelines import plots, stages, tracking
+from pipelines import launch, plots, stages, tracking
 from models.weights import save_weights
 from pipelines.config import DataConfig, PipelineConfig, flatten
 from pipelines.data import Prepared
@@ -67,7 +68,10 @@ def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
 def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
     with tracking.child_run(parent, "teacher", _tags()) as run:
         run.log_params({f"teacher.{k}": v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
-        outcome = stages.train_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+        if cfg.dist.uses_torchrun():
+            outcome = stages.cached_teacher(cfg, prepared) or _teacher_under_torchrun(cfg, prepared, run)
+        else:
+            outcome = stages.train_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
         start = time.perf_counter()
         ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
         timings["teacher"] = outcome.seconds + time.perf_counter() - start
@@ -86,8 +90,15 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
     with tracking.child_run(parent, f"student/{method}/seed{seed}", {**_tags(), "method": method,
                                                                       "seed": str(seed)}) as run:
         run.log_params({"method": method, "seed": seed})
-        outcome = stages.train_student(method, cfg, prepared, teacher, seed,
-                                       on_log=lambda step, m: run.log_metrics(m, step))
+        if cfg.dist.uses_torchrun():
+            workdir = _torchrun(cfg, run, ["--stage", "student", "--method", method, "--seed", str(seed),
+                                           "--teacher", str(stages.teacher_folder(cfg, prepared))])
+            model, result, learned_teacher = stages.load_stage_output(workdir)
+            outcome = stages.finish_student(method, seed, model, result, prepared, learned_teacher)
+            shutil.rmtree(workdir)
+        else:
+            outcome = stages.train_student(method, cfg, prepared, teacher, seed,
+                                           on_log=lambda step, m: run.log_metrics(m, step))
         timings["students"] = timings.get("students", 0.0) + outcome.result.seconds
         run.log_metrics({**outcome.evaluation.metrics(), "val_acc_final": outcome.val_acc},
                         step=cfg.student.train.steps)
@@ -97,6 +108,24 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
         outcome.run_id = run.run_id
     get_run_logger().info("student %s seed %d: test acc %.4f", method, seed, outcome.evaluation.accuracy)
     return outcome
+
+
+def _torchrun(cfg: PipelineConfig, run: RunLogger, stage_args: list[str]):
+    """Run a stage as torchrun workers; rank 0 logs into ``run`` and leaves its outputs
+    in the returned folder (kept, with its checkpoints, when the stage fails)."""
+    workdir = project_home() / "cache" / "stages" / run.run_id
+    run.set_tags({"dist.world_size": cfg.dist.nnodes * cfg.dist.procs_per_node(), "dist.workdir": str(workdir)})
+    launch.run_torchrun(cfg, workdir, [*stage_args, "--run-id", run.run_id], get_run_logger().info)
+    return workdir
+
+
+def _teacher_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger) -> stages.TeacherOutcome:
+    start = time.perf_counter()
+    workdir = _torchrun(cfg, run, ["--stage", "teacher"])
+    model, result, _ = stages.load_stage_output(workdir)
+    stages.save_teacher(model, cfg, prepared)
+    shutil.rmtree(workdir)
+    return stages.TeacherOutcome(model, result, stages.teacher_key(cfg, prepared), time.perf_counter() - start)
 
 
 def cfg_methods(outcomes: list[StudentOutcome]) -> list[str]:

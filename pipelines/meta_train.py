@@ -5,7 +5,6 @@ functions of ``meta.maml``; this module owns the optimiser, the sampler and logg
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +15,8 @@ from meta.functional import forward, params_of
 from meta.maml import InnerLoop, adapt, meta_batch_loss, reptile_target
 from meta.parallel import TaskParallel
 from meta.tasks import Tasks, TaskSampler
+from pipelines import distributed
+from pipelines.checkpoint import Checkpointer
 from pipelines.config import MetaConfig
 from pipelines.progress import progress_bar
 from pipelines.training import LogFn
@@ -31,9 +32,14 @@ class MetaResult:
 
 
 def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: int,
-               on_log: LogFn | None = None, desc: str = "meta-train") -> MetaResult:
-    """Meta-train ``model``'s parameters in place as an initialisation."""
+               on_log: LogFn | None = None, desc: str = "meta-train",
+               checkpoint: Checkpointer | None = None) -> MetaResult:
+    """Meta-train ``model``'s parameters in place as an initialisation.
+
+    Under torchrun every rank draws the same meta-batch, computes the meta-gradient of its
+    share of the tasks, and the shares are averaged: the step one process would take."""
     generator = torch.Generator().manual_seed(seed)
+    local = distributed.shard(cfg.meta_batch)
     inner = InnerLoop(cfg.inner_steps, cfg.inner_lr, first_order=cfg.algorithm == "fomaml")
     lrs = None
     if cfg.algorithm == "metasgd":
@@ -46,16 +52,20 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
     result = MetaResult(lrs=lrs, curve={"meta_query_loss": [], "meta_query_acc": []})
     # Reptile needs no meta-gradient threads; idle ones would slow other kernels down.
     runner = None if cfg.algorithm == "reptile" else TaskParallel(
-        model, min(cfg.workers or os.cpu_count() or 1, cfg.meta_batch))
+        model, min(cfg.workers or torch.get_num_threads(), local.stop - local.start))
+    first, spent = 1, 0.0
+    if checkpoint is not None and (state := checkpoint.load("meta")) is not None:
+        first, spent = _restore(state, model, lrs, optimizer, generator, result)
+        print(f"{desc}: resumed from step {state['step']}", flush=True)
 
     def chunk_loss(replica: nn.Module, params, chunk):
         return meta_batch_loss(replica, params, chunk, inner, lrs=lrs, vectorize=cfg.vectorize,
                                chunk_size=cfg.chunk_size)
 
-    start = time.perf_counter()
+    start = time.perf_counter() - spent
     with progress_bar(desc, total=cfg.meta_steps) as advance:
-        for step in range(1, cfg.meta_steps + 1):
-            tasks = sampler.sample(cfg.meta_batch, generator)
+        for step in range(first, cfg.meta_steps + 1):
+            tasks = tuple(t[local] for t in sampler.sample(cfg.meta_batch, generator))
             optimizer.zero_grad(set_to_none=True)
             if cfg.algorithm == "reptile":
                 loss, acc = _reptile_pseudo_gradient(model, tasks, cfg)
@@ -63,6 +73,8 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
                 grads, loss, acc = runner.grad(params_of(model), meta_params, tasks, chunk_loss)
                 for p, g in zip(meta_params, grads):
                     p.grad = g
+            distributed.average_([p.grad for p in meta_params])  # local share -> whole meta-batch
+            loss, acc = distributed.mean_scalars([float(loss), float(acc)])
             optimizer.step()
             result.steps, result.tasks = step, result.tasks + cfg.meta_batch
             advance()
@@ -72,7 +84,17 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
                     result.curve[k].append((step, v))
                 if on_log is not None:
                     on_log(step, metrics)
-            if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+            # Ranks must agree on stopping, or the others would wait in all_reduce forever.
+            over_budget = cfg.time_budget_s is not None and distributed.mean_scalars(
+                [float(time.perf_counter() - start > cfg.time_budget_s)])[0] > 0
+            if checkpoint is not None and (over_budget or checkpoint.due(step, cfg.meta_steps)):
+                checkpoint.save("meta", {"step": cfg.meta_steps if over_budget else step,
+                                         "params": {k: v.detach() for k, v in model.named_parameters()},
+                                         "lrs": {k: v.detach() for k, v in (lrs or {}).items()},
+                                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                         "curve": {k: [list(p) for p in v] for k, v in result.curve.items()},
+                                         "tasks": result.tasks, "seconds": time.perf_counter() - start})
+            if over_budget:
                 break
     result.seconds = time.perf_counter() - start
     if runner is not None:
@@ -80,6 +102,19 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
     if lrs is not None:
         result.lrs = {k: v.detach() for k, v in lrs.items()}
     return result
+
+
+def _restore(state: dict, model: nn.Module, lrs, optimizer, generator, result: MetaResult) -> tuple[int, float]:
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(state["params"][k])
+        for k, v in (lrs or {}).items():
+            v.copy_(state["lrs"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    result.curve = {k: [tuple(p) for p in v] for k, v in state["curve"].items()}
+    result.steps, result.tasks = state["step"], state["tasks"]
+    return state["step"] + 1, state["seconds"]
 
 
 def _reptile_pseudo_gradient(model: nn.Module, tasks: Tasks, cfg: MetaConfig):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from models.registry import build_model
 from pipelines.augment import make_augmenter
 from models.weights import load_weights, save_weights
+from pipelines.checkpoint import Checkpointer
 from pipelines.config import PipelineConfig
 from pipelines.data import Prepared
 from pipelines.evaluate import Evaluation, evaluate
@@ -22,7 +24,7 @@ from pipelines.home import cache_dir
 from pipelines.students import STUDENT_METHODS, StudentContext
 from pipelines.training import LogFn, TrainResult, accuracy, train_classifier
 
-TEACHER_CACHE_VERSION = 1
+TEACHER_CACHE_VERSION = 2  # 2: per-sample augmentation seeds
 
 
 def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
@@ -46,22 +48,42 @@ def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
-    """Train the teacher, or reuse the cached one trained on the same inputs."""
+def teacher_folder(cfg: PipelineConfig, data: Prepared) -> Path:
+    return cache_dir("teacher") / teacher_key(cfg, data)
+
+
+def cached_teacher(cfg: PipelineConfig, data: Prepared) -> TeacherOutcome | None:
     start = time.perf_counter()
-    key = teacher_key(cfg, data)
-    folder = cache_dir("teacher") / key
-    if (folder / "model.safetensors").is_file():
-        model, _ = load_weights(folder)
-        return TeacherOutcome(model, None, key, time.perf_counter() - start)
+    folder = teacher_folder(cfg, data)
+    if not (folder / "model.safetensors").is_file():
+        return None
+    model, _ = load_weights(folder)
+    return TeacherOutcome(model, None, folder.name, time.perf_counter() - start)
+
+
+def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None,
+                checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult]:
     torch.manual_seed(cfg.teacher.seed)
     model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
     result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
                               lambda logits, x, y: F.cross_entropy(logits, y), seed=cfg.teacher.seed,
                               augment=make_augmenter(cfg.data.augment, data.input_shape) if cfg.teacher.train.augment else None,
-                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher")
-    save_weights(model, folder, model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data))
-    return TeacherOutcome(model, result, key, time.perf_counter() - start)
+                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint)
+    return model, result
+
+
+def save_teacher(model: nn.Module, cfg: PipelineConfig, data: Prepared) -> None:
+    save_weights(model, teacher_folder(cfg, data), model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data))
+
+
+def train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
+    """Train the teacher, or reuse the cached one trained on the same inputs."""
+    if (cached := cached_teacher(cfg, data)) is not None:
+        return cached
+    start = time.perf_counter()
+    model, result = fit_teacher(cfg, data, on_log)
+    save_teacher(model, cfg, data)
+    return TeacherOutcome(model, result, teacher_key(cfg, data), time.perf_counter() - start)
 
 
 @dataclass
@@ -76,14 +98,37 @@ class StudentOutcome:
     learned_teacher: nn.Module | None = None
 
 
-def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
-                  on_log: LogFn | None = None) -> StudentOutcome:
+def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
+                on_log: LogFn | None = None,
+                checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult, nn.Module | None]:
+    """Train one student; returns it, its curves, and the learned teacher (if any)."""
     ctx = StudentContext(cfg=cfg, data=data, teacher=teacher, seed=seed, on_log=on_log,
-                         desc=f"{method} seed {seed}")
+                         desc=f"{method} seed {seed}", checkpoint=checkpoint)
     model, result = STUDENT_METHODS[method](ctx)
+    return model, result, ctx.learned_teacher
+
+
+def finish_student(method: str, seed: int, model: nn.Module, result: TrainResult, data: Prepared,
+                   learned_teacher: nn.Module | None = None) -> StudentOutcome:
     evaluation = evaluate(model, data.x("test"), data.y("test"), data.num_classes)
     val_acc = accuracy(model, data.x("val"), data.y("val")) if len(data.y("val")) else 0.0
-    return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=ctx.learned_teacher)
+    return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=learned_teacher)
+
+
+def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
+                  on_log: LogFn | None = None) -> StudentOutcome:
+    model, result, learned_teacher = fit_student(method, cfg, data, teacher, seed, on_log)
+    return finish_student(method, seed, model, result, data, learned_teacher)
+
+
+def load_stage_output(folder: Path) -> tuple[nn.Module, TrainResult, nn.Module | None]:
+    """What rank 0 of a torchrun stage left in ``folder`` (see ``pipelines.train``)."""
+    raw = json.loads((folder / "result.json").read_text())
+    result = TrainResult(curve={k: [tuple(p) for p in v] for k, v in raw["curve"].items()},
+                         seconds=raw["seconds"], steps=raw["steps"])
+    model, _ = load_weights(folder / "model")
+    learned = load_weights(folder / "learned_teacher")[0] if (folder / "learned_teacher").is_dir() else None
+    return model, result, learned
 
 
 def summarise(outcomes: list[StudentOutcome]) -> list[dict]:

@@ -17,7 +17,9 @@ from torch import nn
 
 from meta.distill import distillation_loss
 from models.registry import build_model
+from pipelines import distributed
 from pipelines.augment import make_augmenter
+from pipelines.checkpoint import Checkpointer
 from pipelines.training import LogFn, TrainResult, train_classifier
 
 if TYPE_CHECKING:  # config imports this module (method names), so only for type checkers
@@ -34,6 +36,7 @@ class StudentContext:
     on_log: LogFn | None = None
     desc: str = "student"
     learned_teacher: nn.Module | None = None  # set by methods that train the teacher too
+    checkpoint: Checkpointer | None = None  # set by torchrun workers, for elastic recovery
 
     def new_student(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -49,7 +52,8 @@ class StudentContext:
         return train_classifier(
             model, self.data.x("train"), self.data.y("train"), self.cfg.student.train, loss_fn,
             seed=self.seed, augment=self.augmenter(),
-            val=(self.data.x("val"), self.data.y("val")), on_log=self.on_log, desc=self.desc)
+            val=(self.data.x("val"), self.data.y("val")), on_log=self.on_log, desc=self.desc,
+            checkpoint=self.checkpoint)
 
 
 StudentMethod = Callable[[StudentContext], tuple[nn.Module, TrainResult]]
@@ -80,7 +84,8 @@ def _maml_initialised(ctx: StudentContext):
     student, meta = ctx.new_student(), ctx.cfg.maml
     sampler = TaskSampler.from_labels(ctx.data.x("train"), ctx.data.y("train"), meta.ways or ctx.data.num_classes,
                                       meta.shots, meta.queries, meta.rotations)
-    return student, meta_train(student, sampler, meta, seed=ctx.seed, on_log=ctx.on_log, desc=f"{ctx.desc} meta")
+    return student, meta_train(student, sampler, meta, seed=ctx.seed, on_log=ctx.on_log, desc=f"{ctx.desc} meta",
+                               checkpoint=ctx.checkpoint)
 
 
 def train_maml_init(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
@@ -113,7 +118,7 @@ class MetaDistillLoss:
         self.optimizer = (torch.optim.Adam(params, lr=cfg.teacher_lr) if cfg.teacher_optimizer == "adam"
                           else torch.optim.SGD(params, lr=cfg.teacher_lr))
         self.pilot = Pilot(cfg.pilot_steps, cfg.pilot_lr or ctx.cfg.student.train.optimizer.lr,
-                           kd.temperature, kd.alpha, kd.soft_loss)
+                           kd.temperature, kd.alpha, kd.soft_loss, average=distributed.differentiable_mean)
         self.quiz = (ctx.data.x("quiz"), ctx.data.y("quiz"))
         self.generator = torch.Generator().manual_seed(10_000 + ctx.seed)  # never the data order's
         self.step, self.updates = 0, 0
@@ -130,7 +135,9 @@ class MetaDistillLoss:
         from meta.functional import params_of
         from meta.metadistill import first_order_teacher_grad, pilot_quiz_loss, teacher_meta_grad
 
+        # Every rank draws the same global quiz batch and scores its shard of it.
         idx = torch.randint(len(self.quiz[1]), (self.cfg.quiz_batch_size,), generator=self.generator)
+        idx = idx[distributed.shard(self.cfg.quiz_batch_size)]
         quiz = (self.quiz[0][idx], self.quiz[1][idx])
         t_params = params_of(self.teacher)
         if self.cfg.order == "second":
@@ -143,6 +150,7 @@ class MetaDistillLoss:
             ce = self.cfg.teacher_ce_weight * F.cross_entropy(self.teacher(x), y)
             for (k, g), extra in zip(grads.items(), torch.autograd.grad(ce, list(t_params.values()))):
                 grads[k] = g + extra
+        distributed.average_(list(grads.values()))  # this rank's shard -> the global batch's gradient
         self.optimizer.zero_grad(set_to_none=True)
         for k, p in t_params.items():
             p.grad = grads[k]
@@ -152,7 +160,18 @@ class MetaDistillLoss:
             after = pilot_quiz_loss(self.student, params_of(self.student), self.teacher,
                                     {k: v.detach() for k, v in params_of(self.teacher).items()},
                                     (x, y), quiz, self.pilot).item()
+            before, after = distributed.mean_scalars([before, after])
             self.ctx.on_log(self.step, {"teacher_quiz_loss_before": before, "teacher_quiz_loss_after": after})
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "step": self.step, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step, self.updates = state["step"], state["updates"]
 
 
 def train_meta_distill(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:

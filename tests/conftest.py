@@ -26,3 +26,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         raise RuntimeError(f"the shared data folder is missing: expected {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect test server (SQLite, own process) for every flow test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -18,14 +18,6 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teache
 METHODS = {"scratch", "kd", "maml_init", "meta_distill"}
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _client(home) -> MlflowClient:
     uri = f"sqlite:///{home / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

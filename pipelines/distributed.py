@@ -1,0 +1,186 @@
+"""The one module that knows about ranks.
+
+Training code asks it for the world (rank, size), its shard of a global batch, and
+averages across replicas; in one process every call is a cheap no-op, so the same loop
+runs alone or as a torchrun worker.  Ordinary gradients go through
+``DistributedDataParallel``; meta-gradients cannot (DDP supports neither double backward
+nor ``torch.autograd.grad``: pytorch#47562, #63929), so the meta-learners compute their
+local meta-gradient with one local backward and average it with :func:`average_`, an
+explicit bucketed ``all_reduce``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+_traffic = {"bytes": 0}  # payload bytes all-reduced by this process (see `allreduce_bytes`)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    node: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("GROUP_RANK", 0)))
+
+
+def init(backend: str = "auto") -> World:
+    """Join the process group that torchrun's environment describes (or none, when the
+    process was not started by torchrun).  ``auto`` is gloo: training tensors live on
+    the CPU in this version, and gloo runs on every node, GPU or not."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return World()
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("dist.backend=nccl needs CUDA devices, and this node has none: use dist.backend=gloo")
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo" if backend == "auto" else backend, store=_store(rank, size), rank=rank,
+                            world_size=size)
+    return world()
+
+
+def _store(rank: int, size: int) -> dist.Store:
+    """torchrun's store, under a prefix per restart: the agent's store outlives a restart,
+    and without the prefix a restarted worker may read a dead worker's gloo address
+    (seen here as "Gloo connectFullMesh failed ... Connection refused")."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                          is_master=not agent_hosts and rank == 0, multi_tenant=not agent_hosts)
+    return dist.PrefixStore(f"metadistill/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_divisible(what: str, n: int) -> None:
+    size = world().size
+    if n % size:
+        raise ValueError(f"{what} = {n} does not split evenly over {size} processes: use a multiple of {size}")
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of a global batch of ``n`` (``n`` divisible by the
+    world size, so every rank's mean loss weighs its examples like one process would)."""
+    w = world()
+    check_divisible("the global batch", n)
+    per = n // w.size
+    return slice(w.rank * per, (w.rank + 1) * per)
+
+
+def part(n: int) -> slice:
+    """This rank's share of ``n`` items that need not split evenly (evaluation sets)."""
+    w = world()
+    return slice(w.rank * n // w.size, (w.rank + 1) * n // w.size)
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """``DistributedDataParallel`` around ``model`` in a process group, else ``model``."""
+    if world().size == 1:
+        return model
+    # Measured here (resnet8, 2 ranks): 9.6 ms a step against 11.3 ms with the defaults;
+    # our models use every parameter in every step, so the graph is static.
+    return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, static_graph=True)
+
+
+def average_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average ``tensors`` across ranks in place: flattened into buckets, one all_reduce each."""
+    size = world().size
+    if size == 1 or not tensors:
+        return tensors
+    bucket: list[torch.Tensor] = []
+    for t in tensors:
+        bucket.append(t)
+        if sum(b.numel() * b.element_size() for b in bucket) >= BUCKET_BYTES:
+            _reduce_bucket(bucket, size)
+            bucket = []
+    if bucket:
+        _reduce_bucket(bucket, size)
+    return tensors
+
+
+def _reduce_bucket(bucket: list[torch.Tensor], size: int) -> None:
+    flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+    _traffic["bytes"] += flat.numel() * flat.element_size()
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    with torch.no_grad():
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def differentiable_mean(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The cross-rank mean of ``tensors`` as a differentiable op (its backward is again an
+    all_reduce), so a pilot step on the global batch can be differentiated locally."""
+    size = world().size
+    if size == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    mean = _AllReduceSum.apply(flat) / size
+    return tuple(m.view_as(t) for m, t in zip(mean.split([t.numel() for t in tensors]), tensors))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is again all_reduce(SUM): d(sum_r x_r)/dx_r = 1 on
+    every rank, so each rank's gradient is the sum of every rank's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor) -> torch.Tensor:
+        out = flat.detach().clone()
+        _traffic["bytes"] += out.numel() * out.element_size()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+def mean_scalars(values: list[float]) -> list[float]:
+    if world().size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / world().size).tolist()
+
+
+def allreduce_bytes() -> int:
+    return _traffic["bytes"]
+
+
+def node_metrics() -> dict[str, float]:
+    """CPU seconds and peak memory of every node's processes, gathered to all ranks and
+    keyed by node (``system/node{n}/...``), for rank 0 to log."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    mine = {"cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_mb": usage.ru_maxrss / 1024}
+    w = world()
+    if w.size == 1:
+        return {f"system/node0/{k}": v for k, v in mine.items()}
+    gathered: list = [None] * w.size
+    dist.all_gather_object(gathered, (w.node, mine))
+    per_node: dict[str, float] = {}
+    for node, m in gathered:
+        per_node[f"system/node{node}/cpu_s"] = per_node.get(f"system/node{node}/cpu_s", 0.0) + m["cpu_s"]
+        key = f"system/node{node}/max_rss_mb"
+        per_node[key] = max(per_node.get(key, 0.0), m["max_rss_mb"])
+    return per_node

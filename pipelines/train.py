@@ -1,0 +1,126 @@
+"""The torchrun worker: one training stage (the teacher, or one student method and seed).
+
+    torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        -m pipelines.train --config stage.json --stage student --method kd --seed 0 \\
+        --teacher TEACHER_DIR --out OUT_DIR [--run-id MLFLOW_RUN] [--checkpoint-dir DIR]
+
+Every rank reads the same config and data (from the project home's cache), trains its
+shard, and resumes from the last checkpoint after a restart.  Rank 0 alone writes the
+outputs (``OUT_DIR/model``, ``OUT_DIR/learned_teacher``, ``OUT_DIR/result.json``) and
+logs to the stage's MLflow run; the launching flow evaluates and registers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from models.weights import load_weights, save_weights
+from pipelines import distributed
+from pipelines import data as data_stage
+from pipelines import stages
+from pipelines.checkpoint import Checkpointer
+from pipelines.config import PipelineConfig
+from pipelines.training import TrainResult
+
+
+def die_with_parent() -> None:
+    """If the torchrun agent dies (even by SIGKILL), this worker dies too: no orphans."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the agent was gone before prctl took effect
+            os._exit(1)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path,
+                   help="the pipeline config, JSON or YAML (`metadistill config ... > stage.yaml`)")
+    p.add_argument("--stage", required=True, choices=["teacher", "student"])
+    p.add_argument("--method", help="student method (stage student)")
+    p.add_argument("--seed", type=int, default=0, help="student seed (stage student)")
+    p.add_argument("--teacher", type=Path, help="teacher weights folder (stage student)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--run-id", default="", help="MLflow run that rank 0 logs into")
+    p.add_argument("--checkpoint-dir", type=Path, help="default: OUT/checkpoints")
+    args = p.parse_args(argv)
+    if args.stage == "student" and (args.method is None or args.teacher is None):
+        p.error("--stage student needs --method and --teacher")
+    return args
+
+
+def metric_logger(run_id: str):
+    """``on_log`` for every rank: gathers per-node system metrics (a collective), and
+    rank 0 logs everything into the stage's MLflow run."""
+    run = None
+    if run_id and distributed.world().is_main:
+        from pipelines import tracking
+
+        run = tracking.RunLogger(run_id)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, **distributed.node_metrics()}
+        if run is not None:
+            run.log_metrics(metrics, step)
+
+    return on_log, run
+
+
+def write_result(out: Path, result: TrainResult) -> None:
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps({"curve": result.curve, "seconds": result.seconds, "steps": result.steps,
+                               "allreduce_bytes": distributed.allreduce_bytes(),
+                               "world_size": distributed.world().size}))
+    os.replace(tmp, out / "result.json")
+
+
+def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
+    data = data_stage.prepare(cfg.data)
+    on_log, run = metric_logger(args.run_id)
+    checkpoint = Checkpointer(args.checkpoint_dir or args.out / "checkpoints", cfg.dist.checkpoint_every)
+    learned_teacher = None
+    if args.stage == "teacher":
+        model, result = stages.fit_teacher(cfg, data, on_log, checkpoint)
+        spec = stages.model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data)
+    else:
+        teacher, _ = load_weights(args.teacher)
+        model, result, learned_teacher = stages.fit_student(args.method, cfg, data, teacher, args.seed, on_log,
+                                                            checkpoint)
+        spec = stages.model_spec(cfg.student.model.arch, cfg.student.model.kwargs, data)
+    if distributed.world().is_main:
+        save_weights(model, args.out / "model", spec)
+        if learned_teacher is not None:
+            save_weights(learned_teacher, args.out / "learned_teacher",
+                         stages.model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data))
+        write_result(args.out, result)
+        if run is not None:
+            run.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    args = parse(argv)
+    cfg = PipelineConfig.model_validate(yaml.safe_load(args.config.read_text()))  # JSON is YAML too
+    torch.set_num_threads(cfg.dist.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    world = distributed.init(cfg.dist.backend)
+    try:
+        print(f"rank {world.rank}/{world.size} (node {world.node}) pid {os.getpid()} "
+              f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}: {args.stage} "
+              f"{args.method or ''} seed {args.seed}", flush=True)
+        run_stage(args, cfg)
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
