@@ -33,8 +33,9 @@ from pipelines.training import TrainResult
 
 
 def die_with_parent() -> None:
-    """If the torchrun agent dies (even by SIGKILL), this worker dies too: no orphans."""
-    if sys.platform.startswith("linux"):
+    """If the torchrun agent dies (even by SIGKILL), this worker dies too: no orphans.
+    Only under torchrun: a worker started by hand may outlive its shell (nohup, &)."""
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the agent was gone before prctl took effect
             os._exit(1)

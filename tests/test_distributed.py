@@ -90,7 +90,12 @@ def test_two_nodes_train_like_one_process(stage_home, tmp_path):
     agents = [subprocess.Popen(_torchrun(1, port, nnodes=2) + _stage_args(config, teacher, "kd", tmp_path / "two"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(home), cwd=REPO)
               for _ in range(2)]
-    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    try:
+        outputs = [a.communicate(timeout=300)[0] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "(node 1)" in "".join(outputs)
     _run([sys.executable] + _stage_args(config, teacher, "kd", tmp_path / "one"), home)
@@ -126,15 +131,19 @@ def test_sigkilled_worker_resumes_from_checkpoint(stage_home, tmp_path):
     proc = subprocess.Popen(_torchrun(2, free_port(), restarts=1) + _stage_args(config, teacher, "scratch", tmp_path / "killed"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(home), cwd=REPO)
     lines, pids, killed_after = [], {}, None
-    for line in proc.stdout:  # the two ranks share the pipe: lines may be glued together
-        lines.append(line)
-        for rank, pid in re.findall(r"rank (\d+)/2 \(node \d+\) pid (\d+)", line):
-            pids[int(rank)] = int(pid)
-        saved = [int(s) for s in re.findall(r"checkpoint train step (\d+)", line)]
-        if killed_after is None and saved and saved[-1] >= 200:
-            killed_after = saved[-1]
-            os.kill(pids[1], signal.SIGKILL)
-    assert proc.wait(timeout=300) == 0, "".join(lines)[-12000:]
+    try:
+        for line in proc.stdout:  # the two ranks share the pipe: lines may be glued together
+            lines.append(line)
+            for rank, pid in re.findall(r"rank (\d+)/2 \(node \d+\) pid (\d+)", line):
+                pids[int(rank)] = int(pid)
+            saved = [int(s) for s in re.findall(r"checkpoint train step (\d+)", line)]
+            if killed_after is None and saved and saved[-1] >= 200:
+                killed_after = saved[-1]
+                os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, "".join(lines)[-12000:]
+    finally:
+        if proc.poll() is None:  # the workers die with their agent (PR_SET_PDEATHSIG)
+            proc.kill()
     log = "".join(lines)
     assert killed_after is not None and killed_after < 800, log[-3000:]
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", log)]
