@@ -204,7 +204,8 @@ class DistConfig(Strict):
     rdzv_endpoint: str = Field("127.0.0.1:0", pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$",
                                description="c10d rendezvous HOST:PORT; port 0: a free local port (one node only)")
     max_restarts: int = Field(3, ge=0, description="torchrun restarts all workers after a failure, this often")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: gloo (training tensors are on the CPU)")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: gloo (training tensors are on the CPU; workers refuse nccl)")
     threads: int | None = Field(None, ge=1, description="intra-op threads per process; default: cores / nproc")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints of a torchrun stage")
 

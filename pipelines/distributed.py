@@ -48,8 +48,10 @@ def init(backend: str = "auto") -> World:
     the CPU in this version, and gloo runs on every node, GPU or not."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return World()
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("dist.backend=nccl needs CUDA devices, and this node has none: use dist.backend=gloo")
+    if backend == "nccl":  # refused here, in the worker, where the node's devices are known
+        raise RuntimeError(f"dist.backend=nccl needs CUDA tensors, but training tensors live on the CPU in "
+                           f"this version (this node has {torch.cuda.device_count()} CUDA devices): "
+                           f"use dist.backend=auto or gloo")
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo" if backend == "auto" else backend, store=_store(rank, size), rank=rank,
                             world_size=size)

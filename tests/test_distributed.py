@@ -199,7 +199,7 @@ def test_pipeline_runs_every_stage_under_torchrun(home, prefect_server):
 
 
 def test_failing_torchrun_stage_fails_the_run_and_leaves_nothing(home, prefect_server):
-    """A worker raises (nccl asked for on a node without CUDA): the stage and the pipeline
+    """A worker raises (nccl asked for, with training tensors on the CPU): the stage and the pipeline
     run are FAILED in Prefect and MLflow, no process is left, nothing is registered."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter
@@ -210,7 +210,7 @@ def test_failing_torchrun_stage_fails_the_run_and_leaves_nothing(home, prefect_s
     cfg = load_config(overrides=TINY_FLOW + ["dist.backend=nccl", "dist.max_restarts=0",
                                              "tracking.experiment=dist-fail"])
     started = time.time()
-    with pytest.raises(StageFailed, match="nccl needs CUDA"):
+    with pytest.raises(StageFailed, match="nccl needs CUDA tensors"):
         metadistill_flow(config=cfg)
     assert time.time() - started < 120
     assert _leftover_workers(str(home / "cache" / "stages")) == []
