@@ -48,7 +48,7 @@ def init(backend: str = "auto") -> World:
     the CPU in this version, and gloo runs on every node, GPU or not."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return World()
-    if backend == "nccl":  # refused here, in the worker, where the node's devices are known
+    if backend == "nccl":  # reserved for GPU training, which this version does not do yet
         raise RuntimeError(f"dist.backend=nccl needs CUDA tensors, but training tensors live on the CPU in "
                            f"this version (this node has {torch.cuda.device_count()} CUDA devices): "
                            f"use dist.backend=auto or gloo")
