@@ -32,7 +32,7 @@ WORKLOAD = ["data.name=mnist", "data.val_fraction=0", "teacher.model.arch=resnet
 
 
 def run_stage(config: Path, teacher: Path, method: str, nproc: int, out: Path) -> dict:
-    from tests.helpers import free_port
+    from pipelines.net import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "pipelines.train", "--config", str(config),

@@ -18,12 +18,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 MODEL = "metadistill-digits-student"
@@ -31,22 +29,7 @@ MODEL = "metadistill-digits-student"
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+from pipelines.net import free_port, wait_http  # noqa: E402  (after the path insert)
 
 
 def wrk(url: str, seconds: int, body: str | None, connections: int = 16, threads: int = 4) -> dict:
@@ -129,7 +112,7 @@ def main() -> int:
     proc = start([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--poll-seconds", "0",
                   "--workers", str(args.workers)], env)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ready")
+        wait_http(f"http://127.0.0.1:{port}/ready", 180)
         results["generator_vs_trivial_route"] = wrk(f"http://127.0.0.1:{port}/health", 10, None)
         results["metadistill"] = wrk(f"http://127.0.0.1:{port}/predict", args.seconds, f'{{"instances": {image}}}')
     finally:
@@ -142,7 +125,7 @@ def main() -> int:
     proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], mlflow_env)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping")
+        wait_http(f"http://127.0.0.1:{port}/ping", 180)
         results["mlflow"] = wrk(f"http://127.0.0.1:{port}/invocations", args.seconds, f'{{"inputs": {image}}}')
     finally:
         stop(proc)

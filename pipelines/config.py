@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -220,6 +221,10 @@ class DistConfig(Strict):
         import torch
 
         return self.nproc or max(1, torch.cuda.device_count())
+
+    def threads_per_process(self, local_processes: int) -> int:
+        """Intra-op threads of each of ``local_processes`` processes on this node."""
+        return self.threads or max(1, (os.cpu_count() or 1) // local_processes)
 
     def uses_torchrun(self) -> bool:
         if self.launcher != "auto":

@@ -27,7 +27,6 @@ _traffic = {"bytes": 0}  # payload bytes all-reduced by this process (see `allre
 class World:
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
     node: int = 0
 
     @property
@@ -38,8 +37,7 @@ class World:
 def world() -> World:
     if not (dist.is_available() and dist.is_initialized()):
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                 int(os.environ.get("GROUP_RANK", 0)))
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("GROUP_RANK", 0)))
 
 
 def init(backend: str = "auto") -> World:
@@ -123,11 +121,13 @@ def average_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if size == 1 or not tensors:
         return tensors
     bucket: list[torch.Tensor] = []
+    nbytes = 0
     for t in tensors:
         bucket.append(t)
-        if sum(b.numel() * b.element_size() for b in bucket) >= BUCKET_BYTES:
+        nbytes += t.numel() * t.element_size()
+        if nbytes >= BUCKET_BYTES:
             _reduce_bucket(bucket, size)
-            bucket = []
+            bucket, nbytes = [], 0
     if bucket:
         _reduce_bucket(bucket, size)
     return tensors

@@ -14,13 +14,13 @@ import ctypes
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipelines.config import PipelineConfig
+from pipelines.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -30,18 +30,12 @@ class StageFailed(RuntimeError):
     """A torchrun stage exited with a non-zero code."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_command(cfg: PipelineConfig, config_path: Path, stage_args: list[str]) -> list[str]:
     """The torchrun line of this node; every node of a multi-node job runs the same one."""
     d = cfg.dist
     endpoint = d.rdzv_endpoint
     if endpoint.endswith(":0"):
-        endpoint = f"{endpoint.rsplit(':', 1)[0]}:{_free_port()}"
+        endpoint = f"{endpoint.rsplit(':', 1)[0]}:{free_port()}"
     # srun starts the same line once on every node of the allocation (and kills them all
     # if one fails); without it, each other node runs the logged line itself.
     srun = ["srun", f"--nodes={d.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] if d.launcher == "srun" else []
@@ -94,7 +88,7 @@ def run_torchrun(cfg: PipelineConfig, workdir: Path, stage_args: list[str], log:
     config_path = workdir / "config.json"
     config_path.write_text(cfg.model_dump_json())
     cmd = torchrun_command(cfg, config_path, [*stage_args, "--out", str(workdir)])
-    threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // cfg.dist.procs_per_node())
+    threads = cfg.dist.threads_per_process(cfg.dist.procs_per_node())
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "METADISTILL_PROGRESS": "0", "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     log("launch: " + " ".join(cmd))

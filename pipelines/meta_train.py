@@ -92,7 +92,7 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
                                          "params": {k: v.detach() for k, v in model.named_parameters()},
                                          "lrs": {k: v.detach() for k, v in (lrs or {}).items()},
                                          "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                         "curve": {k: [list(p) for p in v] for k, v in result.curve.items()},
+                                         "curve": result.curve,
                                          "tasks": result.tasks, "seconds": time.perf_counter() - start})
             if over_budget:
                 break
@@ -112,7 +112,7 @@ def _restore(state: dict, model: nn.Module, lrs, optimizer, generator, result: M
             v.copy_(state["lrs"][k])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    result.curve = {k: [tuple(p) for p in v] for k, v in state["curve"].items()}
+    result.curve = state["curve"]
     result.steps, result.tasks = state["step"], state["tasks"]
     return state["step"] + 1, state["seconds"]
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     args = parse(argv)
     cfg = PipelineConfig.model_validate(yaml.safe_load(args.config.read_text()))  # JSON is YAML too
-    threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    threads = cfg.dist.threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(threads)
     distributed.pin_to_cores(threads)
     world = distributed.init(cfg.dist.backend)

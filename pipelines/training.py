@@ -93,7 +93,7 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         order, cursor, first = state["order"], state["cursor"], state["step"] + 1
-        result.curve = {k: [tuple(p) for p in v] for k, v in state["curve"].items()}
+        result.curve = state["curve"]
         if isinstance(loss_fn, Stateful):
             loss_fn.load_state_dict(state["loss"])
         print(f"{desc}: resumed from step {state['step']}", flush=True)
@@ -138,7 +138,7 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                 checkpoint.save("train", {
                     "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "order": order, "cursor": cursor,
-                    "curve": {k: [list(p) for p in v] for k, v in result.curve.items()},
+                    "curve": result.curve,
                     "loss": loss_fn.state_dict() if isinstance(loss_fn, Stateful) else {}})
     model.eval()
     result.seconds = time.perf_counter() - start

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-import time
-import urllib.request
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from pipelines.net import free_port, wait_http
+
+__all__ = ["free_port", "wait_http", "worst_relative_error"]
 
 
 def worst_relative_error(analytic: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -26,22 +27,3 @@ def worst_relative_error(analytic: dict[str, torch.Tensor], base: dict[str, torc
             numeric[idx] = (loss_at(plus) - loss_at(minus)) / (2 * eps)
         worst = max(worst, ((analytic[name] - numeric).norm() / numeric.norm().clamp(min=1e-12)).item())
     return worst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, alive: Callable[[], bool] = lambda: True, why: Callable[[], str] = str) -> None:
-    """Poll ``url`` until it answers; fail early with ``why()`` if ``alive()`` turns false."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            assert alive(), why()
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
