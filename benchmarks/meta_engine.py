@@ -8,10 +8,11 @@ steps (lr 0.4), exact second-order MAML, meta-batch 32.  Every contender runs th
 ``nn.Module`` on the same task batches; each is timed over whole meta-steps (forward,
 meta-gradient, Adam step) after one warm-up step.
 
-Contenders: ``engine_*`` (meta.maml + meta.parallel: task-parallel threads, vmap or loop
-inside each), ``higher`` (innerloop_ctx), ``torchopt`` (MetaSGD, as in its MAML example),
-``func_loop`` and ``func_vmap`` (PyTorch's functorch MAML Omniglot example: torch.func.grad
-per task in a Python loop, or vmapped over tasks).
+Contenders: ``engine_*`` (meta.maml + meta.parallel: task-parallel threads, inside each
+vmap, a loop, or vmap over the inner loops with the query sets in a loop), ``higher``
+(innerloop_ctx), ``torchopt`` (MetaSGD, as in its MAML example), ``func_loop`` and
+``func_vmap`` (PyTorch's functorch MAML Omniglot example: torch.func.grad per task in a
+Python loop, or vmapped over tasks).
 """
 
 from __future__ import annotations
@@ -36,22 +37,24 @@ from models import build_model  # noqa: E402
 
 def make_workload(args):
     torch.manual_seed(0)
-    model = build_model("conv4", (1, 28, 28), args.ways, channels=args.channels)
+    model = build_model("conv4", (1, 28, 28), args.ways, channels=args.channels, norm=args.norm).to(args.device)
     sampler = TaskSampler(torch.rand(200, 20, 1, 28, 28), args.ways, args.shots, args.queries)
     return model, sampler
 
 
 # ---------------------------------------------------------------- contenders
 
-def engine_step(vectorize: bool, workers: int):
+def engine_step(vectorize: bool, workers: int, vmap_query: bool = True):
     def build(model, args):
         runner = TaskParallel(model, workers)
         inner = InnerLoop(args.inner_steps, args.inner_lr)
         wrt = list(model.parameters())
 
+        def chunk_loss(m, p, c):
+            return meta_batch_loss(m, p, c, inner, vectorize=vectorize, vmap_query=vmap_query)
+
         def step(tasks):
-            grads, _, _ = runner.grad(params_of(model), wrt, tasks,
-                                      lambda m, p, c: meta_batch_loss(m, p, c, inner, vectorize=vectorize))
+            grads, _, _ = runner.grad(params_of(model), wrt, tasks, chunk_loss)
             for p, g in zip(wrt, grads):
                 p.grad = g
         step.close = runner.close
@@ -137,7 +140,8 @@ class Contender:
         self.model, sampler = make_workload(args)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(1)
-        self.batches = [sampler.sample(args.meta_batch, generator) for _ in range(3)]
+        self.batches = [tuple(t.to(args.device) for t in sampler.sample(args.meta_batch, generator))
+                        for _ in range(3)]
         self.rounds: list[float] = []
         self.count = 0
         self._round(0.0)  # fails here, before any timing, if the contender cannot run
@@ -157,20 +161,29 @@ class Contender:
         step = self.build(self.model, self.args)
         try:
             self.one(step)  # warm-up
+            _sync(self.args.device)
             start, steps = time.perf_counter(), 0
             while time.perf_counter() - start < seconds or steps < 1:
                 self.one(step)
                 steps += 1
+                if self.args.device.type == "cuda" and steps % 4 == 0:
+                    _sync(self.args.device)  # bounds the queue, so the clock measures work done
+            _sync(self.args.device)
             return steps * self.args.meta_batch / (time.perf_counter() - start)
         finally:
             getattr(step, "close", lambda: None)()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flops_per_task(args) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model, sampler = make_workload(args)
-    tasks = sampler.sample(4, torch.Generator().manual_seed(2))
+    tasks = tuple(t.to(args.device) for t in sampler.sample(4, torch.Generator().manual_seed(2)))
     inner = InnerLoop(args.inner_steps, args.inner_lr)
     with FlopCounterMode(display=False) as counter:
         loss, _ = meta_batch_loss(model, params_of(model), tasks, inner, vectorize=False)
@@ -178,16 +191,25 @@ def flops_per_task(args) -> float:
     return counter.get_total_flops() / 4
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(device: torch.device, seconds: float = 3.0) -> float:
+    """Best fp32 matmul rate (TF32 off on GPUs: the workload runs in fp32)."""
+    n = 2048 if device.type == "cpu" else 8192
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = 0.0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
+        _sync(device)
         start = time.perf_counter()
         a @ b
+        _sync(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
     return best
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def main() -> int:
@@ -196,6 +218,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--norm", default="group", choices=["group", "batch"],
+                        help="conv4's norm: group (the pipeline's) or batch (MAML's, batch statistics)")
     parser.add_argument("--meta-batch", type=int, default=32)
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
@@ -205,14 +229,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per contender, all rounds")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
     parser.add_argument("--only", default="", help="comma-separated contenders to run")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
+                        help="cpu, or cuda: there the engine runs one worker (tasks batch by vmap)")
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
+    workers = cores if args.device.type == "cpu" else 1
     contenders = {
-        "engine_vmap": engine_step(True, cores), "engine_loop": engine_step(False, cores),
+        "engine_vmap": engine_step(True, workers), "engine_loop": engine_step(False, workers),
+        "engine_vmap_inner": engine_step(True, workers, vmap_query=False),
         "engine_vmap_1worker": engine_step(True, 1), "engine_loop_1worker": engine_step(False, 1),
         "higher": higher_step, "torchopt": torchopt_step, "func_loop": func_loop_step, "func_vmap": func_vmap_step,
     }
+    if workers == 1:
+        del contenders["engine_vmap_1worker"], contenders["engine_loop_1worker"]
     if args.only:
         contenders = {k: v for k, v in contenders.items() if k in args.only.split(",")}
     rates: dict[str, float] = {}
@@ -229,14 +259,14 @@ def main() -> int:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {c.rounds[-1]:.1f}" for c in built), flush=True)
     for c in built:
         rates[c.name] = max(c.rounds)
-    peak = matmul_peak()
+    peak = matmul_peak(args.device)
     flops = flops_per_task(args)
     engine = max(v for k, v in rates.items() if k.startswith("engine") and v == v)
     peers = {k: v for k, v in rates.items() if not k.startswith("engine") and v == v}
     best_peer = max(peers.values()) if peers else float("nan")
     result = {
-        "workload": {k: v for k, v in vars(args).items() if k not in ("json", "only")} | {"cores": cores,
-                                                                                         "torch": torch.__version__},
+        "workload": {k: v for k, v in vars(args).items() if k not in ("json", "only", "device")} | {
+            "cores": cores, "torch": torch.__version__, "device": _device_name(args.device)},
         "tasks_per_s": rates,
         "rounds_tasks_per_s": {c.name: c.rounds for c in built},
         "ratio_vs_higher": engine / rates.get("higher", float("nan")),

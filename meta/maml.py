@@ -3,10 +3,10 @@
 
 The API is learn2learn-sized: ``adapt`` returns adapted parameters for one task's support
 set; ``query_loss`` adapts and returns the query loss (and accuracy) that the trainer's
-outer loop differentiates.  ``meta_batch_loss`` runs a meta-batch of tasks either batched
-with ``torch.func.vmap`` (in chunks, to bound memory) or with a plain per-task loop; both
-give the same meta-gradient.  The outer optimiser, the task sampler and logging stay in
-the trainer.
+outer loop differentiates.  ``meta_batch_loss`` runs a meta-batch of tasks batched with
+``torch.func.vmap`` (in chunks, to bound memory), with a plain per-task loop, or with
+vmap for the inner loops and a loop for the query sets; all give the same
+meta-gradient.  The outer optimiser, the task sampler and logging stay in the trainer.
 """
 
 from __future__ import annotations
@@ -47,19 +47,23 @@ def query_loss(model: nn.Module, params: Params, task: tuple[torch.Tensor, ...],
                lrs: Params | None = None, loss_fn: LossFn = cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapt on the task's support set, return (query loss, query accuracy)."""
     xs, ys, xq, yq = task
-    adapted = adapt(model, params, xs, ys, inner, lrs, loss_fn)
-    logits = forward(model, adapted, xq)
+    return _score(model, adapt(model, params, xs, ys, inner, lrs, loss_fn), xq, yq, loss_fn)
+
+
+def _score(model: nn.Module, params: Params, xq: torch.Tensor, yq: torch.Tensor,
+           loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = forward(model, params, xq)
     return loss_fn(logits, yq), (logits.argmax(-1) == yq).float().mean()
 
 
-def _vmapped_query_loss(model: nn.Module, inner: InnerLoop, loss_fn: LossFn):
-    """Per-task function for vmap: inner gradients by ``torch.func.grad`` (composable
+def _vmappable(model: nn.Module, inner: InnerLoop, loss_fn: LossFn):
+    """Per-task functions for vmap: inner gradients by ``torch.func.grad`` (composable
     with vmap and with the outer autograd for second order)."""
 
     def support_loss(p: Params, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return loss_fn(forward(model, p, xs), ys)
 
-    def one_task(params: Params, lrs: Params | None, xs, ys, xq, yq):
+    def adapt_one(params: Params, lrs: Params | None, xs, ys) -> Params:
         lr = lrs if lrs is not None else inner.lr
         p = params
         for _ in range(inner.steps):
@@ -67,28 +71,43 @@ def _vmapped_query_loss(model: nn.Module, inner: InnerLoop, loss_fn: LossFn):
             if inner.first_order:
                 g = {k: v.detach() for k, v in g.items()}
             p = sgd_step(p, g, lr)
-        logits = forward(model, p, xq)
-        return loss_fn(logits, yq), (logits.argmax(-1) == yq).float().mean()
+        return p
 
-    return one_task
+    def query_one(params: Params, lrs: Params | None, xs, ys, xq, yq):
+        return _score(model, adapt_one(params, lrs, xs, ys), xq, yq, loss_fn)
+
+    return adapt_one, query_one
 
 
 def meta_batch_loss(model: nn.Module, params: Params, tasks: tuple[torch.Tensor, ...], inner: InnerLoop,
                     lrs: Params | None = None, vectorize: bool = True, chunk_size: int | None = None,
-                    loss_fn: LossFn = cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+                    loss_fn: LossFn = cross_entropy, vmap_query: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean query loss and accuracy over a meta-batch ``tasks = (xs, ys, xq, yq)`` whose
     tensors have a leading task dimension.  Differentiate the loss with respect to
-    ``params`` (and ``lrs``) for the meta-gradient."""
+    ``params`` (and ``lrs``) for the meta-gradient.
+
+    ``vectorize=False`` loops over tasks.  With ``vectorize``, vmap batches the tasks'
+    inner loops, and the query pass too unless ``vmap_query=False``: then each task's
+    query set is scored in a loop.  Small support sets are dominated by per-operator
+    overhead, which vmap shares across tasks; large query sets are dominated by
+    convolutions, which run faster as ordinary per-task convolutions on the CPU than as
+    vmap's grouped ones."""
     xs, ys, xq, yq = tasks
     if not vectorize:
         results = [query_loss(model, params, (xs[i], ys[i], xq[i], yq[i]), inner, lrs, loss_fn)
                    for i in range(len(xs))]
-        losses, accs = zip(*results)
-        return torch.stack(losses).mean(), torch.stack(accs).mean()
-    batched = vmap(_vmapped_query_loss(model, inner, loss_fn), in_dims=(None, None, 0, 0, 0, 0),
-                   chunk_size=chunk_size, randomness="error")
-    losses, accs = batched(params, lrs, xs, ys, xq, yq)
-    return losses.mean(), accs.mean()
+    else:
+        adapt_one, query_one = _vmappable(model, inner, loss_fn)
+        if vmap_query:
+            losses, accs = vmap(query_one, in_dims=(None, None, 0, 0, 0, 0), chunk_size=chunk_size,
+                                randomness="error")(params, lrs, xs, ys, xq, yq)
+            return losses.mean(), accs.mean()
+        adapted = vmap(adapt_one, in_dims=(None, None, 0, 0), chunk_size=chunk_size,
+                       randomness="error")(params, lrs, xs, ys)
+        results = [_score(model, {k: v[i] for k, v in adapted.items()}, xq[i], yq[i], loss_fn)
+                   for i in range(len(xs))]
+    losses, accs = zip(*results)
+    return torch.stack(losses).mean(), torch.stack(accs).mean()
 
 
 def first_order_meta_grad(model: nn.Module, params: Params, task: tuple[torch.Tensor, ...], inner: InnerLoop,

@@ -132,6 +132,8 @@ class MetaConfig(Strict):
     meta_steps: int = Field(300, ge=0)
     time_budget_s: float | None = Field(None, gt=0, description="stop meta-training after this many seconds")
     vectorize: bool = Field(True, description="batch tasks with torch.func.vmap (else a per-task loop)")
+    vmap_query: bool = Field(True, description="with vectorize, vmap the query pass too (else a loop over "
+                                                "tasks' query sets: faster for large query sets on CPU)")
     chunk_size: int | None = Field(None, gt=0, description="vmap chunk size, bounds memory")
     workers: int | None = Field(None, gt=0, description="task-parallel threads; default: one per CPU core")
     rotations: bool = Field(False, description="add 90/180/270-degree rotations as extra classes")
@@ -143,9 +145,14 @@ class FewShotConfig(Strict):
     """``metadistill fewshot``: meta-train on Omniglot background characters, test on
     evaluation characters, one model per number of ways."""
 
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="conv4", kwargs={"channels": 64}))
+    # MAML's Omniglot recipe (Finn et al. 2017): batch-statistics norm, one inner step in
+    # training and three at test, lr 0.4, 32 tasks a step, one query per class in training.
+    # 32 channels rather than 64: on 2 cores it runs 1.7x the steps in the same time, and
+    # both widths reached the same accuracy after 2,000 steps (docs/fewshot.md).
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(
+        arch="conv4", kwargs={"channels": 32, "norm": "batch"}))
     meta: MetaConfig = Field(default_factory=lambda: MetaConfig(
-        ways=5, shots=1, queries=15, inner_steps=1, inner_lr=0.4, meta_batch=32, meta_steps=100000,
+        ways=5, shots=1, queries=1, inner_steps=1, inner_lr=0.4, meta_batch=32, meta_steps=100000,
         time_budget_s=1500, rotations=True, eval_inner_steps=3))
     train_ways: list[int] = Field(default_factory=lambda: [5, 20])
     eval_shots: list[int] = Field(default_factory=lambda: [1, 5])

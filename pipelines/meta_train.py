@@ -60,7 +60,7 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
 
     def chunk_loss(replica: nn.Module, params, chunk):
         return meta_batch_loss(replica, params, chunk, inner, lrs=lrs, vectorize=cfg.vectorize,
-                               chunk_size=cfg.chunk_size)
+                               chunk_size=cfg.chunk_size, vmap_query=cfg.vmap_query)
 
     start = time.perf_counter() - spent
     with progress_bar(desc, total=cfg.meta_steps) as advance:

@@ -57,3 +57,33 @@ def test_resnet_depths_and_param_order():
 
     with pytest.raises(ValueError, match="6n\\+2"):
         CifarResNet((3, 32, 32), 10, depth=21)
+
+
+def test_conv4_batch_norm_uses_the_batch_statistics_of_batchnorm2d():
+    from models.conv4 import BatchStatNorm
+
+    torch.manual_seed(0)
+    norm, reference = BatchStatNorm(6), torch.nn.BatchNorm2d(6, track_running_stats=False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2), norm.bias.normal_()
+        reference.weight.copy_(norm.weight), reference.bias.copy_(norm.bias)
+    x = torch.randn(5, 6, 7, 7) * 3 + 1
+    assert torch.allclose(norm(x), reference(x), atol=1e-5)
+    model = build_model("conv4", (1, 28, 28), 5, channels=8, norm="batch")
+    assert list(model.buffers()) == [] and model(torch.randn(4, 1, 28, 28)).shape == (4, 5)
+    with pytest.raises(ValueError, match="'group', 'batch' or 'none'"):
+        build_model("conv4", (1, 28, 28), 5, norm="layer")
+
+
+def test_conv4_pooling_before_relu_gives_the_textbook_block_values_and_gradients():
+    torch.manual_seed(0)
+    model = build_model("conv4", (1, 28, 28), 5, channels=8)
+    textbook = torch.nn.Sequential(*[torch.nn.Sequential(block[0], block[1], torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+                                     for block in model.features])
+    x = torch.randn(6, 1, 28, 28)
+    ours, reference = model(x), model.head(textbook(x).flatten(1))
+    assert torch.equal(ours, reference)
+    params = list(model.parameters())
+    g_ours = torch.autograd.grad(ours.square().sum(), params)
+    g_reference = torch.autograd.grad(reference.square().sum(), params)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ours, g_reference))
