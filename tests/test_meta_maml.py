@@ -188,7 +188,8 @@ def test_task_parallel_meta_gradient_equals_single_loop(workers):
 def test_batch_statistics_conv4_is_exact_under_vmap():
     """MAML's transductive batch norm: the vmap path's second-order meta-gradient equals
     the loop's, and the one through a conv bias that feeds the norm is zero (the norm
-    removes any per-channel shift).  torch's own batch_norm fails both under vmap."""
+    removes any per-channel shift).  With torch's own batch_norm the vmap path disagrees
+    (it gives that bias -0.026)."""
     from models import build_model
 
     torch.manual_seed(0)
