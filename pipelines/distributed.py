@@ -81,17 +81,13 @@ def pin_to_cores(threads: int) -> None:
         os.sched_setaffinity(0, cores[local * threads:(local + 1) * threads])
 
 
-def check_divisible(what: str, n: int) -> None:
-    size = world().size
-    if n % size:
-        raise ValueError(f"{what} = {n} does not split evenly over {size} processes: use a multiple of {size}")
-
-
 def shard(n: int) -> slice:
     """This rank's contiguous share of a global batch of ``n`` (``n`` divisible by the
     world size, so every rank's mean loss weighs its examples like one process would)."""
     w = world()
-    check_divisible("the global batch", n)
+    if n % w.size:
+        raise ValueError(f"the global batch = {n} does not split evenly over {w.size} processes: "
+                         f"use a multiple of {w.size}")
     per = n // w.size
     return slice(w.rank * per, (w.rank + 1) * per)
 

@@ -91,11 +91,10 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
                                                                       "seed": str(seed)}) as run:
         run.log_params({"method": method, "seed": seed})
         if cfg.dist.uses_torchrun():
-            workdir = _torchrun(cfg, run, ["--stage", "student", "--method", method, "--seed", str(seed),
-                                           "--teacher", str(stages.teacher_folder(cfg, prepared))])
-            model, result, learned_teacher = stages.load_stage_output(workdir)
+            model, result, learned_teacher = _torchrun(
+                cfg, run, ["--stage", "student", "--method", method, "--seed", str(seed),
+                           "--teacher", str(stages.teacher_folder(cfg, prepared))])
             outcome = stages.finish_student(method, seed, model, result, prepared, learned_teacher)
-            shutil.rmtree(workdir)
         else:
             outcome = stages.train_student(method, cfg, prepared, teacher, seed,
                                            on_log=lambda step, m: run.log_metrics(m, step))
@@ -111,20 +110,21 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
 
 
 def _torchrun(cfg: PipelineConfig, run: RunLogger, stage_args: list[str]):
-    """Run a stage as torchrun workers; rank 0 logs into ``run`` and leaves its outputs
-    in the returned folder (kept, with its checkpoints, when the stage fails)."""
+    """Run a stage as torchrun workers, rank 0 logging into ``run``; returns what rank 0
+    left (model, curves, learned teacher).  The work folder is removed on success and
+    kept, with its checkpoints, when the stage fails."""
     workdir = project_home() / "cache" / "stages" / run.run_id
     run.set_tags({"dist.world_size": cfg.dist.nnodes * cfg.dist.procs_per_node(), "dist.workdir": str(workdir)})
     launch.run_torchrun(cfg, workdir, [*stage_args, "--run-id", run.run_id], get_run_logger().info)
-    return workdir
+    output = stages.load_stage_output(workdir)
+    shutil.rmtree(workdir)
+    return output
 
 
 def _teacher_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger) -> stages.TeacherOutcome:
     start = time.perf_counter()
-    workdir = _torchrun(cfg, run, ["--stage", "teacher"])
-    model, result, _ = stages.load_stage_output(workdir)
+    model, result, _ = _torchrun(cfg, run, ["--stage", "teacher"])
     stages.save_teacher(model, cfg, prepared)
-    shutil.rmtree(workdir)
     return stages.TeacherOutcome(model, result, stages.teacher_key(cfg, prepared), time.perf_counter() - start)
 
 
