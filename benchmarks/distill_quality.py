@@ -1,13 +1,16 @@
-"""Paired-seed comparison of student methods against ``kd``.
+"""Paired-seed comparison of student methods against ``kd`` and ``kd_tuned``.
 
     python benchmarks/distill_quality.py [--preset NAME] [--set k=v ...] [--seeds N] \
         [--methods a,b,...] --json PATH
 
 Every method trains the same student network with the same budget for each seed; a seed
-fixes the data order and the initialisation, so the per-seed differences to ``kd`` are
-paired.  Reports per method mean ± std test accuracy and, against ``kd``, the mean paired
-difference with a 95% t-interval and the p-value of a paired t-test.  The bar chart with
-intervals and the JSON go to MLflow (experiment ``<tracking.experiment>-quality``).
+fixes the data order and the initialisation, so the per-seed differences are paired.
+Reports per method the mean ± std test accuracy (fractions, as every accuracy in the
+JSON) and its compute seconds (``kd_tuned``'s
+include its whole validation grid; ``maml_init``'s its meta-training), and against
+``kd`` and ``kd_tuned`` the mean paired difference with a 95% t-interval, the
+p-value of a paired t-test and that of a Wilcoxon signed-rank test.  The bar chart and
+the JSON go to MLflow (experiment ``<tracking.experiment>-quality``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def paired_stats(diffs: np.ndarray) -> dict:
+    """Mean paired difference, its 95% t-interval, the t-test's and Wilcoxon's p-values."""
     from scipy import stats
 
     n = len(diffs)
     mean = float(diffs.mean())
     if n < 2 or np.allclose(diffs, diffs[0]):
-        return {"diff": mean, "ci95": [mean, mean], "p": 1.0 if np.allclose(diffs, 0) else 0.0}
+        p = 1.0 if np.allclose(diffs, 0) else 0.0
+        return {"diff": mean, "ci95": [mean, mean], "p": p, "p_wilcoxon": p}
     sem = diffs.std(ddof=1) / np.sqrt(n)
     half = float(stats.t.ppf(0.975, n - 1) * sem)
-    return {"diff": mean, "ci95": [mean - half, mean + half], "p": float(stats.ttest_1samp(diffs, 0.0).pvalue)}
+    nonzero = diffs[~np.isclose(diffs, 0)]
+    p_wilcoxon = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
+    return {"diff": mean, "ci95": [mean - half, mean + half], "p": float(stats.ttest_1samp(diffs, 0.0).pvalue),
+            "p_wilcoxon": p_wilcoxon}
 
 
 def main() -> int:
@@ -39,13 +48,14 @@ def main() -> int:
     from pipelines import plots, stages, tracking
     from benchmarks.common import write_json
     from pipelines.config import ConfigError, load_config
+    from pipelines.students import kd_grid, StudentContext
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--methods", default="scratch,kd,maml_init,meta_distill")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--methods", default="scratch,kd,kd_tuned,meta_distill")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -57,21 +67,39 @@ def main() -> int:
     except ConfigError as exc:
         print(f"distill_quality: {exc}", file=sys.stderr)
         return 2
+    start = time.perf_counter()
     prepared = data_stage.prepare(cfg.data)
     teacher = stages.train_teacher(cfg, prepared)
     teacher_acc = stages.evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+    print(f"teacher {cfg.teacher.model.arch}: {100 * teacher_acc:.2f}; splits {prepared.counts}", flush=True)
     accs: dict[str, np.ndarray] = {}
+    seconds: dict[str, list[float]] = {}
     for method in methods:
-        accs[method] = np.array([stages.train_student(method, cfg, prepared, teacher.model, seed).evaluation.accuracy
-                                 for seed in cfg.student.seeds])
-        print(f"{method:>24}: {100 * accs[method].mean():.2f} ± {100 * accs[method].std(ddof=1):.2f}", flush=True)
+        outcomes = [stages.train_student(method, cfg, prepared, teacher.model, seed) for seed in cfg.student.seeds]
+        accs[method] = np.array([o.evaluation.accuracy for o in outcomes])
+        seconds[method] = [o.result.seconds for o in outcomes]
+        print(f"{method:>24}: {100 * accs[method].mean():.2f} ± {100 * accs[method].std(ddof=1):.2f} "
+              f"({np.mean(seconds[method]):.1f} s)", flush=True)
     result = {
-        "dataset": cfg.data.name, "preset": cfg.preset, "teacher_test_acc": teacher_acc,
-        "train_examples": prepared.counts["train"],
-        "methods": {m: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist()}
-                    for m, a in accs.items()},
+        "dataset": cfg.data.name, "preset": cfg.preset, "overrides": args.overrides,
+        "teacher_test_acc": teacher_acc, "splits": prepared.counts,
+        "train_examples": prepared.counts["train"], "transfer_examples": prepared.counts["transfer"],
+        "student_steps": cfg.student.train.steps, "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
+        "methods": {m: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist(),
+                        "compute_seconds": float(np.mean(seconds[m]))} for m, a in accs.items()},
         "vs_kd": {m: paired_stats(a - accs["kd"]) for m, a in accs.items() if m != "kd"},
+        "wall_seconds": time.perf_counter() - start,
     }
+    if "kd_tuned" in accs:
+        grid = kd_grid(StudentContext(cfg=cfg, data=prepared, teacher=teacher.model, seed=cfg.kd.grid_seed))
+        result["kd_tuned_grid"] = grid  # cached by the runs above: no retraining
+        result["vs_kd_tuned"] = {m: paired_stats(a - accs["kd_tuned"]) for m, a in accs.items() if m != "kd_tuned"}
+        if "meta_distill" in accs:
+            result["meta_distill_compute_vs_grid"] = (result["methods"]["meta_distill"]["compute_seconds"]
+                                                      / grid["grid_seconds"])
+    if "meta_distill" in accs:
+        result["meta_distill_cost_vs_kd"] = (result["methods"]["meta_distill"]["compute_seconds"]
+                                             / result["methods"]["kd"]["compute_seconds"])
     rows = [{"method": m, "test_acc": v["mean"], "ci": 1.96 * v["std"] / np.sqrt(v["n"])}
             for m, v in result["methods"].items()]
     with tracking.pipeline_run(f"{cfg.tracking.experiment}-quality", f"quality-{cfg.preset}", {"kind": "quality"}) as run:

@@ -3,9 +3,10 @@
 For a training batch (x, y) and a quiz batch (xq, yq) from held-out data:
 
 1. copy the student functionally and take K pilot SGD steps on the distillation loss
-   against the teacher's logits, keeping the graph;
+   against the teacher's logits, keeping the graph (the loss is any function of the
+   meta-parameters: the teacher's weights, or the teaching knobs of ``meta.teaching``);
 2. score the pilot student's cross-entropy on the quiz batch;
-3. differentiate it with respect to the teacher's parameters (second order, through the
+3. differentiate it with respect to the meta-parameters (second order, through the
    pilot steps) -- the teacher's update;
 4. the caller makes the real student step with the updated teacher.
 
@@ -48,34 +49,67 @@ def detached(params: Params) -> Params:
     return {k: v.detach().clone().requires_grad_() for k, v in params.items()}
 
 
+DistillFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) -> loss
+
+
+def pilot_steps(student: nn.Module, student_params: Params, distill: DistillFn, x: torch.Tensor,
+                y: torch.Tensor, pilot: Pilot) -> Params:
+    """K differentiable SGD steps of a copy of the student on ``distill``; the result depends
+    on whatever ``distill`` closes over (the teacher's weights, the teaching knobs)."""
+    p = detached(student_params)
+    for _ in range(pilot.steps):
+        loss = distill(forward(student, p, x), y)
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        p = sgd_step(p, pilot.average(grads), pilot.lr)
+    return p
+
+
+def quiz_loss_after_pilot(student: nn.Module, student_params: Params, distill: DistillFn,
+                          batch: tuple[torch.Tensor, torch.Tensor], quiz: tuple[torch.Tensor, torch.Tensor],
+                          pilot: Pilot) -> torch.Tensor:
+    """Cross-entropy on the quiz batch of the student after its pilot steps on ``distill``."""
+    p = pilot_steps(student, student_params, distill, *batch, pilot)
+    return F.cross_entropy(forward(student, p, quiz[0]), quiz[1])
+
+
+def meta_grad(student: nn.Module, student_params: Params, distill: DistillFn, meta_params: Params,
+              batch, quiz, pilot: Pilot) -> tuple[Params, float]:
+    """Second-order gradient of the pilot's quiz loss with respect to ``meta_params`` (what
+    ``distill`` is a function of), and the loss.  A parameter the loss does not reach gets
+    a zero gradient."""
+    loss = quiz_loss_after_pilot(student, student_params, distill, batch, quiz, pilot)
+    grads = torch.autograd.grad(loss, list(meta_params.values()), allow_unused=True)
+    return ({k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(meta_params.items(), grads)},
+            float(loss.detach()))
+
+
+def teacher_distill(teacher: nn.Module, teacher_params: Params, x: torch.Tensor, pilot: Pilot) -> DistillFn:
+    """MetaDistil's case: the KD loss against the teacher's logits, a function of its weights."""
+    teacher_logits = forward(teacher, teacher_params, x)
+    return lambda logits, y: distillation_loss(logits, teacher_logits, y, pilot.temperature, pilot.alpha,
+                                               pilot.soft_loss)
+
+
 def pilot_student(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
                   x: torch.Tensor, y: torch.Tensor, pilot: Pilot) -> Params:
     """K differentiable SGD steps of a copy of the student on the distillation loss; the
     result depends on ``teacher_params`` through the teacher's logits."""
-    p = detached(student_params)
-    teacher_logits = forward(teacher, teacher_params, x)
-    for _ in range(pilot.steps):
-        loss = distillation_loss(forward(student, p, x), teacher_logits, y, pilot.temperature, pilot.alpha,
-                                 pilot.soft_loss)
-        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-        p = sgd_step(p, pilot.average(grads), pilot.lr)
-    return p
+    return pilot_steps(student, student_params, teacher_distill(teacher, teacher_params, x, pilot), x, y, pilot)
 
 
 def pilot_quiz_loss(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
                     batch: tuple[torch.Tensor, torch.Tensor], quiz: tuple[torch.Tensor, torch.Tensor],
                     pilot: Pilot) -> torch.Tensor:
     """Cross-entropy of the pilot student on the quiz batch (a function of the teacher)."""
-    p = pilot_student(student, student_params, teacher, teacher_params, *batch, pilot)
-    return F.cross_entropy(forward(student, p, quiz[0]), quiz[1])
+    return quiz_loss_after_pilot(student, student_params, teacher_distill(teacher, teacher_params, batch[0], pilot),
+                                 batch, quiz, pilot)
 
 
 def teacher_meta_grad(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
                       batch, quiz, pilot: Pilot) -> tuple[Params, float]:
     """Second-order gradient of the pilot quiz loss with respect to the teacher, and the loss."""
-    loss = pilot_quiz_loss(student, student_params, teacher, teacher_params, batch, quiz, pilot)
-    grads = torch.autograd.grad(loss, list(teacher_params.values()))
-    return dict(zip(teacher_params, grads)), float(loss.detach())
+    return meta_grad(student, student_params, teacher_distill(teacher, teacher_params, batch[0], pilot),
+                     teacher_params, batch, quiz, pilot)
 
 
 def first_order_teacher_grad(student: nn.Module, student_params: Params, teacher: nn.Module,

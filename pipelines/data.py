@@ -1,10 +1,13 @@
 """Data stage: read a data set, split it deterministically, normalise, cache on disk.
 
-Splits: where a data set has no test split (digits, the CIFAR-10 JPEG test folder, a
+Splits: where a data set has no test split (digits, the CIFAR-10 JPEG test folder alone, a
 single ImageFolder tree, Omniglot), ``data.test_fraction`` of it is carved out, stratified
 by class.  From the remaining training pool, ``train_fraction`` / ``label_budget`` keep a
 labelled subset; from that subset ``val_fraction`` and ``quiz_fraction`` are held out.
-Every split is drawn with ``data.split_seed``.
+The rest of the pool becomes the ``transfer`` split (``data.transfer``): its images are
+kept and its labels dropped here, before anything is cached or logged, so no transfer
+label can reach a training step.  ``data.transfer_root`` adds a folder of unlabeled
+images of the user's own.  Every split is drawn with ``data.split_seed``.
 
 Prepared tensors are cached under ``<home>/cache/data/<key>``; the key is a SHA-256 of
 the source files' bytes, the split settings and the augmentation list, so a second run
@@ -30,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from pipelines.config import DataConfig
 from pipelines.home import cache_dir
 
-CACHE_VERSION = 1
-SPLITS = ("train", "quiz", "val", "test")
+CACHE_VERSION = 2  # 2: transfer split
+SPLITS = ("train", "quiz", "val", "test")  # labelled; "transfer" has inputs only
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 class DataError(RuntimeError):
@@ -40,7 +44,7 @@ class DataError(RuntimeError):
 
 @dataclass
 class Prepared:
-    tensors: dict[str, torch.Tensor]  # {split}_x float32 (N,C,H,W) normalised, {split}_y int64
+    tensors: dict[str, torch.Tensor]  # {split}_x float32 (N,C,H,W) normalised, {split}_y int64; transfer_x
     input_shape: tuple[int, int, int]
     num_classes: int
     class_names: list[str]
@@ -56,6 +60,17 @@ class Prepared:
 
     def y(self, split: str) -> torch.Tensor:
         return self.tensors[f"{split}_y"]
+
+    def transfer(self) -> torch.Tensor | None:
+        """The unlabeled transfer inputs, or None when there are none."""
+        x = self.tensors.get("transfer_x")
+        return x if x is not None and len(x) else None
+
+
+def split_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    counts = {s: len(tensors[f"{s}_y"]) for s in SPLITS}
+    counts["transfer"] = len(tensors["transfer_x"]) if "transfer_x" in tensors else 0
+    return counts
 
 
 @dataclass
@@ -189,7 +204,14 @@ def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     jpg_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
                     if p.is_file()), None)
     if cfg.name == "cifar10" and jpg_zip is not None:
-        return _read_image_zip(jpg_zip, "RGB", None), [jpg_zip]
+        test = _read_image_zip(jpg_zip, "RGB", None)
+        train_zip = jpg_zip.with_name("cifar10_train_jpg.zip")
+        if not train_zip.is_file():  # the test zip alone: the small, carved-split setting
+            return test, [jpg_zip]
+        train = _read_image_zip(train_zip, "RGB", None)
+        if train.class_names != test.class_names:
+            raise DataError(f"{train_zip}: classes {train.class_names} differ from {jpg_zip}'s {test.class_names}")
+        return RawData(train.train, test.train, test.class_names, f"{train_zip} + {jpg_zip}"), [train_zip, jpg_zip]
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
@@ -273,7 +295,8 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) 
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
-def make_splits(raw: RawData, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_splits(raw: RawData, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Labelled splits as (x, y); ``transfer`` as (x, None): its labels never leave here."""
     rng = np.random.default_rng(cfg.split_seed)
     x, y = raw.train
     if raw.test is None:
@@ -285,21 +308,48 @@ def make_splits(raw: RawData, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np
     n_keep = int(round(len(y) * cfg.train_fraction))
     if cfg.label_budget is not None:
         n_keep = min(n_keep, cfg.label_budget)
+    transfer = np.zeros((0, *x.shape[1:]), dtype=x.dtype)
     if n_keep < len(y):
-        pool = rng.permutation(len(y))[:n_keep]
-        x, y = x[np.sort(pool)], y[np.sort(pool)]
+        pool = rng.permutation(len(y))
+        if cfg.transfer:
+            rest = np.sort(pool[n_keep:])[:cfg.transfer_limit]
+            transfer = x[rest]
+        keep = np.sort(pool[:n_keep])
+        x, y = x[keep], y[keep]
     order = rng.permutation(len(y))
     n_val = int(round(len(y) * cfg.val_fraction))
     n_quiz = max(1, int(round(len(y) * cfg.quiz_fraction)))
     val, quiz, train = order[:n_val], order[n_val:n_val + n_quiz], order[n_val + n_quiz:]
     return {"train": (x[train], y[train]), "quiz": (x[quiz], y[quiz]), "val": (x[val], y[val]),
-            "test": test_pair}
+            "test": test_pair, "transfer": (transfer, None)}
+
+
+def _transfer_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"data.transfer_root {root} is not a folder; expected a folder of images "
+                        f"({', '.join(IMAGE_SUFFIXES)}) at any depth")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"data.transfer_root {root}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _read_transfer_root(files: list[Path], shape: tuple[int, ...]) -> np.ndarray:
+    """The user's unlabeled images, decoded to the data set's channels and size."""
+    channels, height, width = shape
+    if height != width:
+        raise DataError(f"data.transfer_root: the data set's images are {height}x{width}; only square sizes "
+                        f"are supported for transfer images")
+    try:
+        return _decode_images([(p.read_bytes(), 0) for p in files], "L" if channels == 1 else "RGB", height)
+    except OSError as exc:
+        raise DataError(f"data.transfer_root: cannot decode an image ({exc})") from exc
 
 
 # ---------------------------------------------------------------- caching
 
 def cache_key(cfg: DataConfig, source_hash: str) -> str:
-    settings = cfg.model_dump(mode="json", exclude={"root", "download"})
+    settings = cfg.model_dump(mode="json", exclude={"root", "download", "transfer_root"})
     blob = json.dumps({"v": CACHE_VERSION, "source": source_hash, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -328,18 +378,24 @@ def _load_cached(folder: Path) -> Prepared | None:
     tensors = load_file(str(tensor_path))
     return Prepared(tensors=tensors, input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"],
                     class_names=meta["class_names"], mean=meta["mean"], std=meta["std"], key=meta["key"],
-                    source=meta["source"], cached=True, counts={s: len(tensors[f"{s}_y"]) for s in SPLITS})
+                    source=meta["source"], cached=True, counts=split_counts(tensors))
 
 
 def prepare(cfg: DataConfig) -> Prepared:
     """Load (or reuse from cache) the normalised train/quiz/val/test tensors."""
     raw, source_hash = load_raw(cfg)
+    transfer_files = _transfer_files(Path(cfg.transfer_root).expanduser()) if cfg.transfer_root else []
+    if transfer_files:
+        source_hash = hashlib.sha256((source_hash + _sha256_files(transfer_files)).encode()).hexdigest()
     key = cache_key(cfg, source_hash)
     folder = cache_dir("data") / key
     cached = _load_cached(folder)
     if cached is not None:
         return cached
     splits = make_splits(raw, cfg)
+    if transfer_files:
+        extra = _read_transfer_root(transfer_files, raw.train[0].shape[1:])
+        splits["transfer"] = (np.concatenate([splits["transfer"][0], extra])[:cfg.transfer_limit], None)
     if len(splits["train"][1]) < 2:
         raise DataError(f"{cfg.name}: only {len(splits['train'][1])} training examples remain after the splits")
     train_x = splits["train"][0]
@@ -349,11 +405,11 @@ def prepare(cfg: DataConfig) -> Prepared:
     for name, (x, y) in splits.items():
         x = (x - mean[None, :, None, None]) / std[None, :, None, None]
         tensors[f"{name}_x"] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        tensors[f"{name}_y"] = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        if y is not None:
+            tensors[f"{name}_y"] = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     num_classes = len(raw.class_names)
     prepared = Prepared(tensors=tensors, input_shape=tuple(int(s) for s in train_x.shape[1:]),
                         num_classes=num_classes, class_names=raw.class_names, mean=mean.tolist(),
-                        std=std.tolist(), key=key, source=raw.source,
-                        counts={s: len(tensors[f"{s}_y"]) for s in SPLITS})
+                        std=std.tolist(), key=key, source=raw.source, counts=split_counts(tensors))
     _save(folder, prepared)
     return prepared

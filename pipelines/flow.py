@@ -58,8 +58,13 @@ def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
         run.log_params({f"data.{k}": v for k, v in cfg.model_dump(mode="json").items()})
         run.log_metrics({f"n_{k}": v for k, v in prepared.counts.items()}, step=0)
         run.set_tags({"data.key": prepared.key, "data.cached": prepared.cached})
+        labelled = {k: v for k, v in prepared.counts.items() if k != "transfer"}
         for r in (run, parent):
-            r.log_dataset(cfg.name, prepared.key, prepared.source, "training", prepared.counts)
+            r.log_dataset(cfg.name, prepared.key, prepared.source, "training", labelled)
+            if prepared.counts["transfer"]:  # inputs only: the labels were dropped at preparation
+                source = prepared.source + (f" + {cfg.transfer_root}" if cfg.transfer_root else "")
+                r.log_dataset(f"{cfg.name}-transfer", prepared.key, source, "transfer",
+                              {"transfer": prepared.counts["transfer"]})
     get_run_logger().info("data %s: %s (cached=%s)", cfg.name, prepared.counts, prepared.cached)
     return prepared
 
@@ -148,7 +153,7 @@ def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunL
     rows = stages.summarise(outcomes)
     with tracking.child_run(parent, "evaluate", _tags()) as run:
         for method in cfg_methods(outcomes):
-            best = stages.best_student([o for o in outcomes if o.method == method])
+            best = max((o for o in outcomes if o.method == method), key=lambda o: o.val_acc)
             fig = plots.confusion_matrix(best.evaluation.confusion, class_names,
                                          f"{method} (seed {best.seed}, best on validation)")
             run.log_figure(fig, f"confusion_matrix_{method}.png")

@@ -19,7 +19,7 @@ from pipelines import distributed
 from pipelines.checkpoint import Checkpointer
 from pipelines.config import MetaConfig
 from pipelines.progress import progress_bar
-from pipelines.training import LogFn
+from pipelines.training import LogFn, check_finite
 
 
 @dataclass
@@ -75,6 +75,7 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
                     p.grad = g
             distributed.average_([p.grad for p in meta_params])  # local share -> whole meta-batch
             loss, acc = distributed.mean_scalars([float(loss), float(acc)])
+            check_finite(loss, desc, step, "meta query loss")
             optimizer.step()
             result.steps, result.tasks = step, result.tasks + cfg.meta_batch
             advance()

@@ -66,7 +66,7 @@ def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None
     torch.manual_seed(cfg.teacher.seed)
     model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
     result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
-                              lambda logits, x, y: F.cross_entropy(logits, y), seed=cfg.teacher.seed,
+                              lambda logits, x, y, index: F.cross_entropy(logits, y), seed=cfg.teacher.seed,
                               augment=make_augmenter(cfg.data.augment, data.input_shape) if cfg.teacher.train.augment else None,
                               val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint)
     return model, result
@@ -103,7 +103,7 @@ def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Mo
                 checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult, nn.Module | None]:
     """Train one student; returns it, its curves, and the learned teacher (if any)."""
     ctx = StudentContext(cfg=cfg, data=data, teacher=teacher, seed=seed, on_log=on_log,
-                         desc=f"{method} seed {seed}", checkpoint=checkpoint)
+                         desc=f"student {method} seed {seed}", checkpoint=checkpoint)
     model, result = STUDENT_METHODS[method](ctx)
     return model, result, ctx.learned_teacher
 
@@ -146,10 +146,25 @@ def summarise(outcomes: list[StudentOutcome]) -> list[dict]:
     return rows
 
 
+class NoStudentLearned(RuntimeError):
+    """Every candidate is at chance: nothing may be chosen or registered."""
+
+
+def at_chance(outcome: StudentOutcome) -> bool:
+    """Test accuracy under 1.5x chance (25% of 10 classes would pass, 15% would not)."""
+    classes = len(outcome.evaluation.per_class_accuracy)
+    return outcome.evaluation.accuracy < 1.5 / classes
+
+
 def best_student(outcomes: list[StudentOutcome]) -> StudentOutcome:
-    """Chosen on validation accuracy (ties: lower test loss is not consulted, first wins),
-    so the test split stays an unbiased estimate for the promotion gate."""
-    return max(outcomes, key=lambda o: o.val_acc)
+    """Chosen on validation accuracy (ties: first wins), so the test split stays an
+    unbiased estimate for the promotion gate; a student at chance is never chosen."""
+    learned = [o for o in outcomes if not at_chance(o)]
+    if not learned:
+        raise NoStudentLearned("every student is at chance on the test split ("
+                               + ", ".join(f"{o.method} seed {o.seed}: {o.evaluation.accuracy:.3f}" for o in outcomes)
+                               + "); nothing is registered")
+    return max(learned, key=lambda o: o.val_acc)
 
 
 def comparison_markdown(rows: list[dict]) -> str:

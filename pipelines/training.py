@@ -21,8 +21,30 @@ from pipelines.checkpoint import Checkpointer
 from pipelines.config import OptimConfig, TrainConfig
 from pipelines.progress import progress_bar
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, x, y)
+# (logits, x, y, index): y < 0 marks unlabeled transfer examples; index numbers the rows of
+# the training pool, train rows first and transfer rows after them (for per-example caches).
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LogFn = Callable[[int, dict[str, float]], None]
+UNLABELED = -1
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite: the stage fails rather than finish on garbage."""
+
+
+def check_finite(value: float, desc: str, step: int, what: str = "training loss") -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{desc}: the {what} is {value} at step {step}; training diverged. Lower the "
+                               f"learning rate, set train.grad_clip, or lower kd.temperature")
+
+
+@dataclass
+class Transfer:
+    """Unlabeled inputs drawn beside every labelled batch (``per_step`` of them), in their
+    own seeded order, so the labelled batches stay exactly those of a run without them."""
+
+    x: torch.Tensor
+    per_step: int
 
 
 @dataclass
@@ -56,7 +78,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / max(1, len(y))
 
 
-def _validation_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def validation_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Each rank scores its part of the validation split; the counts are summed."""
     part = distributed.part(len(y))
     n = part.stop - part.start
@@ -77,27 +99,37 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                      loss_fn: LossFn, seed: int, augment: Augmenter | None = None,
                      val: tuple[torch.Tensor, torch.Tensor] | None = None,
                      on_log: LogFn | None = None, desc: str = "train",
-                     checkpoint: Checkpointer | None = None) -> TrainResult:
+                     checkpoint: Checkpointer | None = None, transfer: Transfer | None = None,
+                     phase: str = "train") -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps; returns its curves and compute time.
 
+    With ``transfer``, each step appends ``transfer.per_step`` unlabeled examples (label
+    :data:`UNLABELED`) to the labelled batch; ``loss_fn`` decides what they contribute.
     Under torchrun every rank draws the same global batch and trains on its shard, with
-    DDP averaging the gradients: the same steps as one process with the same batch."""
+    DDP averaging the gradients: the same steps as one process with the same batch.
+    A NaN or infinite loss raises :class:`TrainingDiverged` naming ``desc`` and the step."""
     generator = torch.Generator().manual_seed(seed)
+    transfer_gen = torch.Generator().manual_seed(seed + 1_000_003)  # never the labelled order's
     net = distributed.wrap(model)
     local = distributed.shard(cfg.batch_size)
     optimizer = make_optimizer(model.parameters(), cfg.optimizer)
     result = TrainResult(curve={"train_loss": [], "train_acc": [], "val_acc": []})
     order, cursor, first = torch.randperm(len(train_y), generator=generator), 0, 1
-    if checkpoint is not None and (state := checkpoint.load("train")) is not None:
+    t_order, t_cursor = (torch.randperm(len(transfer.x), generator=transfer_gen), 0) if transfer else (None, 0)
+    if checkpoint is not None and (state := checkpoint.load(phase)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         order, cursor, first = state["order"], state["cursor"], state["step"] + 1
+        if transfer is not None:
+            transfer_gen.set_state(state["transfer_generator"])
+            t_order, t_cursor = state["transfer_order"], state["transfer_cursor"]
         result.curve = state["curve"]
         if isinstance(loss_fn, Stateful):
             loss_fn.load_state_dict(state["loss"])
         print(f"{desc}: resumed from step {state['step']}", flush=True)
-    running = [0.0, 0.0, 0.0]  # loss sum, correct, examples (this rank's shard)
+    t_local = distributed.shard(transfer.per_step) if transfer else None
+    running = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, examples, labelled examples (this rank's shard)
     eval_every = max(cfg.log_every, cfg.steps // 10)
     start = time.perf_counter()
     model.train()
@@ -107,39 +139,58 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                 order, cursor = torch.randperm(len(train_y), generator=generator), 0
             idx = order[cursor:cursor + cfg.batch_size][local]
             cursor += cfg.batch_size
-            x, y = train_x[idx], train_y[idx]
+            x, y, index = train_x[idx], train_y[idx], idx
             if augment is not None:
                 x = augment(x, torch.randint(0, 2**31 - 1, (cfg.batch_size,), generator=generator)[local])
+            if transfer is not None:
+                if t_cursor + transfer.per_step > len(t_order):
+                    t_order, t_cursor = torch.randperm(len(transfer.x), generator=transfer_gen), 0
+                t_idx = t_order[t_cursor:t_cursor + transfer.per_step][t_local]
+                tx = transfer.x[t_idx]
+                t_seeds = torch.randint(0, 2**31 - 1, (transfer.per_step,), generator=transfer_gen)[t_local]
+                t_cursor += transfer.per_step
+                x = torch.cat([x, augment(tx, t_seeds) if augment is not None else tx])
+                y = torch.cat([y, torch.full((len(tx),), UNLABELED, dtype=y.dtype)])
+                index = torch.cat([index, len(train_y) + t_idx])
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step - 1, cfg.steps, cfg.optimizer)
 
             logits = net(x)
-            loss = loss_fn(logits, x, y)
+            loss = loss_fn(logits, x, y, index)
+            value = loss.item()
+            check_finite(value, desc, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
 
-            running[0] += loss.item() * len(y)
-            running[1] += (logits.argmax(-1) == y).sum().item()
+            labelled = y >= 0
+            running[0] += value * len(y)
+            running[1] += (logits.argmax(-1) == y)[labelled].sum().item()
             running[2] += len(y)
+            running[3] += int(labelled.sum())
             advance()
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_sum, correct, n = distributed.mean_scalars(running)
-                metrics = {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": optimizer.param_groups[0]["lr"]}
+                loss_sum, correct, n, n_labelled = distributed.mean_scalars(running)
+                metrics = {"train_loss": loss_sum / n, "train_acc": correct / max(n_labelled, 1),
+                           "lr": optimizer.param_groups[0]["lr"]}
                 if val is not None and len(val[1]) and (step % eval_every == 0 or step == cfg.steps):
-                    metrics["val_acc"] = _validation_accuracy(model, *val)
+                    metrics["val_acc"] = validation_accuracy(model, *val)
                 for name in ("train_loss", "train_acc", "val_acc"):
                     if name in metrics:
                         result.curve[name].append((step, metrics[name]))
                 if on_log is not None:
                     on_log(step, metrics)
-                running = [0.0, 0.0, 0.0]
+                running = [0.0, 0.0, 0.0, 0.0]
             if checkpoint is not None and checkpoint.due(step, cfg.steps):
-                checkpoint.save("train", {
+                checkpoint.save(phase, {
                     "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "order": order, "cursor": cursor,
                     "curve": result.curve,
-                    "loss": loss_fn.state_dict() if isinstance(loss_fn, Stateful) else {}})
+                    "loss": loss_fn.state_dict() if isinstance(loss_fn, Stateful) else {},
+                    **({"transfer_generator": transfer_gen.get_state(), "transfer_order": t_order,
+                        "transfer_cursor": t_cursor} if transfer is not None else {})})
     model.eval()
     result.seconds = time.perf_counter() - start
     result.steps = cfg.steps

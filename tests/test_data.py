@@ -85,3 +85,61 @@ def test_omniglot_npz_and_zip_readers(shared_data):
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.mean() < 0.3  # strokes are 1, background 0
     z, znames, files = load_characters(shared_data / "omniglot" / "omniglot-py", "background_small1")
     assert z.shape[0] == 136 and z.shape[1] == 20 and len(files) == 1 and "/" in znames[0]
+
+
+def test_label_budget_leaves_an_unlabeled_transfer_split(home):
+    data = prepare(DataConfig(name="digits", label_budget=300))
+    labelled = data.counts["train"] + data.counts["quiz"] + data.counts["val"]
+    assert labelled == 300 and data.counts["transfer"] == 1797 - data.counts["test"] - 300
+    assert data.transfer().shape == (data.counts["transfer"], 1, 8, 8)
+    assert "transfer_y" not in data.tensors  # labels dropped at preparation, not cached
+    assert "transfer_y" not in prepare(DataConfig(name="digits", label_budget=300)).tensors  # the cached copy
+    off = prepare(DataConfig(name="digits", label_budget=300, transfer=False))
+    assert off.counts["transfer"] == 0 and off.transfer() is None and off.key != data.key
+    assert torch.equal(off.y("train"), data.y("train"))  # the same labelled splits either way
+    limited = prepare(DataConfig(name="digits", label_budget=300, transfer_limit=100))
+    assert limited.counts["transfer"] == 100
+
+
+def test_no_transfer_label_can_reach_training(home):
+    """The transfer split's true labels can be anything: the prepared data (and so every
+    training step) is bit-for-bit the same."""
+    from pipelines.data import RawData, make_splits
+
+    rng = np.random.default_rng(0)
+    x = rng.random((400, 1, 4, 4), dtype=np.float32)
+    y = rng.integers(0, 5, 400)
+    test = (rng.random((50, 1, 4, 4), dtype=np.float32), rng.integers(0, 5, 50))
+    cfg = DataConfig(name="digits", label_budget=100)
+    first = make_splits(RawData((x, y), test, list("abcde"), "synthetic"), cfg)
+    labelled_rows = {tuple(r) for s in ("train", "quiz", "val") for r in first[s][0].reshape(len(first[s][0]), -1)}
+    others = np.array([tuple(r) not in labelled_rows for r in x.reshape(400, -1)])
+    assert others.sum() == 300 and first["transfer"][1] is None
+    relabelled = y.copy()
+    relabelled[others] = (relabelled[others] + 1 + rng.integers(0, 4, others.sum())) % 5  # every one changed
+    second = make_splits(RawData((x, relabelled), test, list("abcde"), "synthetic"), cfg)
+    for split in ("train", "quiz", "val", "test", "transfer"):
+        for a, b in zip(first[split], second[split]):
+            assert (a is None and b is None) or np.array_equal(a, b), split
+
+
+def test_transfer_root_adds_the_users_images(home, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "unlabeled" / "nested"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((20, 20), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    data = prepare(DataConfig(name="digits", label_budget=300, transfer_root=tmp_path / "unlabeled"))
+    plain = prepare(DataConfig(name="digits", label_budget=300))
+    assert data.counts["transfer"] == plain.counts["transfer"] + 6
+    assert data.transfer().shape[1:] == (1, 8, 8)
+    # A changed image is a changed cache entry.
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(folder / "5.png")
+    assert prepare(DataConfig(name="digits", label_budget=300, transfer_root=tmp_path / "unlabeled")).key != data.key
+    with pytest.raises(DataError, match="transfer_root .*not a folder"):
+        prepare(DataConfig(name="digits", transfer_root=tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="transfer_root .*no images found"):
+        prepare(DataConfig(name="digits", transfer_root=tmp_path / "empty"))

@@ -14,8 +14,10 @@ from pipelines.config import load_config
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150",
         "teacher.train.log_every=25", "student.train.steps=60", "student.train.log_every=20",
-        "student.seeds=[0, 1]", "tracking.experiment=it-digits", "maml.meta_steps=20", "maml.log_every=5"]
-METHODS = {"scratch", "kd", "maml_init", "meta_distill"}
+        "student.seeds=[0, 1]", "tracking.experiment=it-digits", "maml.meta_steps=20", "maml.log_every=5",
+        "data.label_budget=1000", "student.methods=[scratch, kd, kd_tuned, maml_init, meta_distill]",
+        "kd.grid_alpha=[0.5, 1.0]", "kd.grid_temperature=[2]"]
+METHODS = {"scratch", "kd", "kd_tuned", "maml_init", "meta_distill"}
 
 
 def _client(home) -> MlflowClient:
@@ -47,12 +49,21 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert "| kd |" in (home / "mlartifacts").joinpath(
         "it-digits", parent.info.run_id, "artifacts", "comparison.md").read_text()
     assert parent.inputs.dataset_inputs and parent.inputs.dataset_inputs[0].dataset.name == "digits"
+    # The transfer split's lineage: inputs only, counted, with its own context.
+    contexts = {d.dataset.name: [t.value for t in d.tags if t.key == "mlflow.data.context"]
+                for d in parent.inputs.dataset_inputs}
+    assert contexts == {"digits": ["training"], "digits-transfer": ["transfer"]}
 
     children = _children(client, parent.info.run_id, parent.info.experiment_id)
     assert {"data", "teacher", "evaluate", "register"} | {
         f"student/{m}/seed{s}" for m in METHODS for s in (0, 1)} == set(children)
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert all(r.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for r in children.values())
+    data_metrics = children["data"].data.metrics
+    assert data_metrics["n_transfer"] == 1797 - data_metrics["n_test"] - 1000  # pool minus test minus labels
+    tuned = children["student/kd_tuned/seed1"].data.metrics
+    assert tuned["kd_tuned_alpha"] in (0.5, 1.0) and tuned["kd_tuned_temperature"] == 2.0
+    assert {"kd_grid_val_acc_a0.5_t2.0_r1.0", "kd_grid_val_acc_a1.0_t2.0_r1.0"} <= set(tuned)
     kd = children["student/kd/seed0"]
     history = client.get_metric_history(kd.info.run_id, "train_loss")
     assert [m.step for m in history] == [20, 40, 60]
@@ -65,9 +76,7 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert [m.step for m in client.get_metric_history(maml, "meta_query_acc")] == [5, 10, 15, 20]
     md = children["student/meta_distill/seed1"]
     assert client.get_metric_history(md.info.run_id, "teacher_quiz_loss_before")
-    assert "learned_teacher_test_acc" in md.data.metrics
-    assert {"learned_teacher/model.safetensors", "learned_teacher/spec.json"} <= {
-        a.path for a in client.list_artifacts(md.info.run_id, "learned_teacher")}
+    assert {"knob_temperature", "knob_alpha"} <= set(md.data.metrics)  # the default learns kd_params
 
     version = client.get_model_version_by_alias("it-digits-student", "champion")
     assert version.tags["promotion_reason"] == "no champion yet"
@@ -107,6 +116,23 @@ def test_failed_run_is_marked_failed_and_registers_nothing(home, prefect_server,
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert all(r.info.status == "FAILED" for r in runs)
     assert client.search_registered_models("name = 'it-fail-student'") == []
+
+
+def test_diverging_stage_fails_the_run_and_registers_nothing(home, prefect_server):
+    from pipelines.flow import metadistill_flow
+    from pipelines.training import TrainingDiverged
+
+    cfg = load_config(overrides=TINY + ["tracking.experiment=it-nan", "student.methods=[scratch, kd]",
+                                        "kd.temperature=8", "student.train.optimizer.lr=1e12",
+                                        "student.train.grad_clip=null"])
+    with pytest.raises(TrainingDiverged, match=r"student scratch seed 0: the training loss is (nan|inf) at step"):
+        metadistill_flow(config=cfg)
+    client = _client(home)
+    runs = client.search_runs([client.get_experiment_by_name("it-nan").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    assert {r.info.run_name for r in runs if r.info.status == "FAILED"} >= {"student/scratch/seed0"}
+    assert client.search_registered_models("name = 'it-nan-student'") == []
 
 
 def test_cli_run_writes_summary(home, tmp_path):

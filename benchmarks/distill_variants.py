@@ -1,0 +1,90 @@
+"""Side-by-side variants of student methods over paired seeds: the search behind the
+learning-to-teach defaults (docs/distill_ablation.md).
+
+    python benchmarks/distill_variants.py --preset mnist --seeds 3 \
+        --variant kd=kd \
+        --variant "kd_T1=kd:kd.temperature=1" \
+        --variant "md_kdp=meta_distill:meta_distill.learn=[kd_params],meta_distill.knob_lr=0.03" \
+        --json docs/benchmarks/ablation/mnist_search.json
+
+Each ``--variant NAME=METHOD[:k=v,k=v...]`` trains METHOD with those overrides on top of
+the preset for seeds 0..N-1 (same data, same teacher).  The first variant is the
+reference: every other one gets its mean paired difference to it.  Accuracies are
+fractions.  (Overrides are split on commas outside brackets.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def split_overrides(text: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    return [i for i in items + [current] if i]
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    name, sep, rest = text.partition("=")
+    method, _, overrides = rest.partition(":")
+    if not sep or not name or not method:
+        raise SystemExit(f"distill_variants: --variant {text!r}: expected NAME=METHOD[:k=v,...]")
+    return name, method, split_overrides(overrides)
+
+
+def main() -> int:
+    from benchmarks.common import write_json
+    from benchmarks.distill_quality import paired_stats
+    from pipelines import data as data_stage
+    from pipelines import stages
+    from pipelines.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    try:
+        configs = {name: load_config(args.preset, None, args.overrides + overrides) for name, _, overrides in variants}
+    except ConfigError as exc:
+        print(f"distill_variants: {exc}", file=sys.stderr)
+        return 2
+    base = load_config(args.preset, None, args.overrides)
+    prepared = data_stage.prepare(base.data)
+    teacher = stages.train_teacher(base, prepared).model
+    teacher_acc = stages.evaluate(teacher, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+    print(f"teacher: {100 * teacher_acc:.2f}", flush=True)
+    rows, reference = {}, None
+    for name, method, overrides in variants:
+        outcomes = [stages.train_student(method, configs[name], prepared, teacher, seed) for seed in range(args.seeds)]
+        accs = np.array([o.evaluation.accuracy for o in outcomes])
+        reference = accs if reference is None else reference
+        rows[name] = {"method": method, "overrides": overrides, "mean": float(accs.mean()),
+                      "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, "per_seed": accs.tolist(),
+                      "compute_seconds": float(np.mean([o.result.seconds for o in outcomes])),
+                      "vs_first": paired_stats(accs - reference)}
+        print(f"{name:>28}: {100 * accs.mean():.2f}  vs {variants[0][0]} {100 * (accs - reference).mean():+.2f}",
+              flush=True)
+    write_json(args.json, {"preset": base.preset, "overrides": args.overrides, "seeds": args.seeds,
+                           "teacher_test_acc": teacher_acc, "reference": variants[0][0], "variants": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
