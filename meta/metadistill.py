@@ -90,13 +90,6 @@ def teacher_distill(teacher: nn.Module, teacher_params: Params, x: torch.Tensor,
                                                pilot.soft_loss)
 
 
-def pilot_student(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
-                  x: torch.Tensor, y: torch.Tensor, pilot: Pilot) -> Params:
-    """K differentiable SGD steps of a copy of the student on the distillation loss; the
-    result depends on ``teacher_params`` through the teacher's logits."""
-    return pilot_steps(student, student_params, teacher_distill(teacher, teacher_params, x, pilot), x, y, pilot)
-
-
 def pilot_quiz_loss(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
                     batch: tuple[torch.Tensor, torch.Tensor], quiz: tuple[torch.Tensor, torch.Tensor],
                     pilot: Pilot) -> torch.Tensor:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.registry import build_model
@@ -22,7 +21,7 @@ from pipelines.data import Prepared
 from pipelines.evaluate import Evaluation, evaluate
 from pipelines.home import cache_dir
 from pipelines.students import STUDENT_METHODS, StudentContext
-from pipelines.training import LogFn, TrainResult, accuracy, train_classifier
+from pipelines.training import LogFn, TrainResult, accuracy, cross_entropy, train_classifier
 
 TEACHER_CACHE_VERSION = 2  # 2: per-sample augmentation seeds
 
@@ -66,7 +65,7 @@ def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None
     torch.manual_seed(cfg.teacher.seed)
     model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
     result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
-                              lambda logits, x, y, index: F.cross_entropy(logits, y), seed=cfg.teacher.seed,
+                              cross_entropy, seed=cfg.teacher.seed,
                               augment=make_augmenter(cfg.data.augment, data.input_shape) if cfg.teacher.train.augment else None,
                               val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint)
     return model, result

@@ -32,7 +32,7 @@ from pipelines.augment import make_augmenter
 from pipelines.checkpoint import Checkpointer
 from pipelines.config import KDConfig
 from pipelines.home import cache_dir
-from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, train_classifier,
+from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, cross_entropy, train_classifier,
                                 validation_accuracy)
 
 if TYPE_CHECKING:
@@ -99,10 +99,6 @@ class StudentContext:
 StudentMethod = Callable[[StudentContext], tuple[nn.Module, TrainResult]]
 
 
-def cross_entropy(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)
-
-
 def train_scratch(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     student = ctx.new_student()
     return student, ctx.fit(student, cross_entropy)
@@ -126,9 +122,10 @@ class FrozenTeacher:
             self.table = FrozenTeacher._last[1]
 
     def _logits_of_pool(self, ctx: StudentContext) -> torch.Tensor:
-        pool = [ctx.data.x("train")] + ([ctx.data.transfer()] if ctx.data.transfer() is not None else [])
+        pool = [ctx.data.x("train"), ctx.data.transfer()]
         with torch.no_grad():
-            return torch.cat([self.teacher(x[i:i + 1024]) for x in pool for i in range(0, len(x), 1024)])
+            return torch.cat([self.teacher(x[i:i + 1024]) for x in pool if x is not None
+                              for i in range(0, len(x), 1024)])
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.table is not None:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from meta.distill import UNLABELED
 from pipelines import distributed
 from pipelines.augment import Augmenter
 from pipelines.checkpoint import Checkpointer
@@ -25,7 +27,6 @@ from pipelines.progress import progress_bar
 # the training pool, train rows first and transfer rows after them (for per-example caches).
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LogFn = Callable[[int, dict[str, float]], None]
-UNLABELED = -1
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,6 +37,11 @@ def check_finite(value: float, desc: str, step: int, what: str = "training loss"
     if not math.isfinite(value):
         raise TrainingDiverged(f"{desc}: the {what} is {value} at step {step}; training diverged. Lower the "
                                f"learning rate, set train.grad_clip, or lower kd.temperature")
+
+
+def cross_entropy(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The plain supervised loss, as a :data:`LossFn`."""
+    return F.cross_entropy(logits, y)
 
 
 @dataclass
