@@ -45,7 +45,7 @@ def paired_stats(diffs: np.ndarray) -> dict:
 
 def main() -> int:
     from pipelines import data as data_stage
-    from pipelines import plots, stages, tracking
+    from pipelines import plots, sources, stages, tracking
     from benchmarks.common import write_json
     from pipelines.config import ConfigError, load_config
     from pipelines.students import kd_grid, StudentContext
@@ -67,6 +67,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"distill_quality: {exc}", file=sys.stderr)
         return 2
+    try:
+        sources.preflight(cfg)  # teacher.source / student.init: refused before any work
+    except ConfigError as exc:
+        print(f"distill_quality: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     prepared = data_stage.prepare(cfg.data)
     teacher = stages.train_teacher(cfg, prepared)
@@ -82,7 +87,9 @@ def main() -> int:
               f"({np.mean(seconds[method]):.1f} s)", flush=True)
     result = {
         "dataset": cfg.data.name, "preset": cfg.preset, "overrides": args.overrides,
-        "teacher_test_acc": teacher_acc, "splits": prepared.counts,
+        "teacher_test_acc": teacher_acc, "teacher_seconds": teacher.seconds, "teacher_cached": teacher.cached,
+        "teacher_source": cfg.teacher.source, "teacher_arch": stages.teacher_spec(cfg, prepared)["arch"],
+        "splits": prepared.counts,
         "train_examples": prepared.counts["train"], "transfer_examples": prepared.counts["transfer"],
         "student_steps": cfg.student.train.steps, "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
         "methods": {m: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist(),

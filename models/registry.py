@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from models.conv4 import Conv4
+from models.external import build_external, is_external, split_name
 from models.mlp import MLP
 from models.resnet import CifarResNet, WideResNet
 
@@ -41,15 +42,18 @@ _FACTORIES: dict[str, Factory] = {
     "wrn": _wrn,
     **{f"resnet{d}": _resnet(d) for d in _RESNET_DEPTHS},
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES) + ("wrn-D-W",)
+MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES) + ("wrn-D-W", "torchvision:NAME", "timm:NAME")
 _WRN_NAME = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
     """Build architecture ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``.
 
-    ``wrn-16-4`` style names fix depth and width of a wide ResNet.
+    ``wrn-16-4`` style names fix depth and width of a wide ResNet; ``torchvision:NAME`` and
+    ``timm:NAME`` come from those libraries (randomly initialised).
     """
+    if split_name(name) is not None:
+        return build_external(name, tuple(input_shape), num_classes, **kwargs)
     match = _WRN_NAME.match(name)
     if match:
         depth, widen = int(match.group(1)), int(match.group(2))
@@ -60,7 +64,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
 
 
 def is_known_model(name: str) -> bool:
-    return name in _FACTORIES or bool(_WRN_NAME.match(name))
+    return name in _FACTORIES or bool(_WRN_NAME.match(name)) or is_external(name)
 
 
 def count_parameters(model: nn.Module) -> int:

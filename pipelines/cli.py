@@ -159,6 +159,9 @@ def _use_wait(cfg) -> None:
 def cmd_run(args) -> int:
     start = time.perf_counter()
     cfg = _load(args)
+    from pipelines.sources import preflight
+
+    preflight(cfg)  # a source that does not resolve exits 2 before any work
     _prepare_env()
     api = None
     if not os.environ.get("PREFECT_API_URL"):
@@ -187,7 +190,9 @@ def cmd_fewshot(args) -> int:
     if args.preset is None:
         args.preset = "omniglot"
     cfg = _load(args)
-    from pipelines.fewshot import run_fewshot
+    from pipelines.fewshot import fewshot_init, run_fewshot
+
+    fewshot_init(cfg)  # resolved and checked before any work
 
     summary = run_fewshot(cfg)
     from rich.console import Console
@@ -279,9 +284,12 @@ def cmd_config(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from pipelines.tracking import serve_ui, tracking_uri
+    from pipelines.tracking import experiment_links, serve_ui, tracking_uri
 
-    print(f"MLflow UI on http://{args.host}:{args.port} over {tracking_uri()}", file=sys.stderr)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} over {tracking_uri()}", file=sys.stderr)
+    for name, link in experiment_links(base).items():  # straight to the training runs
+        print(f"  {name}: {link}", file=sys.stderr)
     return serve_ui(args.host, args.port)
 
 

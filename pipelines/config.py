@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.external import split_name, unknown_external_message
 from models.registry import MODEL_NAMES, build_model, count_parameters, is_known_model
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "omniglot",
@@ -77,6 +79,8 @@ class ModelConfig(Strict):
     @classmethod
     def _known(cls, arch: str) -> str:
         if not is_known_model(arch):
+            if split_name(arch) is not None:
+                raise ValueError(unknown_external_message(arch))
             raise ValueError(f"unknown model {arch!r}; allowed: {', '.join(MODEL_NAMES)}")
         return arch
 
@@ -99,10 +103,98 @@ class TrainConfig(Strict):
                                                            "keeps KD's T^2-scaled gradient from blowing up")
 
 
+TeacherSource = Literal["train", "registry", "file", "torchvision", "timm"]
+InitSource = Literal["scratch", "file", "registry", "torchvision", "timm"]
+# models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest
+REGISTRY_URI = re.compile(r"^models:/([A-Za-z0-9_.\-]+)(?:@([A-Za-z0-9_\-]+)|/([0-9]+|latest))$")
+
+
+def _library_prefix(data: Any, source_key: str, model_key: str = "model") -> Any:
+    """``source=torchvision`` with ``model.arch=resnet18`` means ``torchvision:resnet18``."""
+    if isinstance(data, dict) and data.get(source_key) in ("torchvision", "timm"):
+        model = data.get(model_key)
+        if isinstance(model, dict) and isinstance(model.get("arch"), str) and ":" not in model["arch"]:
+            data = {**data, model_key: {**model, "arch": f"{data[source_key]}:{model['arch']}"}}
+    return data
+
+
+def _check_source(prefix: str, source: str, location: str | None, location_key: str, arch: str) -> None:
+    """Cross-field checks of a weights source (teacher, student init, few-shot init)."""
+    if source in ("train", "scratch"):
+        if location is not None:
+            raise ValueError(f"{location_key} is set but {prefix} source is {source!r}; "
+                             f"choose registry, file, torchvision or timm")
+        return
+    if location is None:
+        what = {"registry": "models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest",
+                "file": "a safetensors file or folder with its spec.json",
+                "torchvision": "a local .safetensors/.pth weights file, or the library's named weights (DEFAULT)",
+                "timm": "a local .safetensors/.pth weights file, or 'pretrained' (needs internet)"}[source]
+        raise ValueError(f"{prefix} source {source!r} needs {location_key}: {what}")
+    if source == "registry" and not REGISTRY_URI.match(location):
+        raise ValueError(f"{location_key}={location!r} is not a registry URI; use models:/NAME@ALIAS, "
+                         f"models:/NAME/VERSION or models:/NAME/latest")
+    if source in ("torchvision", "timm") and not arch.startswith(f"{source}:"):
+        raise ValueError(f"{prefix} source {source!r} builds a {source} architecture, but the model is {arch!r}")
+
+
+class FinetuneConfig(TrainConfig):
+    """Adapting a teacher brought from elsewhere to this data set."""
+
+    mode: Literal["none", "head", "all"] = Field(
+        "none", description="none: use it as it is (its classes must be the data's); head: a new head for the "
+                            "data's classes, trained alone; all: a new head, then the whole network trains")
+    steps: int = Field(500, gt=0)
+    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01))
+
+
 class TeacherConfig(Strict):
+    source: TeacherSource = Field("train", description="train: trained here (teacher.model, teacher.train); "
+                                                       "registry / file: a model you bring (teacher.uri); "
+                                                       "torchvision / timm: teacher.model.arch from that "
+                                                       "library with teacher.weights")
+    uri: str | None = Field(None, description="registry: models:/NAME@ALIAS | models:/NAME/VERSION | "
+                                              "models:/NAME/latest; file: safetensors file or folder + spec.json")
+    weights: str | None = Field(None, description="torchvision/timm: local .safetensors or .pth (plain tensors), "
+                                                  "or named weights (torchvision: DEFAULT, IMAGENET1K_V1...; "
+                                                  "timm: pretrained) where the machine has internet")
+    image_size: int | None = Field(None, ge=8, description="torchvision/timm: the resolution the teacher sees "
+                                                           "(default: the data's); inputs are resized to it")
+    mean: list[float] | None = Field(None, description="torchvision/timm: the teacher's input normalisation "
+                                                       "(default: ImageNet's, or the data's without weights)")
+    std: list[float] | None = Field(None, description="see mean")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}))
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000))
-    seed: int = 0
+    seed: int = Field(0, description="training / the new head's initialisation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefix(cls, data: Any) -> Any:
+        return _library_prefix(data, "source")
+
+    @model_validator(mode="after")
+    def _source(self) -> TeacherConfig:
+        location = self.weights if self.source in ("torchvision", "timm") else self.uri
+        key = "weights" if self.source in ("torchvision", "timm") else "uri"
+        _check_source("teacher", self.source, location, f"teacher.{key}", self.model.arch)
+        other = "uri" if key == "weights" else "weights"
+        if getattr(self, other) is not None:
+            raise ValueError(f"teacher.{other} does not apply to teacher.source={self.source!r} (use teacher.{key})")
+        if self.source not in ("torchvision", "timm"):
+            for name in ("image_size", "mean", "std"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"teacher.{name} applies to torchvision/timm teachers; a {self.source!r} "
+                                     f"teacher's input follows its spec")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set teacher.mean and teacher.std together")
+        if self.source == "train" and self.finetune.mode != "none":
+            raise ValueError("teacher.finetune applies to a teacher you bring (teacher.source registry, file, "
+                             "torchvision or timm); a trained teacher trains with teacher.train")
+        return self
+
+    def brought(self) -> bool:
+        return self.source != "train"
 
 
 class KDConfig(Strict):
@@ -219,9 +311,18 @@ class FewShotConfig(Strict):
     eval_queries: int = Field(15, gt=0, description="query examples per class at evaluation (20 - 5 shots max)")
     lake_runs: bool = Field(True, description="also score the 20 one-shot runs of Lake et al. (all_runs.zip)")
     seed: int = 0
+    init: InitSource = Field("scratch", description="starting weights of the model MAML meta-trains "
+                                                    "(pretrained first, then meta-trained); see student.init")
+    init_uri: str | None = Field(None, description="see student.init_uri")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefix(cls, data: Any) -> Any:
+        return _library_prefix(data, "init")
 
     @model_validator(mode="after")
     def _fits_twenty(self) -> FewShotConfig:
+        _check_source("fewshot.init", self.init, self.init_uri, "fewshot.init_uri", self.model.arch)
         if max(self.eval_shots) + self.eval_queries > 20:
             raise ValueError(f"fewshot: max(eval_shots) + eval_queries = {max(self.eval_shots) + self.eval_queries} "
                              f"exceeds Omniglot's 20 drawings per character")
@@ -243,6 +344,20 @@ class StudentConfig(Strict):
                                                      "steps on the labels (as Meta Pseudo Labels does)")
     finetune_lr: float = Field(0.005, gt=0, description="constant step size of the label fine-tune")
     must_be_smaller: bool = Field(True, description="refuse a student with more parameters than the teacher")
+    init: InitSource = Field("scratch", description="where the student's starting weights come from (a new head "
+                                                    "where the classes differ); maml_init meta-trains from them")
+    init_uri: str | None = Field(None, description="file: safetensors + spec.json; registry: models:/...; "
+                                                   "torchvision/timm: a weights file or named weights")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefix(cls, data: Any) -> Any:
+        return _library_prefix(data, "init")
+
+    @model_validator(mode="after")
+    def _init(self) -> StudentConfig:
+        _check_source("student.init", self.init, self.init_uri, "student.init_uri", self.model.arch)
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -265,6 +380,8 @@ class StudentConfig(Strict):
 class TrackingConfig(Strict):
     experiment: str = Field("metadistill-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     register_best: bool = Field(True, description="register the best student in the model registry")
+    register_teacher: bool = Field(False, description="register this run's teacher as <experiment>-teacher "
+                                                      "(models:/<experiment>-teacher/latest)")
 
 
 class DistConfig(Strict):
@@ -331,12 +448,28 @@ class PipelineConfig(Strict):
             _check_splits(self, self.dist.nproc * self.dist.nnodes)
         if self.maml.ways is not None and self.maml.ways > classes:
             raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
-        teacher = _param_count(self.teacher.model, shape, classes, "teacher")
         student = _param_count(self.student.model, shape, classes, "student")
+        maml = [m for m in self.student.methods if "maml_init" in m]
+        if maml and split_name(self.student.model.arch) is not None:
+            raise ValueError(f"student.methods {maml} meta-train under torch.func, which needs networks without "
+                             f"BatchNorm running statistics; {self.student.model.arch} has them: use one of "
+                             f"this project's architectures for maml_init")
+        if self.teacher.source in ("registry", "file"):
+            return self  # its architecture is in its spec: checked when the source is resolved
+        teacher = _param_count(self.teacher.model, teacher_input_shape(self.teacher, shape), classes, "teacher")
         if self.student.must_be_smaller and student > teacher:
             raise ValueError(f"student.model has {student:,} parameters, more than teacher.model's "
                              f"{teacher:,}; shrink it or set student.must_be_smaller=false")
         return self
+
+
+def teacher_input_shape(teacher: TeacherConfig, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """What a teacher built here sees: the data's shape, or for torchvision/timm networks
+    RGB at ``teacher.image_size`` (grey data is repeated to three channels)."""
+    if teacher.source not in ("torchvision", "timm"):
+        return tuple(data_shape)
+    size = teacher.image_size
+    return (3, size or data_shape[1], size or data_shape[2])
 
 
 def _check_splits(cfg: PipelineConfig, world: int) -> None:
@@ -497,6 +630,8 @@ def _apply_set(tree: dict, parts: list[str], value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {'.'.join(parts)}: {part} is not a table")
+    if parts[-1] == "arch" and node.get("arch") != value:
+        node["kwargs"] = {}  # another architecture: the old one's arguments do not apply
     node[parts[-1]] = value
 
 

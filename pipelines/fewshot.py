@@ -15,6 +15,7 @@ from pipelines.config import PipelineConfig
 from pipelines.data import DataError, resolve_root
 from pipelines.meta_train import evaluate_tasks, meta_train
 from pipelines.omniglot import load_characters, load_lake_runs
+from pipelines.sources import Source, check_init, init_source, start_from
 
 
 def _root(cfg: PipelineConfig):
@@ -24,6 +25,18 @@ def _root(cfg: PipelineConfig):
     return root
 
 
+OMNIGLOT_SHAPE = (1, 28, 28)
+
+
+def fewshot_init(cfg: PipelineConfig) -> Source | None:
+    """``fewshot.init``'s weights, resolved and checked against ``fewshot.model``."""
+    fs = cfg.fewshot
+    source = init_source("fewshot.init", fs.init, fs.init_uri, fs.model.arch, OMNIGLOT_SHAPE)
+    if source is not None:
+        check_init(source, "fewshot.model", fs.model.arch, fs.model.kwargs, OMNIGLOT_SHAPE)
+    return source
+
+
 def run_fewshot(cfg: PipelineConfig, experiment: str | None = None) -> dict:
     fs, root = cfg.fewshot, _root(cfg)
     background, _, _ = load_characters(root, "background")
@@ -31,20 +44,26 @@ def run_fewshot(cfg: PipelineConfig, experiment: str | None = None) -> dict:
     background, evaluation = torch.from_numpy(background), torch.from_numpy(evaluation)
     results: dict[str, dict] = {}
     experiment = experiment or f"{cfg.tracking.experiment}-fewshot"
+    init = fewshot_init(cfg)
     with tracking.pipeline_run(experiment, f"fewshot-{fs.meta.algorithm}", {"kind": "fewshot"}) as parent:
         parent.log_params({f"fewshot.{k}": v for k, v in fs.model_dump(mode="json").items()})
+        if init is not None:
+            parent.set_tags(init.lineage())
         for ways in fs.train_ways:
-            results.update(_one_model(cfg, ways, background, evaluation, root, parent))
+            results.update(_one_model(cfg, ways, background, evaluation, root, parent, init))
         parent.log_metrics({f"{k}_acc": v["acc"] for k, v in results.items()}, step=0)
         parent.log_text(_table(results), "fewshot.md")
     return {"mlflow_run_id": parent.run_id, "experiment": experiment, "results": results}
 
 
-def _one_model(cfg: PipelineConfig, ways: int, background, evaluation, root, parent) -> dict:
+def _one_model(cfg: PipelineConfig, ways: int, background, evaluation, root, parent, init: Source | None) -> dict:
     fs = cfg.fewshot
     meta = fs.meta.model_copy(update={"ways": ways})
     torch.manual_seed(fs.seed)
-    model = build_model(fs.model.arch, (1, 28, 28), ways, **fs.model.kwargs)
+    if init is not None:  # pretrained first, then meta-trained (a new head for the ways)
+        model = start_from(init, ways, fs.seed)[0]
+    else:
+        model = build_model(fs.model.arch, OMNIGLOT_SHAPE, ways, **fs.model.kwargs)
     sampler = TaskSampler(background, ways, meta.shots, meta.queries, rotations=meta.rotations)
     out = {}
     with tracking.child_run(parent, f"meta-train/{ways}-way-{meta.shots}-shot") as run:

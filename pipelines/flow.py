@@ -14,9 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from deploy.promotion import decide, promote
-from models.normalize import Normalized
+from models.normalize import Normalized, unwrap
 from pipelines import data as data_stage
-from pipelines import launch, plots, stages, tracking
+from pipelines import launch, plots, sources, stages, tracking
 from models.weights import save_weights
 from pipelines.config import DataConfig, PipelineConfig, flatten
 from pipelines.data import Prepared
@@ -69,24 +69,52 @@ def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
     return prepared
 
 
+def _teacher_run_name(cfg: PipelineConfig) -> str:
+    if not cfg.teacher.brought():
+        return "teacher"
+    return "teacher-finetune" if cfg.teacher.finetune.mode != "none" else f"teacher-{cfg.teacher.source}"
+
+
 @task(name="train-teacher", cache_policy=NO_CACHE)
 def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
-    with tracking.child_run(parent, "teacher", _tags()) as run:
+    """Train the teacher, or bring it (``teacher.source``) and fine-tune it; its own child run."""
+    with tracking.child_run(parent, _teacher_run_name(cfg), _tags()) as run:
         run.log_params({f"teacher.{k}": v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
-        if cfg.dist.uses_torchrun():
-            outcome = stages.cached_teacher(cfg, prepared) or _teacher_under_torchrun(cfg, prepared, run)
+        source = sources.teacher_source(cfg, prepared.input_shape)
+        if source is not None:
+            for target in (run, parent):
+                target.set_tags(source.lineage())
+        steps = cfg.teacher.finetune.steps if cfg.teacher.brought() else cfg.teacher.train.steps
+        trains = not cfg.teacher.brought() or cfg.teacher.finetune.mode != "none"
+        if cfg.dist.uses_torchrun() and trains:
+            outcome = stages.cached_teacher(cfg, prepared) or _teacher_under_torchrun(cfg, prepared, run, source)
         else:
             outcome = stages.train_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
         start = time.perf_counter()
         ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
         timings["teacher"] = outcome.seconds + time.perf_counter() - start
-        run.log_metrics(ev.metrics(), step=cfg.teacher.train.steps)
-        run.set_tags({"teacher.cached": outcome.result is None, "teacher.key": outcome.key})
+        run.log_metrics({**ev.metrics(), "teacher_seconds": outcome.seconds}, step=steps)
+        run.set_tags({"teacher.cached": outcome.cached, "teacher.key": outcome.key})
         if outcome.result is not None:
-            _log_curve(run, outcome.result.curve, "teacher")
-    get_run_logger().info("teacher %s: test acc %.4f (cached=%s)", cfg.teacher.model.arch, ev.accuracy,
-                          outcome.result is None)
+            _log_curve(run, outcome.result.curve, _teacher_run_name(cfg))
+        if cfg.tracking.register_teacher:
+            _register_teacher(cfg, prepared, run, ev.accuracy, outcome.key)
+    get_run_logger().info("teacher %s: test acc %.4f (cached=%s)", stages.teacher_spec(cfg, prepared)["arch"],
+                          ev.accuracy, outcome.cached)
     return outcome.model, ev
+
+
+def _register_teacher(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, accuracy: float, key: str) -> None:
+    """This run's teacher as a new version of ``<experiment>-teacher`` (weights + spec, with
+    its test accuracy on this split), for ``teacher.source=registry`` in later runs."""
+    name = f"{cfg.tracking.experiment}-teacher"
+    lineage = {k.replace("teacher.", "teacher_"): v for k, v in stages.teacher_spec(cfg, prepared).get("lineage", {}).items()}
+    reg = tracking.register_weights(run, stages.teacher_folder(cfg, prepared), name,
+                                    {"test_acc": f"{accuracy:.6f}", "data_key": prepared.key, "teacher_key": key,
+                                     "arch": stages.teacher_spec(cfg, prepared)["arch"], **lineage},
+                                    description="Teachers trained or adapted by metadistill")
+    run.set_tags({"registered_teacher": name, "registered_teacher_version": reg.version})
+    get_run_logger().info("registered teacher %s v%s (models:/%s/latest)", name, reg.version, name)
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -95,14 +123,20 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
     with tracking.child_run(parent, f"student/{method}/seed{seed}", {**_tags(), "method": method,
                                                                       "seed": str(seed)}) as run:
         run.log_params({"method": method, "seed": seed})
+        init = sources.student_source(cfg, prepared.input_shape)
+        if init is not None:
+            sources.check_init(init, "student.model", cfg.student.model.arch, cfg.student.model.kwargs,
+                               prepared.input_shape)
+            run.set_tags(init.lineage())
         if cfg.dist.uses_torchrun():
             model, result, learned_teacher = _torchrun(
-                cfg, run, ["--stage", "student", "--method", method, "--seed", str(seed),
-                           "--teacher", str(stages.teacher_folder(cfg, prepared))])
+                cfg, run, prepared, ["--stage", "student", "--method", method, "--seed", str(seed),
+                                     "--teacher", str(stages.teacher_folder(cfg, prepared)),
+                                     *(["--init", str(init.folder)] if init else [])])
             outcome = stages.finish_student(method, seed, model, result, prepared, learned_teacher)
         else:
             outcome = stages.train_student(method, cfg, prepared, teacher, seed,
-                                           on_log=lambda step, m: run.log_metrics(m, step))
+                                           on_log=lambda step, m: run.log_metrics(m, step), init=init)
         timings["students"] = timings.get("students", 0.0) + outcome.result.seconds
         run.log_metrics({**outcome.evaluation.metrics(), "val_acc_final": outcome.val_acc},
                         step=cfg.student.train.steps)
@@ -114,22 +148,25 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
     return outcome
 
 
-def _torchrun(cfg: PipelineConfig, run: RunLogger, stage_args: list[str]):
+def _torchrun(cfg: PipelineConfig, run: RunLogger, prepared: Prepared, stage_args: list[str]):
     """Run a stage as torchrun workers, rank 0 logging into ``run``; returns what rank 0
     left (model, curves, learned teacher).  The work folder is removed on success and
     kept, with its checkpoints, when the stage fails."""
     workdir = project_home() / "cache" / "stages" / run.run_id
     run.set_tags({"dist.world_size": cfg.dist.nnodes * cfg.dist.procs_per_node(), "dist.workdir": str(workdir)})
     launch.run_torchrun(cfg, workdir, [*stage_args, "--run-id", run.run_id], get_run_logger().info)
-    output = stages.load_stage_output(workdir)
+    output = stages.load_stage_output(workdir, prepared)
     shutil.rmtree(workdir)
     return output
 
 
-def _teacher_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger) -> stages.TeacherOutcome:
+def _teacher_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger,
+                            source: sources.Source | None) -> stages.TeacherOutcome:
     start = time.perf_counter()
-    model, result, _ = _torchrun(cfg, run, ["--stage", "teacher"])
+    model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "teacher",
+                                                      *(["--source", str(source.folder)] if source else [])])
     stages.save_teacher(model, cfg, prepared)
+    model = stages.load_teacher(stages.teacher_folder(cfg, prepared), prepared)
     return stages.TeacherOutcome(model, result, stages.teacher_key(cfg, prepared), time.perf_counter() - start)
 
 
@@ -143,7 +180,7 @@ def _log_learned_teacher(run: RunLogger, teacher, cfg: PipelineConfig, prepared:
     run.log_metrics({f"learned_teacher_{k}": v for k, v in ev.metrics().items() if "class" not in k},
                     step=cfg.student.train.steps)
     folder = project_home() / "cache" / "staging" / f"{run.run_id}-teacher"
-    save_weights(teacher, folder, stages.model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, prepared))
+    save_weights(unwrap(teacher), folder, stages.teacher_spec(cfg, prepared))
     run.log_artifact(folder / "model.safetensors", "learned_teacher")
     run.log_artifact(folder / "spec.json", "learned_teacher")
 
@@ -192,6 +229,19 @@ def _champion_accuracy(champion: dict | None, prepared: Prepared) -> float | Non
     return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
 
 
+def _lineage_tags(cfg: PipelineConfig, prepared: Prepared, champion: dict | None) -> dict[str, str]:
+    """Which teacher (and which starting weights) made this student.  The gate compares
+    test accuracies on one split whatever the teacher; the tags say when it changed."""
+    tags = {"teacher_source": cfg.teacher.source, "teacher_key": stages.teacher_key(cfg, prepared)}
+    for source in (sources.teacher_source(cfg, prepared.input_shape), sources.student_source(cfg, prepared.input_shape)):
+        if source is not None:
+            tags.update({k.replace(".", "_"): v for k, v in source.lineage().items()})
+    if champion is not None and champion.get("teacher_key"):
+        tags["teacher_vs_champion"] = ("same teacher" if champion["teacher_key"] == tags["teacher_key"]
+                                       else f"teacher changed (champion's: {champion['teacher_key']})")
+    return tags
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, parent: RunLogger) -> dict | None:
     model_name = f"{cfg.tracking.experiment}-student"
@@ -214,6 +264,7 @@ def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, pare
                 "pipeline_run_id": parent.run_id, "promotion_reason": decision.reason}
         if decision.delta is not None:
             tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
+        tags.update(_lineage_tags(cfg, prepared, champion))
         reg = tracking.register(model_uri, model_name, "challenger", tags)
         if decision.alias == "champion":  # the same code path as `metadistill promote`
             try:

@@ -14,7 +14,9 @@ from torch import nn
 
 from models.registry import build_model
 from pipelines.augment import make_augmenter
+from models.normalize import unwrap
 from models.weights import load_weights, save_weights
+from pipelines import sources
 from pipelines.checkpoint import Checkpointer
 from pipelines.config import PipelineConfig
 from pipelines.data import Prepared
@@ -36,15 +38,35 @@ def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
 @dataclass
 class TeacherOutcome:
     model: nn.Module
-    result: TrainResult | None  # None when loaded from cache
+    result: TrainResult | None  # None when loaded from cache or used as brought
     key: str
     seconds: float
+    cached: bool = False
 
 
 def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
+    teacher = cfg.teacher.model_dump(mode="json", include={"model", "train", "seed"})
+    if cfg.teacher.brought():  # the weights themselves, not the reference (an alias may move)
+        source = sources.teacher_source(cfg, data.input_shape)
+        teacher = {"sha256": source.sha256, "spec": source.spec, "seed": cfg.teacher.seed,
+                   "finetune": cfg.teacher.finetune.model_dump(mode="json")}
     blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": cfg.data.model_dump(mode="json")["augment"],
-                       "teacher": cfg.teacher.model_dump(mode="json")}, sort_keys=True)
+                       "teacher": teacher}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def teacher_spec(cfg: PipelineConfig, data: Prepared, source: sources.Source | None = None) -> dict:
+    """The spec the teacher's weights are saved with (a brought teacher keeps its own input)."""
+    if cfg.teacher.brought():
+        return sources.teacher_spec(source or sources.teacher_source(cfg, data.input_shape), data.num_classes,
+                                    data.class_names, data.key)
+    return model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data)
+
+
+def load_teacher(folder: Path, data: Prepared) -> nn.Module:
+    """A saved teacher, fed from the prepared data (resized/renormalised if its spec says so)."""
+    model, spec = load_weights(folder)
+    return sources.fed_by_data(model, spec, data)
 
 
 def teacher_folder(cfg: PipelineConfig, data: Prepared) -> Path:
@@ -56,12 +78,16 @@ def cached_teacher(cfg: PipelineConfig, data: Prepared) -> TeacherOutcome | None
     folder = teacher_folder(cfg, data)
     if not (folder / "model.safetensors").is_file():
         return None
-    model, _ = load_weights(folder)
-    return TeacherOutcome(model, None, folder.name, time.perf_counter() - start)
+    return TeacherOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, cached=True)
 
 
 def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None,
-                checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult]:
+                checkpoint: Checkpointer | None = None,
+                source: sources.Source | None = None) -> tuple[nn.Module, TrainResult | None]:
+    """Train the teacher (``teacher.source=train``), or adapt the one brought from ``source``."""
+    if cfg.teacher.brought():
+        return fit_brought_teacher(cfg, data, source or sources.teacher_source(cfg, data.input_shape), on_log,
+                                   checkpoint)
     torch.manual_seed(cfg.teacher.seed)
     model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
     result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
@@ -71,8 +97,28 @@ def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None
     return model, result
 
 
+def fit_brought_teacher(cfg: PipelineConfig, data: Prepared, source: sources.Source, on_log: LogFn | None = None,
+                        checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult | None]:
+    """The brought teacher fed from this data; with ``teacher.finetune``, a new head for the
+    data's classes and ``finetune.steps`` of cross-entropy on the head or the whole network."""
+    sources.check_teacher(source, cfg, data.input_shape, data.num_classes)
+    ft = cfg.teacher.finetune
+    base, head = sources.start_from(source, data.num_classes, cfg.teacher.seed)
+    model = sources.fed_by_data(base, source.spec, data)
+    if ft.mode == "none":
+        return model.eval(), None
+    for name, p in base.named_parameters():
+        p.requires_grad_(ft.mode == "all" or name in head)
+    result = train_classifier(model, data.x("train"), data.y("train"), ft, cross_entropy, seed=cfg.teacher.seed,
+                              augment=make_augmenter(cfg.data.augment, data.input_shape) if ft.augment else None,
+                              val=(data.x("val"), data.y("val")), on_log=on_log, desc=f"teacher finetune ({ft.mode})",
+                              checkpoint=checkpoint)
+    base.requires_grad_(True)
+    return model, result
+
+
 def save_teacher(model: nn.Module, cfg: PipelineConfig, data: Prepared) -> None:
-    save_weights(model, teacher_folder(cfg, data), model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data))
+    save_weights(unwrap(model), teacher_folder(cfg, data), teacher_spec(cfg, data))
 
 
 def train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
@@ -81,7 +127,7 @@ def train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = No
         return cached
     start = time.perf_counter()
     model, result = fit_teacher(cfg, data, on_log)
-    save_teacher(model, cfg, data)
+    save_teacher(model, cfg, data)  # also a brought one as it is: torchrun workers read this folder
     return TeacherOutcome(model, result, teacher_key(cfg, data), time.perf_counter() - start)
 
 
@@ -98,11 +144,12 @@ class StudentOutcome:
 
 
 def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
-                on_log: LogFn | None = None,
-                checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult, nn.Module | None]:
-    """Train one student; returns it, its curves, and the learned teacher (if any)."""
+                on_log: LogFn | None = None, checkpoint: Checkpointer | None = None,
+                init: sources.Source | None = None) -> tuple[nn.Module, TrainResult, nn.Module | None]:
+    """Train one student (from ``init``'s weights when given); returns it, its curves, and
+    the learned teacher (if any)."""
     ctx = StudentContext(cfg=cfg, data=data, teacher=teacher, seed=seed, on_log=on_log,
-                         desc=f"student {method} seed {seed}", checkpoint=checkpoint)
+                         desc=f"student {method} seed {seed}", checkpoint=checkpoint, init=init)
     model, result = STUDENT_METHODS[method](ctx)
     return model, result, ctx.learned_teacher
 
@@ -115,18 +162,22 @@ def finish_student(method: str, seed: int, model: nn.Module, result: TrainResult
 
 
 def train_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
-                  on_log: LogFn | None = None) -> StudentOutcome:
-    model, result, learned_teacher = fit_student(method, cfg, data, teacher, seed, on_log)
+                  on_log: LogFn | None = None, init: sources.Source | None = None) -> StudentOutcome:
+    model, result, learned_teacher = fit_student(method, cfg, data, teacher, seed, on_log, init=init)
     return finish_student(method, seed, model, result, data, learned_teacher)
 
 
-def load_stage_output(folder: Path) -> tuple[nn.Module, TrainResult, nn.Module | None]:
-    """What rank 0 of a torchrun stage left in ``folder`` (see ``pipelines.train``)."""
+def load_stage_output(folder: Path, data: Prepared) -> tuple[nn.Module, TrainResult, nn.Module | None]:
+    """What rank 0 of a torchrun stage left in ``folder`` (see ``pipelines.train``): the
+    trained network as saved (a brought teacher's without its input adapter), its curves,
+    and the learned teacher fed from ``data``."""
     raw = json.loads((folder / "result.json").read_text())
     result = TrainResult(curve={k: [tuple(p) for p in v] for k, v in raw["curve"].items()},
                          seconds=raw["seconds"], steps=raw["steps"])
     model, _ = load_weights(folder / "model")
-    learned = load_weights(folder / "learned_teacher")[0] if (folder / "learned_teacher").is_dir() else None
+    learned = None
+    if (folder / "learned_teacher").is_dir():
+        learned = load_teacher(folder / "learned_teacher", data)
     return model, result, learned
 
 

@@ -32,6 +32,7 @@ from pipelines.augment import make_augmenter
 from pipelines.checkpoint import Checkpointer
 from pipelines.config import KDConfig
 from pipelines.home import cache_dir
+from pipelines.sources import Source, start_from
 from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, cross_entropy, train_classifier,
                                 validation_accuracy)
 
@@ -50,9 +51,12 @@ class StudentContext:
     desc: str = "student"
     learned_teacher: nn.Module | None = None  # set by methods that train the teacher too
     checkpoint: Checkpointer | None = None  # set by torchrun workers, for elastic recovery
+    init: Source | None = None  # student.init: the weights every method starts from
 
     def new_student(self) -> nn.Module:
         torch.manual_seed(self.seed)
+        if self.init is not None:
+            return start_from(self.init, self.data.num_classes, self.seed)[0]
         model_cfg = self.cfg.student.model
         return build_model(model_cfg.arch, self.data.input_shape, self.data.num_classes, **model_cfg.kwargs)
 
@@ -172,6 +176,7 @@ def kd_grid(ctx: StudentContext) -> dict:
     key = hashlib.sha256(json.dumps({
         "v": 1, "data": ctx.data.key, "teacher": _teacher_fingerprint(ctx.teacher),
         "student": student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
+        "init": ctx.init.sha256 if ctx.init else None,
         "kd": kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
         "augment": ctx.cfg.data.model_dump(mode="json")["augment"]}, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir("kd_tuned") / f"{key}.json"

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.home import project_home
 
 _clients: dict[str, MlflowClient] = {}
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def tracking_uri() -> str:
@@ -52,12 +53,15 @@ def ensure_experiment(name: str) -> str:
     c = client()
     found = c.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND not in found.tags:  # made by an older version of this pipeline
+            c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return found.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):
         location = (artifact_root() / name).as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        # MLflow 3's UI opens an experiment of this kind on its training runs, not the GenAI overview.
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
     except MlflowException:  # created concurrently
         return c.get_experiment_by_name(name).experiment_id
 
@@ -208,6 +212,57 @@ def model_version(model_name: str, version: str) -> dict:
     return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
 
 
+class VersionNotFound(LookupError):
+    """A registry reference that does not resolve; the message says what exists."""
+
+
+def resolve_version(model_name: str, alias: str | None = None, version: str | None = None) -> dict:
+    """The version ``model_name@alias``, ``model_name/version`` or (``version="latest"``) the
+    newest one, as :func:`model_version` returns it; :class:`VersionNotFound` otherwise."""
+    c = client()
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException:
+        names = [m.name for m in c.search_registered_models(max_results=50)]
+        raise VersionNotFound(f"no registered model {model_name!r}; registered: {', '.join(names) or 'none'}") from None
+    if alias is not None:
+        found = model_version_by_alias(model_name, alias)
+        if found is None:
+            aliases = sorted(c.get_registered_model(model_name).aliases)
+            raise VersionNotFound(f"registered model {model_name!r} has no alias {alias!r}; "
+                                  f"its aliases: {', '.join(aliases) or 'none'}")
+        return found
+    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{model_name}'"))
+    if version == "latest":
+        if not versions:
+            raise VersionNotFound(f"registered model {model_name!r} has no versions")
+        version = str(versions[-1])
+    if int(version) not in versions:
+        raise VersionNotFound(f"registered model {model_name!r} has no version {version}; "
+                              f"its versions: {', '.join(map(str, versions)) or 'none'}")
+    return model_version(model_name, version)
+
+
+def register_weights(run: RunLogger, weights_dir: Path, model_name: str, tags: dict[str, str],
+                     description: str) -> Registration:
+    """Log ``weights_dir`` (spec.json + model.safetensors) under the run's ``weights`` and
+    register it as a new version of ``model_name`` (no MLflow model flavour: the
+    pipeline reads these two files back, nothing else)."""
+    c = client()
+    c.log_artifacts(run.run_id, str(weights_dir), "weights")
+    with contextlib.suppress(MlflowException):
+        c.create_registered_model(model_name, description=description)
+    version = c.create_model_version(model_name, f"runs:/{run.run_id}/weights", run_id=run.run_id,
+                                     tags={**{k: str(v) for k, v in tags.items()}, "source_run_id": run.run_id})
+    try:
+        _wait_ready(c, model_name, version.version)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            c.delete_model_version(model_name, version.version)
+        raise
+    return Registration(model_name, str(version.version), "", "")
+
+
 def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -> None:
     c = client()
     for k, v in tags.items():
@@ -247,6 +302,15 @@ def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60.0)
 def download_artifacts(run_id: str, path: str) -> Path:
     target = Path(tempfile.mkdtemp(prefix="metadistill-"))
     return Path(client().download_artifacts(run_id, path, str(target)))
+
+
+def experiment_links(base: str) -> dict[str, str]:
+    """Each experiment's link on the training-runs table.  MLflow 3.17's UI picks its first
+    view from a global GenAI / model-training switch (default GenAI: the traces overview)
+    and reads the experiment's ``mlflow.experimentKind`` tag only where that switch is
+    off; ``workflowType=machine_learning`` in the link selects the runs table either way."""
+    return {e.name: f"{base}/#/experiments/{e.experiment_id}?workflowType=machine_learning"
+            for e in client().search_experiments(max_results=50)}
 
 
 def serve_ui(host: str, port: int) -> int:

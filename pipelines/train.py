@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.weights import load_weights, save_weights
+from models.normalize import unwrap
+from models.weights import save_weights
 from pipelines import distributed
 from pipelines import data as data_stage
 from pipelines import stages
 from pipelines.checkpoint import Checkpointer
+from pipelines.sources import Source
 from pipelines.config import PipelineConfig
 from pipelines.training import TrainResult
 
@@ -50,6 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--method", help="student method (stage student)")
     p.add_argument("--seed", type=int, default=0, help="student seed (stage student)")
     p.add_argument("--teacher", type=Path, help="teacher weights folder (stage student)")
+    p.add_argument("--source", type=Path, help="the brought teacher's materialised source (stage teacher)")
+    p.add_argument("--init", type=Path, help="the student's materialised init source (stage student)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--run-id", default="", help="MLflow run that rank 0 logs into")
     p.add_argument("--checkpoint-dir", type=Path, help="default: OUT/checkpoints")
@@ -89,19 +93,21 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     on_log, run = metric_logger(args.run_id)
     checkpoint = Checkpointer(args.checkpoint_dir or args.out / "checkpoints", cfg.dist.checkpoint_every)
     learned_teacher = None
+    source = Source.from_folder(args.source) if args.source else None
     if args.stage == "teacher":
-        model, result = stages.fit_teacher(cfg, data, on_log, checkpoint)
-        spec = stages.model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data)
+        model, result = stages.fit_teacher(cfg, data, on_log, checkpoint, source)
+        spec = stages.teacher_spec(cfg, data, source)
     else:
-        teacher, _ = load_weights(args.teacher)
+        teacher = stages.load_teacher(args.teacher, data)
+        init = Source.from_folder(args.init) if args.init else None
         model, result, learned_teacher = stages.fit_student(args.method, cfg, data, teacher, args.seed, on_log,
-                                                            checkpoint)
+                                                            checkpoint, init)
         spec = stages.model_spec(cfg.student.model.arch, cfg.student.model.kwargs, data)
     if distributed.world().is_main:
-        save_weights(model, args.out / "model", spec)
+        save_weights(unwrap(model), args.out / "model", spec)
         if learned_teacher is not None:
-            save_weights(learned_teacher, args.out / "learned_teacher",
-                         stages.model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data))
+            teacher_spec = json.loads((args.teacher / "spec.json").read_text())
+            save_weights(unwrap(learned_teacher), args.out / "learned_teacher", teacher_spec)
         write_result(args.out, result)
         if run is not None:
             run.flush()

@@ -50,7 +50,9 @@ def test_impossible_combinations():
         load_config(overrides=big)
     assert load_config(overrides=big + ["student.must_be_smaller=false"])
     with pytest.raises(ConfigError, match="student.model .* cannot be built.*'hidden'"):
-        load_config(overrides=["student.model.arch=resnet20"])
+        load_config(overrides=["student.model.arch=resnet8", "student.model.kwargs={hidden: [8]}"])
+    # Another architecture by --set drops the old one's arguments (the mlp's hidden sizes).
+    assert load_config(overrides=["student.model.arch=resnet8"]).student.model.kwargs == {}
     with pytest.raises(ConfigError, match="unknown student method"):
         load_config(overrides=["student.methods=[scratch, telepathy]"])
     with pytest.raises(ConfigError, match="unknown model 'resnet9'"):

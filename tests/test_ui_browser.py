@@ -33,7 +33,7 @@ def ui(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=(home / "ui.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/health", 120, lambda: proc.poll() is None, lambda: "mlflow ui exited")
     from mlflow.tracking import MlflowClient
 
@@ -113,3 +113,20 @@ def test_experiment_runs_plots_and_registered_model(ui, browser):
     wait_text(browser, "champion")
     wait_text(browser, "Version 1")
     shot(browser, "registered_model")
+
+
+def test_experiment_opens_on_its_training_runs(ui, browser):
+    """The experiment is tagged custom_model_development, so MLflow 3 opens it on the runs
+    table, not on the GenAI overview (traces, token usage)."""
+    base, summary, exp_id, client = ui
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.get_run(summary["mlflow_run_id"])
+    printed = (Path(client.tracking_uri.removeprefix("sqlite:///")).with_name("ui.log")).read_text()
+    link = next(line.split(": ", 1)[1] for line in printed.splitlines() if line.strip().startswith("ui-digits: "))
+    assert link.startswith(base), printed  # the link `metadistill ui` prints for the experiment
+    browser.get(link)
+    body = wait_text(browser, parent.info.run_name)
+    shot(browser, "experiment_first_view")
+    url = browser.current_url
+    assert "/overview" not in url and "/traces" not in url, url
+    assert "student/kd/seed0" in body or "Run Name" in body or "Run name" in body, body[:1500]
