@@ -44,6 +44,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_instances: int = 256
     poll_seconds: float = 30.0
+    drain_bytes: int = 64 << 20  # read and discard this much of an oversized body before answering
 
 
 class BadRequest(Exception):
@@ -197,6 +198,7 @@ class App:
             raise BadRequest(415, f"content-type must be application/json, got {ctype.decode() or 'none'!r}")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            await self._drain(receive, more=True)
             raise BadRequest(413, f"body of {int(declared)} bytes exceeds the limit of {self.cfg.max_body_bytes}")
         chunks, size = [], 0
         while True:
@@ -204,6 +206,7 @@ class App:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.cfg.max_body_bytes:
+                await self._drain(receive, more=message.get("more_body", False))
                 raise BadRequest(413, f"body exceeds the limit of {self.cfg.max_body_bytes} bytes")
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -215,6 +218,19 @@ class App:
         if not isinstance(data, dict):
             raise BadRequest(400, "body must be a JSON object")
         return data
+
+    async def _drain(self, receive, more: bool) -> None:
+        """Read and discard the rest of a refused body, up to ``drain_bytes``, as nginx's
+        lingering close does: a client that writes its whole body before reading (urllib,
+        requests) then gets the 413 instead of a connection reset.  Past the bound the
+        connection is closed."""
+        drained = 0
+        while more and drained < self.cfg.drain_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
 
     def _to_batch(self, instances) -> np.ndarray:
         try:

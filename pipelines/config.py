@@ -60,6 +60,10 @@ class DataConfig(Strict):
                                                           "folders) added to the transfer split")
     transfer_limit: int | None = Field(None, gt=0, description="keep at most this many transfer examples")
     augment: list[AugmentConfig] = Field(default_factory=list)
+    image_size: int | None = Field(None, ge=4, le=1024, description=(
+        "side of the square images every source is brought to: the shorter side is resized to it "
+        "(bilinear, antialiased when shrinking), then the centre is cropped; default: the set's own "
+        "(digits 8, MNIST/Fashion-MNIST/Omniglot 28, CIFAR 32, image folders 32)"))
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -436,7 +440,7 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
-        shape, classes = DATASET_SHAPES[self.data.name]
+        shape, classes = dataset_shape(self.data)
         for role in ("teacher", "student"):
             batch = getattr(self, role).train.batch_size
             if batch > MIN_TRAIN_SIZE[self.data.name] and self.data.label_budget is None:
@@ -485,6 +489,13 @@ def _check_splits(cfg: PipelineConfig, world: int) -> None:
                              f"(dist.nnodes * dist.nproc): use a multiple of {world}")
 
 
+def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """(C, H, W) and class count of the prepared data, known before any data is read."""
+    (channels, height, width), classes = DATASET_SHAPES[data.name]
+    size = data.image_size
+    return ((channels, size, size) if size else (channels, height, width)), classes
+
+
 # (C, H, W) and class count per data set, used to check models before any data is read.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
@@ -497,9 +508,20 @@ MIN_TRAIN_SIZE = {"digits": 800, "mnist": 40000, "fashion-mnist": 40000, "cifar1
 
 def _param_count(cfg: ModelConfig, shape, classes, role: str) -> int:
     try:
-        return count_parameters(build_model(cfg.arch, shape, classes, **cfg.kwargs))
+        model = build_model(cfg.arch, shape, classes, **cfg.kwargs)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{role}.model ({cfg.arch} with {cfg.kwargs}) cannot be built: {exc}") from exc
+        raise ValueError(f"{role}.model ({cfg.arch} with {cfg.kwargs}) cannot be built for inputs "
+                         f"{'x'.join(map(str, shape))}: {exc}") from exc
+    if split_name(cfg.arch) is not None:  # other libraries' networks may need a minimum size
+        import torch
+
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *shape))
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{role}.model {cfg.arch} cannot take {'x'.join(map(str, shape))} inputs (set "
+                             f"data.image_size): {str(exc).splitlines()[0][:200]}") from exc
+    return count_parameters(model)
 
 
 def _cnn_teacher(arch: str, steps: int, lr: float = 0.05) -> dict:

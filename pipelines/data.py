@@ -192,10 +192,40 @@ def _decode_images(items: list[tuple[bytes, int]], mode: str, size: int | None) 
     for data, _ in items:
         img = Image.open(io.BytesIO(data)).convert(mode)
         if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+            img = _resize_and_crop(img, size)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     return np.stack(out)
+
+
+def _resize_and_crop(img, size: int):
+    """``data.image_size``'s policy: the shorter side to ``size`` (PIL's bilinear filter,
+    which antialiases when shrinking), then the centre ``size`` x ``size``."""
+    from PIL import Image
+
+    width, height = img.size
+    scale = size / min(width, height)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new != img.size:
+        img = img.resize(new, Image.BILINEAR)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _resize_array(x: np.ndarray, size: int) -> np.ndarray:
+    """The same policy for images already decoded to (N, C, H, W) arrays in [0, 1]."""
+    if x.shape[2:] == (size, size):
+        return x
+    height, width = x.shape[2:]
+    scale = size / min(height, width)
+    new = (max(size, round(height * scale)), max(size, round(width * scale)))
+    out = []
+    for i in range(0, len(x), 4096):  # bounded memory for large sets
+        chunk = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(x[i:i + 4096])), size=new,
+                                                mode="bilinear", align_corners=False, antialias=size < min(height, width))
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+        out.append(chunk[:, :, top:top + size, left:left + size].clamp_(0, 1).numpy())
+    return np.concatenate(out)
 
 
 def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
@@ -204,11 +234,11 @@ def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     jpg_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
                     if p.is_file()), None)
     if cfg.name == "cifar10" and jpg_zip is not None:
-        test = _read_image_zip(jpg_zip, "RGB", None)
+        test = _read_image_zip(jpg_zip, "RGB", cfg.image_size)
         train_zip = jpg_zip.with_name("cifar10_train_jpg.zip")
         if not train_zip.is_file():  # the test zip alone: the small, carved-split setting
             return test, [jpg_zip]
-        train = _read_image_zip(train_zip, "RGB", None)
+        train = _read_image_zip(train_zip, "RGB", cfg.image_size)
         if train.class_names != test.class_names:
             raise DataError(f"{train_zip}: classes {train.class_names} differ from {jpg_zip}'s {test.class_names}")
         return RawData(train.train, test.train, test.class_names, f"{train_zip} + {jpg_zip}"), [train_zip, jpg_zip]
@@ -250,7 +280,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[RawData, list[Path]]:
                  if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]
         if not files:
             raise DataError(f"{folder}: no images found; expected <class>/<image>.png|jpg")
-        x = _decode_images([(p.read_bytes(), c) for p, c in files], "RGB", 32)
+        x = _decode_images([(p.read_bytes(), c) for p, c in files], "RGB", cfg.image_size or 32)
         return (x, np.array([c for _, c in files], dtype=np.int64)), classes, [p for p, _ in files]
 
     if (root / "train").is_dir():
@@ -275,11 +305,19 @@ def load_raw(cfg: DataConfig) -> tuple[RawData, str]:
     """The raw data set and a fingerprint of its source bytes."""
     if cfg.name == "digits":
         raw = _load_digits()
-        return raw, hashlib.sha256(raw.train[0].tobytes() + raw.train[1].tobytes()).hexdigest()
+        return _at_size(raw, cfg.image_size), hashlib.sha256(raw.train[0].tobytes() + raw.train[1].tobytes()).hexdigest()
     loader = {"mnist": _load_idx_set, "fashion-mnist": _load_idx_set, "cifar10": _load_cifar,
               "cifar100": _load_cifar, "imagefolder": _load_imagefolder, "omniglot": _load_omniglot}[cfg.name]
     raw, files = loader(cfg)
-    return raw, _sha256_files(files)
+    return _at_size(raw, cfg.image_size), _sha256_files(files)
+
+
+def _at_size(raw: RawData, size: int | None) -> RawData:
+    """Sources read as arrays (IDX files, CIFAR pickles, Omniglot) brought to ``data.image_size``."""
+    if size is None or raw.train[0].shape[2:] == (size, size):
+        return raw
+    resize = lambda pair: None if pair is None else (_resize_array(pair[0], size), pair[1])  # noqa: E731
+    return RawData(resize(raw.train), resize(raw.test), raw.class_names, raw.source)
 
 
 # ---------------------------------------------------------------- splitting

@@ -28,7 +28,7 @@ from torch import nn
 from models.external import IMAGENET_MEAN, IMAGENET_STD, head_classes, head_parameter_names, replace_head, split_name
 from models.normalize import adapt_input
 from models.registry import build_model, count_parameters
-from pipelines.config import DATASET_SHAPES, REGISTRY_URI, ConfigError, PipelineConfig, teacher_input_shape
+from pipelines.config import REGISTRY_URI, ConfigError, PipelineConfig, dataset_shape, teacher_input_shape
 from pipelines.home import cache_dir
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -295,7 +295,7 @@ def teacher_source(cfg: PipelineConfig, data_shape: tuple[int, ...] | None = Non
     t = cfg.teacher
     if not t.brought():
         return None
-    shape = data_shape or DATASET_SHAPES[cfg.data.name][0]
+    shape = data_shape or dataset_shape(cfg.data)[0]
     location = t.weights if t.source in ("torchvision", "timm") else t.uri
     return resolve("teacher", t.source, location, t.model.arch, teacher_input_shape(t, shape), t.mean, t.std)
 
@@ -307,7 +307,7 @@ def init_source(role: str, kind: str, location: str | None, arch: str, input_sha
 
 
 def student_source(cfg: PipelineConfig, data_shape: tuple[int, ...] | None = None) -> Source | None:
-    shape = data_shape or DATASET_SHAPES[cfg.data.name][0]
+    shape = data_shape or dataset_shape(cfg.data)[0]
     return init_source("student.init", cfg.student.init, cfg.student.init_uri, cfg.student.model.arch, shape)
 
 
@@ -347,7 +347,7 @@ def check_init(source: Source, model_key: str, arch: str, kwargs: dict, input_sh
 
 def preflight(cfg: PipelineConfig) -> list[Source]:
     """Resolve and check every source of ``cfg`` before any work (``metadistill run``)."""
-    shape, classes = DATASET_SHAPES[cfg.data.name]
+    shape, classes = dataset_shape(cfg.data)
     found = []
     if (teacher := teacher_source(cfg, shape)) is not None:
         check_teacher(teacher, cfg, shape, classes)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import DataConfig
+from pipelines.config import ConfigError, DataConfig, load_config
 from pipelines.data import DataError, prepare, read_idx
 
 
@@ -143,3 +143,39 @@ def test_transfer_root_adds_the_users_images(home, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="transfer_root .*no images found"):
         prepare(DataConfig(name="digits", transfer_root=tmp_path / "empty"))
+
+
+def test_image_size_resizes_the_shorter_side_and_crops_the_centre(tmp_path, home):
+    """``data.image_size`` for an image folder of 40x20 photos and for an array source
+    (digits 8x8): shorter side to the size, centre crop; the models see that shape."""
+    from PIL import Image
+
+    from pipelines.data import prepare
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(40):
+            pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+            pixels[:, 10:30] = 255 if c == "a" else 0  # the centre square: white for a, black for b
+            pixels[:, :10] = rng.integers(0, 255, (20, 10, 3))
+            Image.fromarray(pixels).save(tmp_path / c / f"{i}.png")
+    cfg = load_config(overrides=["data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=12",
+                                 "data.test_fraction=0.25", "student.train.batch_size=16",
+                                 "teacher.train.batch_size=16"])
+    prepared = prepare(cfg.data)
+    assert prepared.input_shape == (3, 12, 12)
+    raw = prepared.x("train") * torch.tensor(prepared.std).view(1, 3, 1, 1) + torch.tensor(prepared.mean).view(1, 3, 1, 1)
+    # Only the centre square was kept (its border blends with the resize filter's neighbours).
+    white, black = raw[prepared.y("train") == 0][..., 2:-2], raw[prepared.y("train") == 1][..., 2:-2]
+    assert torch.allclose(white, torch.ones_like(white), atol=1e-3)
+    assert torch.allclose(black, torch.zeros_like(black), atol=1e-3)
+    digits = prepare(load_config(overrides=["data.image_size=16"]).data)
+    assert digits.input_shape == (1, 16, 16) and digits.key != prepare(load_config().data).key
+
+
+def test_image_size_a_model_cannot_take_is_refused_with_both_sizes():
+    with pytest.raises(ConfigError, match="conv4 needs inputs of at least 16x16.*1x8x8|1x8x8.*16x16"):
+        load_config(overrides=["student.model.arch=conv4", "student.must_be_smaller=false"])
+    assert load_config(overrides=["data.image_size=16", "student.model.arch=conv4",
+                                  "student.must_be_smaller=false"]).student.model.arch == "conv4"

@@ -159,6 +159,17 @@ def test_oversized_payload_and_bad_routes(server):
     assert status == 400 and "tensor input" in out["error"]
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_oversized_body_sent_whole_before_reading_gets_its_413(server, chunked):
+    """urllib writes the whole body before it reads the answer; an 8 MB body (40x the
+    limit, far past the socket buffers) must still see the 413, not a connection reset."""
+    big = b'{"instances": [' + b"0.5," * 2_000_000 + b"0.5]}"
+    body = iter([big[i:i + 65536] for i in range(0, len(big), 65536)]) if chunked else big
+    status, out = request(server, "/predict", raw=body)
+    assert status == 413 and "exceeds the limit" in out["error"]
+    assert request(server, "/health")[0] == 200
+
+
 def test_concurrent_requests_and_hot_swap_on_promotion(registry, server):
     x = np.random.default_rng(2).random((1, 1, 8, 8)).astype(np.float32).tolist()
 
