@@ -60,6 +60,8 @@ class DataConfig(Strict):
                                                           "folders) added to the transfer split")
     transfer_limit: int | None = Field(None, gt=0, description="keep at most this many transfer examples")
     augment: list[AugmentConfig] = Field(default_factory=list)
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="an unreadable image: fail naming it, "
+                                                                    "or skip it (the count is logged)")
     image_size: int | None = Field(None, ge=4, le=1024, description=(
         "side of the square images every source is brought to: the shorter side is resized to it "
         "(bilinear, antialiased when shrinking), then the centre is cropped; default: the set's own "

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.config import DataConfig
+from pipelines.config import ConfigError, DataConfig
 from pipelines.home import cache_dir
 
 CACHE_VERSION = 2  # 2: transfer split
@@ -40,6 +40,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 class DataError(RuntimeError):
     """Missing or corrupt data; the message names the file and the expected layout."""
+
+
+class DataLayoutError(DataError, ConfigError):
+    """A data set whose classes cannot be used as given (exit 2, like bad settings)."""
 
 
 @dataclass
@@ -81,6 +85,7 @@ class RawData:
     test: tuple[np.ndarray, np.ndarray] | None
     class_names: list[str]
     source: str
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out (data.on_bad_image=skip)
 
 
 def resolve_root(cfg: DataConfig) -> Path | None:
@@ -185,17 +190,33 @@ def _load_idx_set(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     return RawData(pair("train"), pair("t10k"), _IDX_CLASSES[cfg.name], str(root)), list(files.values())
 
 
-def _decode_images(items: list[tuple[bytes, int]], mode: str, size: int | None) -> np.ndarray:
-    from PIL import Image
+def _decode_images(items: list[tuple[str, bytes]], mode: str, size: int | None,
+                   on_bad: str = "fail") -> tuple[np.ndarray, list[int]]:
+    """Decode ``(name, bytes)`` items; returns the images and the indices decoded.  A corrupt
+    or truncated image raises :class:`DataError` naming it, or with ``on_bad="skip"`` is
+    left out (the caller counts it)."""
+    from PIL import Image, UnidentifiedImageError
 
-    out = []
-    for data, _ in items:
-        img = Image.open(io.BytesIO(data)).convert(mode)
+    out, kept = [], []
+    for i, (name, data) in enumerate(items):
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()  # a truncated file fails here, not later
+            img = img.convert(mode)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            if on_bad == "fail":
+                raise DataError(f"{name}: not a readable image ({exc}); fix or remove it, or set "
+                                f"data.on_bad_image=skip to leave such files out") from None
+            print(f"skipping unreadable image {name}: {exc}", flush=True)
+            continue
         if size is not None and img.size != (size, size):
             img = _resize_and_crop(img, size)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return np.stack(out)
+        kept.append(i)
+    if not out:
+        raise DataError(f"none of the {len(items)} images could be read (first: {items[0][0] if items else '-'})")
+    return np.stack(out), kept
 
 
 def _resize_and_crop(img, size: int):
@@ -234,14 +255,15 @@ def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     jpg_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
                     if p.is_file()), None)
     if cfg.name == "cifar10" and jpg_zip is not None:
-        test = _read_image_zip(jpg_zip, "RGB", cfg.image_size)
+        test = _read_image_zip(jpg_zip, "RGB", cfg.image_size, cfg.on_bad_image)
         train_zip = jpg_zip.with_name("cifar10_train_jpg.zip")
         if not train_zip.is_file():  # the test zip alone: the small, carved-split setting
             return test, [jpg_zip]
-        train = _read_image_zip(train_zip, "RGB", cfg.image_size)
+        train = _read_image_zip(train_zip, "RGB", cfg.image_size, cfg.on_bad_image)
         if train.class_names != test.class_names:
             raise DataError(f"{train_zip}: classes {train.class_names} differ from {jpg_zip}'s {test.class_names}")
-        return RawData(train.train, test.train, test.class_names, f"{train_zip} + {jpg_zip}"), [train_zip, jpg_zip]
+        return (RawData(train.train, test.train, test.class_names, f"{train_zip} + {jpg_zip}",
+                        train.skipped + test.skipped), [train_zip, jpg_zip])
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
@@ -257,38 +279,52 @@ def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
                     list(train.classes), str(root)), sorted(p for p in folder.iterdir() if p.is_file()))
 
 
-def _read_image_zip(path: Path, mode: str, size: int | None) -> RawData:
+def _read_image_zip(path: Path, mode: str, size: int | None, on_bad: str = "fail") -> RawData:
     try:
         with zipfile.ZipFile(path) as zf:
             names = sorted(n for n in zf.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
             classes = sorted({n.split("/")[-2] for n in names})
-            items = [(zf.read(n), classes.index(n.split("/")[-2])) for n in names]
+            items = [(f"{path}:{n}", zf.read(n)) for n in names]
     except zipfile.BadZipFile as exc:
         raise DataError(f"{path}: not a readable zip ({exc})") from exc
     if not items:
         raise DataError(f"{path}: no images inside; expected <split>/<class>/<image>.jpg")
-    x = _decode_images(items, mode, size)
-    return RawData((x, np.array([c for _, c in items], dtype=np.int64)), None, classes, str(path))
+    x, kept = _decode_images(items, mode, size, on_bad)
+    labels = np.array([classes.index(names[i].split("/")[-2]) for i in kept], dtype=np.int64)
+    skipped = [items[i][0] for i in sorted(set(range(len(items))) - set(kept))]
+    return RawData((x, labels), None, classes, str(path), skipped)
 
 
 def _load_imagefolder(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     root = _need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
 
+    skipped: list[str] = []
+
     def read(folder: Path, classes: list[str] | None = None):
-        classes = classes or sorted(d.name for d in folder.iterdir() if d.is_dir())
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if classes is not None and (only_here := sorted(set(found) - set(classes))):
+            raise DataLayoutError(f"{folder}: class(es) {', '.join(only_here)} appear only here, not in the "
+                                  f"training folder: a model trained there cannot predict them")
+        classes = classes or found
         files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
-                 if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]
+                 if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"{folder}: no images found; expected <class>/<image>.png|jpg")
-        x = _decode_images([(p.read_bytes(), c) for p, c in files], "RGB", cfg.image_size or 32)
-        return (x, np.array([c for _, c in files], dtype=np.int64)), classes, [p for p, _ in files]
+        empty = [c for i, c in enumerate(classes) if (folder / c).is_dir() and not any(f[1] == i for f in files)]
+        if empty:
+            raise DataLayoutError(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
+                                  f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
+        x, kept = _decode_images([(str(p), p.read_bytes()) for p, _ in files], "RGB", cfg.image_size or 32,
+                                 cfg.on_bad_image)
+        skipped.extend(str(files[i][0]) for i in sorted(set(range(len(files))) - set(kept)))
+        return (x, np.array([files[i][1] for i in kept], dtype=np.int64)), classes, [p for p, _ in files]
 
     if (root / "train").is_dir():
         train, classes, f1 = read(root / "train")
         test, _, f2 = read(root / "test", classes) if (root / "test").is_dir() else (None, None, [])
-        return RawData(train, test, classes, str(root)), f1 + f2
+        return RawData(train, test, classes, str(root), skipped), f1 + f2
     train, classes, files = read(root)
-    return RawData(train, None, classes, str(root)), files
+    return RawData(train, None, classes, str(root), skipped), files
 
 
 def _load_omniglot(cfg: DataConfig) -> tuple[RawData, list[Path]]:
@@ -317,7 +353,7 @@ def _at_size(raw: RawData, size: int | None) -> RawData:
     if size is None or raw.train[0].shape[2:] == (size, size):
         return raw
     resize = lambda pair: None if pair is None else (_resize_array(pair[0], size), pair[1])  # noqa: E731
-    return RawData(resize(raw.train), resize(raw.test), raw.class_names, raw.source)
+    return RawData(resize(raw.train), resize(raw.test), raw.class_names, raw.source, raw.skipped)
 
 
 # ---------------------------------------------------------------- splitting
@@ -372,16 +408,16 @@ def _transfer_files(root: Path) -> list[Path]:
     return files
 
 
-def _read_transfer_root(files: list[Path], shape: tuple[int, ...]) -> np.ndarray:
-    """The user's unlabeled images, decoded to the data set's channels and size."""
+def _read_transfer_root(files: list[Path], shape: tuple[int, ...], on_bad: str) -> tuple[np.ndarray, list[str]]:
+    """The user's unlabeled images, decoded to the data set's channels and size, and the
+    paths of those left out as unreadable."""
     channels, height, width = shape
     if height != width:
         raise DataError(f"data.transfer_root: the data set's images are {height}x{width}; only square sizes "
                         f"are supported for transfer images")
-    try:
-        return _decode_images([(p.read_bytes(), 0) for p in files], "L" if channels == 1 else "RGB", height)
-    except OSError as exc:
-        raise DataError(f"data.transfer_root: cannot decode an image ({exc})") from exc
+    x, kept = _decode_images([(str(p), p.read_bytes()) for p in files], "L" if channels == 1 else "RGB", height,
+                             on_bad)
+    return x, [str(files[i]) for i in sorted(set(range(len(files))) - set(kept))]
 
 
 # ---------------------------------------------------------------- caching
@@ -398,7 +434,7 @@ def _save(folder: Path, prepared: Prepared) -> None:
     save_file({k: v.contiguous() for k, v in prepared.tensors.items()}, str(tmp / "tensors.safetensors"))
     meta = {"input_shape": prepared.input_shape, "num_classes": prepared.num_classes,
             "class_names": prepared.class_names, "mean": prepared.mean, "std": prepared.std,
-            "key": prepared.key, "source": prepared.source}
+            "key": prepared.key, "source": prepared.source, "skipped_images": prepared.counts["skipped_images"]}
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         os.replace(tmp, folder)
@@ -416,7 +452,8 @@ def _load_cached(folder: Path) -> Prepared | None:
     tensors = load_file(str(tensor_path))
     return Prepared(tensors=tensors, input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"],
                     class_names=meta["class_names"], mean=meta["mean"], std=meta["std"], key=meta["key"],
-                    source=meta["source"], cached=True, counts=split_counts(tensors))
+                    source=meta["source"], cached=True,
+                    counts={**split_counts(tensors), "skipped_images": meta.get("skipped_images", 0)})
 
 
 def prepare(cfg: DataConfig) -> Prepared:
@@ -431,8 +468,10 @@ def prepare(cfg: DataConfig) -> Prepared:
     if cached is not None:
         return cached
     splits = make_splits(raw, cfg)
+    skipped = list(raw.skipped)
     if transfer_files:
-        extra = _read_transfer_root(transfer_files, raw.train[0].shape[1:])
+        extra, left_out = _read_transfer_root(transfer_files, raw.train[0].shape[1:], cfg.on_bad_image)
+        skipped += left_out
         splits["transfer"] = (np.concatenate([splits["transfer"][0], extra])[:cfg.transfer_limit], None)
     if len(splits["train"][1]) < 2:
         raise DataError(f"{cfg.name}: only {len(splits['train'][1])} training examples remain after the splits")
@@ -448,6 +487,7 @@ def prepare(cfg: DataConfig) -> Prepared:
     num_classes = len(raw.class_names)
     prepared = Prepared(tensors=tensors, input_shape=tuple(int(s) for s in train_x.shape[1:]),
                         num_classes=num_classes, class_names=raw.class_names, mean=mean.tolist(),
-                        std=std.tolist(), key=key, source=raw.source, counts=split_counts(tensors))
+                        std=std.tolist(), key=key, source=raw.source,
+                        counts={**split_counts(tensors), "skipped_images": len(skipped)})
     _save(folder, prepared)
     return prepared

@@ -58,7 +58,7 @@ def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
         run.log_params({f"data.{k}": v for k, v in cfg.model_dump(mode="json").items()})
         run.log_metrics({f"n_{k}": v for k, v in prepared.counts.items()}, step=0)
         run.set_tags({"data.key": prepared.key, "data.cached": prepared.cached})
-        labelled = {k: v for k, v in prepared.counts.items() if k != "transfer"}
+        labelled = {k: v for k, v in prepared.counts.items() if k not in ("transfer", "skipped_images")}
         for r in (run, parent):
             r.log_dataset(cfg.name, prepared.key, prepared.source, "training", labelled)
             if prepared.counts["transfer"]:  # inputs only: the labels were dropped at preparation

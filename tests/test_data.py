@@ -179,3 +179,51 @@ def test_image_size_a_model_cannot_take_is_refused_with_both_sizes():
         load_config(overrides=["student.model.arch=conv4", "student.must_be_smaller=false"])
     assert load_config(overrides=["data.image_size=16", "student.model.arch=conv4",
                                   "student.must_be_smaller=false"]).student.model.arch == "conv4"
+
+
+def _folder_with_a_truncated_image(root):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.full((8, 8, 3), 40 * i % 255, dtype=np.uint8)).save(root / c / f"{i}.png")
+    good = (root / "dog" / "0.png").read_bytes()
+    (root / "dog" / "0.png").write_bytes(good[: len(good) // 2])  # truncated
+    return root / "dog" / "0.png"
+
+
+def test_bad_image_fails_naming_it_or_is_skipped_and_counted(tmp_path, home):
+    from pipelines.data import prepare
+
+    bad = _folder_with_a_truncated_image(tmp_path / "imgs")
+    settings = ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.test_fraction=0.25",
+                "student.train.batch_size=8", "teacher.train.batch_size=8"]
+    with pytest.raises(DataError, match=f"{bad}: not a readable image"):
+        prepare(load_config(overrides=settings).data)
+    prepared = prepare(load_config(overrides=[*settings, "data.on_bad_image=skip"]).data)
+    assert prepared.counts["skipped_images"] == 1
+    assert sum(v for k, v in prepared.counts.items() if k in ("train", "quiz", "val", "test")) == 39
+    assert prepare(load_config(overrides=[*settings, "data.on_bad_image=skip"]).data).counts["skipped_images"] == 1
+
+
+@pytest.mark.parametrize("layout,message", [("empty class", "class folder\\(s\\) bird hold no images"),
+                                            ("test-only class", "class\\(es\\) bird appear only here")])
+def test_class_layout_problems_exit_2_naming_the_class(tmp_path, home, layout, message):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(12):
+                Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    (tmp_path / ("train" if layout == "empty class" else "test") / "bird").mkdir()
+    if layout == "test-only class":
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "test" / "bird" / "0.png")
+    from pipelines.data import DataLayoutError, prepare
+
+    cfg = load_config(overrides=["data.name=imagefolder", f"data.root={tmp_path}", "student.train.batch_size=8",
+                                 "teacher.train.batch_size=8"])
+    with pytest.raises(DataLayoutError, match=message):
+        prepare(cfg.data)
+    assert isinstance(DataLayoutError("x"), ConfigError)  # the CLI's exit 2
