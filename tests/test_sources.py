@@ -222,6 +222,10 @@ def test_registry_round_trip_reuses_the_teacher(home, prefect_server):
     client = _client(home)
     version = client.get_model_version("rt-a-teacher", "1")
     assert float(version.tags["test_acc"]) == pytest.approx(a["teacher_test_acc"], abs=1e-6)
+    for uri, message in (("models:/rt-a-teacher@gold", "has no alias 'gold'; its aliases: none"),
+                         ("models:/rt-a-teacher/9", "has no version 9; its versions: 1")):
+        with pytest.raises(sources.SourceError, match=message):
+            sources.preflight(load_config(overrides=[*TINY, "teacher.source=registry", f"teacher.uri={uri}"]))
     b = metadistill_flow(config=load_config(overrides=[
         *TINY, "tracking.experiment=rt-b", "teacher.source=registry", "teacher.uri=models:/rt-a-teacher/latest",
         "student.model.kwargs={hidden: [16]}", "student.init=registry",
