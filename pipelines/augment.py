@@ -1,4 +1,6 @@
-"""Training-time augmentation from the config, built on ``torchvision.transforms.v2``.
+"""Training-time augmentation from the config, built on ``torchvision.transforms.v2``:
+``data.augment_policy`` is ``fixed`` (the ``data.augment`` list), ``none``, or one of the
+search-free policies ``trivialaugment`` (TrivialAugmentWide) and ``randaugment``.
 
 Transforms run per sample (each image gets its own random parameters and its own seed,
 drawn from the training loop's generator) on the normalised tensors.
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from pipelines.config import AugmentConfig
+from pipelines.config import AugmentConfig, DataConfig
 
 
 def build_transform(cfg: AugmentConfig, size: tuple[int, int]) -> v2.Transform:
@@ -22,9 +24,36 @@ def build_transform(cfg: AugmentConfig, size: tuple[int, int]) -> v2.Transform:
     return v2.ColorJitter(brightness=cfg.strength, contrast=cfg.strength)
 
 
+class InPixels(torch.nn.Module):
+    """A search-free policy (TrivialAugmentWide, RandAugment) applied to the image in 8-bit
+    pixels, the range its colour ops are defined on: the normalised tensor is mapped back
+    to [0, 255], augmented, and normalised again."""
+
+    def __init__(self, policy: v2.Transform, mean: list[float], std: list[float]):
+        super().__init__()
+        self.policy = policy
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        pixels = ((img * self.std + self.mean).clamp(0, 1) * 255).round().to(torch.uint8)
+        return (self.policy(pixels).float() / 255 - self.mean) / self.std
+
+
+def build_policy(name: str, configs: list[AugmentConfig], size: tuple[int, int], mean: list[float],
+                 std: list[float]) -> v2.Transform | None:
+    """``data.augment_policy``'s transform for one image, or None for no augmentation."""
+    if name == "fixed":
+        return v2.Compose([build_transform(c, size) for c in configs]) if configs else None
+    if name == "trivialaugment":
+        return InPixels(v2.TrivialAugmentWide(), mean, std)
+    if name == "randaugment":
+        return InPixels(v2.RandAugment(), mean, std)
+    return None
+
+
 class Augmenter:
-    def __init__(self, configs: list[AugmentConfig], size: tuple[int, int]):
-        self.transform = v2.Compose([build_transform(c, size) for c in configs])
+    def __init__(self, transform: v2.Transform):
+        self.transform = transform
 
     def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """Augment each image with its own seed (drawn by the training loop for the whole
@@ -38,5 +67,7 @@ class Augmenter:
         return torch.stack(out)
 
 
-def make_augmenter(configs: list[AugmentConfig], input_shape: tuple[int, ...]) -> Augmenter | None:
-    return Augmenter(configs, tuple(input_shape[1:])) if configs else None
+def make_augmenter(cfg: DataConfig, data) -> Augmenter | None:
+    """The training augmentation of ``cfg.augment_policy`` for the prepared ``data`` (None: none)."""
+    transform = build_policy(cfg.augment_policy, cfg.augment, tuple(data.input_shape[1:]), data.mean, data.std)
+    return Augmenter(transform) if transform is not None else None

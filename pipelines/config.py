@@ -60,6 +60,9 @@ class DataConfig(Strict):
                                                           "folders) added to the transfer split")
     transfer_limit: int | None = Field(None, gt=0, description="keep at most this many transfer examples")
     augment: list[AugmentConfig] = Field(default_factory=list)
+    augment_policy: Literal["fixed", "none", "trivialaugment", "randaugment"] = Field(
+        "fixed", description="fixed: the data.augment list; none; trivialaugment (TrivialAugmentWide) or "
+                             "randaugment: torchvision's search-free policies, on 8-bit pixels")
     on_bad_image: Literal["fail", "skip"] = Field("fail", description="an unreadable image: fail naming it, "
                                                                     "or skip it (the count is logged)")
     image_size: int | None = Field(None, ge=4, le=1024, description=(

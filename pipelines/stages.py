@@ -50,8 +50,11 @@ def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
         source = sources.teacher_source(cfg, data.input_shape)
         teacher = {"sha256": source.sha256, "spec": source.spec, "seed": cfg.teacher.seed,
                    "finetune": cfg.teacher.finetune.model_dump(mode="json")}
-    blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": cfg.data.model_dump(mode="json")["augment"],
-                       "teacher": teacher}, sort_keys=True)
+    augment = cfg.data.model_dump(mode="json")["augment"]
+    if cfg.data.augment_policy != "fixed":  # keys of "fixed" (the default) stay as they were
+        augment = {"policy": cfg.data.augment_policy, "fixed": augment}
+    blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": augment, "teacher": teacher},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -92,7 +95,7 @@ def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None
     model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
     result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
                               cross_entropy, seed=cfg.teacher.seed,
-                              augment=make_augmenter(cfg.data.augment, data.input_shape) if cfg.teacher.train.augment else None,
+                              augment=make_augmenter(cfg.data, data) if cfg.teacher.train.augment else None,
                               val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint)
     return model, result
 
@@ -110,7 +113,7 @@ def fit_brought_teacher(cfg: PipelineConfig, data: Prepared, source: sources.Sou
     for name, p in base.named_parameters():
         p.requires_grad_(ft.mode == "all" or name in head)
     result = train_classifier(model, data.x("train"), data.y("train"), ft, cross_entropy, seed=cfg.teacher.seed,
-                              augment=make_augmenter(cfg.data.augment, data.input_shape) if ft.augment else None,
+                              augment=make_augmenter(cfg.data, data) if ft.augment else None,
                               val=(data.x("val"), data.y("val")), on_log=on_log, desc=f"teacher finetune ({ft.mode})",
                               checkpoint=checkpoint)
     base.requires_grad_(True)

@@ -63,7 +63,7 @@ class StudentContext:
     def augmenter(self):
         if not self.cfg.student.train.augment:
             return None
-        return make_augmenter(self.cfg.data.augment, self.data.input_shape)
+        return make_augmenter(self.cfg.data, self.data)
 
     def transfer(self) -> Transfer | None:
         """The unlabeled examples drawn beside each labelled batch (teacher-based methods)."""
@@ -178,7 +178,7 @@ def kd_grid(ctx: StudentContext) -> dict:
         "student": student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
         "init": ctx.init.sha256 if ctx.init else None,
         "kd": kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
-        "augment": ctx.cfg.data.model_dump(mode="json")["augment"]}, sort_keys=True).encode()).hexdigest()[:24]
+        "augment": ctx.cfg.data.model_dump(mode="json")["augment"], "policy": ctx.cfg.data.augment_policy}, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir("kd_tuned") / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
