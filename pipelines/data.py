@@ -191,13 +191,13 @@ def _load_idx_set(cfg: DataConfig) -> tuple[RawData, list[Path]]:
 
 
 def _decode_images(items: list[tuple[str, bytes]], mode: str, size: int | None,
-                   on_bad: str = "fail") -> tuple[np.ndarray, list[int]]:
-    """Decode ``(name, bytes)`` items; returns the images and the indices decoded.  A corrupt
-    or truncated image raises :class:`DataError` naming it, or with ``on_bad="skip"`` is
-    left out (the caller counts it)."""
+                   on_bad: str = "fail") -> tuple[np.ndarray, list[int], list[str]]:
+    """Decode ``(name, bytes)`` items; returns the images, the indices decoded and the names
+    left out.  A corrupt or truncated image raises :class:`DataError` naming it, or with
+    ``on_bad="skip"`` is left out."""
     from PIL import Image, UnidentifiedImageError
 
-    out, kept = [], []
+    out, kept, skipped = [], [], []
     for i, (name, data) in enumerate(items):
         try:
             img = Image.open(io.BytesIO(data))
@@ -208,6 +208,7 @@ def _decode_images(items: list[tuple[str, bytes]], mode: str, size: int | None,
                 raise DataError(f"{name}: not a readable image ({exc}); fix or remove it, or set "
                                 f"data.on_bad_image=skip to leave such files out") from None
             print(f"skipping unreadable image {name}: {exc}", flush=True)
+            skipped.append(name)
             continue
         if size is not None and img.size != (size, size):
             img = _resize_and_crop(img, size)
@@ -216,7 +217,7 @@ def _decode_images(items: list[tuple[str, bytes]], mode: str, size: int | None,
         kept.append(i)
     if not out:
         raise DataError(f"none of the {len(items)} images could be read (first: {items[0][0] if items else '-'})")
-    return np.stack(out), kept
+    return np.stack(out), kept, skipped
 
 
 def _resize_and_crop(img, size: int):
@@ -289,9 +290,8 @@ def _read_image_zip(path: Path, mode: str, size: int | None, on_bad: str = "fail
         raise DataError(f"{path}: not a readable zip ({exc})") from exc
     if not items:
         raise DataError(f"{path}: no images inside; expected <split>/<class>/<image>.jpg")
-    x, kept = _decode_images(items, mode, size, on_bad)
+    x, kept, skipped = _decode_images(items, mode, size, on_bad)
     labels = np.array([classes.index(names[i].split("/")[-2]) for i in kept], dtype=np.int64)
-    skipped = [items[i][0] for i in sorted(set(range(len(items))) - set(kept))]
     return RawData((x, labels), None, classes, str(path), skipped)
 
 
@@ -314,9 +314,9 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[RawData, list[Path]]:
         if empty:
             raise DataLayoutError(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
                                   f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
-        x, kept = _decode_images([(str(p), p.read_bytes()) for p, _ in files], "RGB", cfg.image_size or 32,
-                                 cfg.on_bad_image)
-        skipped.extend(str(files[i][0]) for i in sorted(set(range(len(files))) - set(kept)))
+        x, kept, left_out = _decode_images([(str(p), p.read_bytes()) for p, _ in files], "RGB",
+                                           cfg.image_size or 32, cfg.on_bad_image)
+        skipped.extend(left_out)
         return (x, np.array([files[i][1] for i in kept], dtype=np.int64)), classes, [p for p, _ in files]
 
     if (root / "train").is_dir():
@@ -415,9 +415,9 @@ def _read_transfer_root(files: list[Path], shape: tuple[int, ...], on_bad: str) 
     if height != width:
         raise DataError(f"data.transfer_root: the data set's images are {height}x{width}; only square sizes "
                         f"are supported for transfer images")
-    x, kept = _decode_images([(str(p), p.read_bytes()) for p in files], "L" if channels == 1 else "RGB", height,
-                             on_bad)
-    return x, [str(files[i]) for i in sorted(set(range(len(files))) - set(kept))]
+    x, _, skipped = _decode_images([(str(p), p.read_bytes()) for p in files], "L" if channels == 1 else "RGB",
+                                   height, on_bad)
+    return x, skipped
 
 
 # ---------------------------------------------------------------- caching

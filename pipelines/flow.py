@@ -107,11 +107,11 @@ def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, ti
 def _register_teacher(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, accuracy: float, key: str) -> None:
     """This run's teacher as a new version of ``<experiment>-teacher`` (weights + spec, with
     its test accuracy on this split), for ``teacher.source=registry`` in later runs."""
-    name = f"{cfg.tracking.experiment}-teacher"
-    lineage = {k.replace("teacher.", "teacher_"): v for k, v in stages.teacher_spec(cfg, prepared).get("lineage", {}).items()}
+    name, spec = f"{cfg.tracking.experiment}-teacher", stages.teacher_spec(cfg, prepared)
+    lineage = {k.replace("teacher.", "teacher_"): v for k, v in spec.get("lineage", {}).items()}
     reg = tracking.register_weights(run, stages.teacher_folder(cfg, prepared), name,
                                     {"test_acc": f"{accuracy:.6f}", "data_key": prepared.key, "teacher_key": key,
-                                     "arch": stages.teacher_spec(cfg, prepared)["arch"], **lineage},
+                                     "arch": spec["arch"], **lineage},
                                     description="Teachers trained or adapted by metadistill")
     run.set_tags({"registered_teacher": name, "registered_teacher_version": reg.version})
     get_run_logger().info("registered teacher %s v%s (models:/%s/latest)", name, reg.version, name)

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from models.external import IMAGENET_MEAN, IMAGENET_STD, head_classes, head_parameter_names, replace_head, split_name
 from models.normalize import adapt_input
 from models.registry import build_model, count_parameters
+from models.weights import load_weights, save_weights
 from pipelines.config import REGISTRY_URI, ConfigError, PipelineConfig, dataset_shape, teacher_input_shape
 from pipelines.home import cache_dir
 
@@ -62,10 +63,8 @@ class Source:
                 f"{self.role}.input_shape": "x".join(map(str, spec["input_shape"]))}
 
     def load(self) -> tuple[nn.Module, dict]:
-        spec = self.spec
-        model = build_model(spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec.get("kwargs", {}))
-        model.load_state_dict(load_file(str(self.folder / "model.safetensors")))
-        return model, spec
+        model, spec = load_weights(self.folder)
+        return model.train(), spec  # a starting point for training
 
     @classmethod
     def from_folder(cls, folder: Path) -> Source:
@@ -142,17 +141,11 @@ def _verified_model(spec: dict, state: dict[str, torch.Tensor], label: str) -> n
     return model
 
 
-def _materialise(role: str, kind: str, uri: str, version: str, sha: str, spec: dict,
-                 state: dict[str, torch.Tensor]) -> Source:
+def _materialise(role: str, kind: str, uri: str, version: str, sha: str, spec: dict, model: nn.Module) -> Source:
     key = hashlib.sha256(json.dumps({"sha": sha, "spec": spec}, sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_dir("sources") / key
     if not (folder / "model.safetensors").is_file():
-        tmp = folder.with_name(f".{key}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        save_weights(model, folder, spec)
     meta = {"role": role, "kind": kind, "uri": uri, "version": version, "sha256": sha}
     (folder / "source.json").write_text(json.dumps(meta, indent=2))
     return Source(**meta, folder=folder)
@@ -190,9 +183,8 @@ def _from_file(role: str, uri: str, label: str) -> Source:
     path = Path(uri).expanduser()
     weights = _weights_in(path, label)
     spec = _spec_beside(path, label)
-    state = read_tensors(weights, label)
-    _verified_model(spec, state, label)
-    return _materialise(role, "file", str(path.resolve()), "", sha256_of(weights), _complete(spec), state)
+    model = _verified_model(spec, read_tensors(weights, label), label)
+    return _materialise(role, "file", str(path.resolve()), "", sha256_of(weights), _complete(spec), model)
 
 
 def _from_registry(role: str, uri: str, label: str) -> Source:
@@ -212,12 +204,11 @@ def _from_registry(role: str, uri: str, label: str) -> Source:
     try:
         weights = _weights_in(folder, label)
         spec = _spec_beside(folder, label)
-        state = read_tensors(weights, label)
-        _verified_model(spec, state, label)
+        model = _verified_model(spec, read_tensors(weights, label), label)
         sha = sha256_of(weights)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return _materialise(role, "registry", uri, found["version"], sha, _complete(spec), state)
+    return _materialise(role, "registry", uri, found["version"], sha, _complete(spec), model)
 
 
 def _named_weights(library: str, arch: str, weights: str, label: str) -> dict[str, torch.Tensor]:
@@ -261,8 +252,7 @@ def _from_library(role: str, arch: str, weights: str, input_shape: tuple[int, ..
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if input_shape[0] == 3 else ([0.5], [0.5])
     spec = {"arch": arch, "kwargs": {}, "input_shape": list(input_shape), "num_classes": classes,
             "mean": mean or default_mean, "std": std or default_std, "class_names": None}
-    _verified_model(spec, state, label)
-    return _materialise(role, library, uri, "", sha, spec, state)
+    return _materialise(role, library, uri, "", sha, spec, _verified_model(spec, state, label))
 
 
 def _complete(spec: dict) -> dict:

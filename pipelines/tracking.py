@@ -248,19 +248,9 @@ def register_weights(run: RunLogger, weights_dir: Path, model_name: str, tags: d
     """Log ``weights_dir`` (spec.json + model.safetensors) under the run's ``weights`` and
     register it as a new version of ``model_name`` (no MLflow model flavour: the
     pipeline reads these two files back, nothing else)."""
-    c = client()
-    c.log_artifacts(run.run_id, str(weights_dir), "weights")
-    with contextlib.suppress(MlflowException):
-        c.create_registered_model(model_name, description=description)
-    version = c.create_model_version(model_name, f"runs:/{run.run_id}/weights", run_id=run.run_id,
-                                     tags={**{k: str(v) for k, v in tags.items()}, "source_run_id": run.run_id})
-    try:
-        _wait_ready(c, model_name, version.version)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            c.delete_model_version(model_name, version.version)
-        raise
-    return Registration(model_name, str(version.version), "", "")
+    client().log_artifacts(run.run_id, str(weights_dir), "weights")
+    return register(f"runs:/{run.run_id}/weights", model_name, None, {**tags, "source_run_id": run.run_id},
+                    description=description, run_id=run.run_id)
 
 
 def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -> None:
@@ -270,21 +260,23 @@ def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -
     c.set_registered_model_alias(model_name, alias, version)
 
 
-def register(model_uri: str, model_name: str, alias: str, tags: dict[str, str]) -> Registration:
-    """Create a version, tag it and set its alias; on any failure the version is deleted,
-    so no half-registered model is left behind."""
+def register(model_uri: str, model_name: str, alias: str | None, tags: dict[str, str],
+             description: str = "Students trained by metadistill", run_id: str | None = None) -> Registration:
+    """Create a version, tag it and set its alias (if any); on any failure the version is
+    deleted, so no half-registered model is left behind."""
     c = client()
     with contextlib.suppress(MlflowException):
-        c.create_registered_model(model_name, description="Students trained by metadistill")
-    version = c.create_model_version(model_name, model_uri, tags={k: str(v) for k, v in tags.items()})
+        c.create_registered_model(model_name, description=description)
+    version = c.create_model_version(model_name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
     try:
         _wait_ready(c, model_name, version.version)
-        c.set_registered_model_alias(model_name, alias, version.version)
+        if alias is not None:
+            c.set_registered_model_alias(model_name, alias, version.version)
     except BaseException:
         with contextlib.suppress(Exception):
             c.delete_model_version(model_name, version.version)
         raise
-    return Registration(model_name, str(version.version), alias, tags.get("promotion_reason", ""))
+    return Registration(model_name, str(version.version), alias or "", tags.get("promotion_reason", ""))
 
 
 def delete_version(model_name: str, version: str) -> None:
