@@ -31,6 +31,20 @@ WORKLOAD = ["data.name=mnist", "data.val_fraction=0", "teacher.model.arch=resnet
             "meta_distill.interval=10"]
 
 
+def expected_meta_bytes(cfg, prepared, student: int) -> int:
+    """float32 bytes all-reduced per teacher meta-step: the pilot's gradient, twice (forward
+    and backward of its differentiable all_reduce) per pilot step, and the meta-gradient of
+    what ``meta_distill.learn`` learns (the teacher's weights and/or the teaching knobs)."""
+    from meta.teaching import TeachingKnobs
+    from models.registry import build_model, count_parameters
+
+    learned = count_parameters(TeachingKnobs(prepared.num_classes, 4.0, 0.9, "kl",
+                                             [k for k in cfg.meta_distill.learn if k != "teacher"]))
+    if "teacher" in cfg.meta_distill.learn:
+        learned += count_parameters(build_model(cfg.teacher.model.arch, prepared.input_shape, prepared.num_classes))
+    return 4 * (2 * cfg.meta_distill.pilot_steps * student + learned)
+
+
 def run_stage(config: Path, teacher: Path, method: str, nproc: int, out: Path) -> dict:
     from pipelines.net import free_port
 
@@ -89,8 +103,7 @@ def main() -> int:
     updates = -(-args.steps // cfg.meta_distill.interval)
     student = count_parameters(build_model(cfg.student.model.arch, prepared.input_shape, prepared.num_classes,
                                            **cfg.student.model.kwargs))
-    teacher_params = count_parameters(build_model(cfg.teacher.model.arch, prepared.input_shape, prepared.num_classes))
-    per_meta_step = 4 * (2 * cfg.meta_distill.pilot_steps * student + teacher_params)
+    per_meta_step = expected_meta_bytes(cfg, prepared, student)
     result = {
         "workload": {"student": "resnet8 (base width 8)", "teacher": "resnet8", "data": "mnist",
                      "batch_per_rank": per_rank, "steps": args.steps, "threads_per_rank": 1,

@@ -19,7 +19,7 @@ def main() -> int:
     from benchmarks.common import write_json
 
     from pipelines import data as data_stage
-    from pipelines import stages
+    from pipelines import distributed, stages
     from pipelines.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     cfg = load_config(args.preset, None, args.overrides)
-    prepared = data_stage.prepare(cfg.data)
+    prepared = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
     teacher = stages.train_teacher(cfg, prepared).model
     seconds: dict[str, list[float]] = {"kd": [], "meta_distill": []}
     for r in range(args.repeats):

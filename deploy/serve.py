@@ -45,6 +45,21 @@ class ServeConfig:
     max_instances: int = 256
     poll_seconds: float = 30.0
     drain_bytes: int = 64 << 20  # read and discard this much of an oversized body before answering
+    device: str = "cpu"  # "cuda": forward passes on the GPU (cuda:0)
+
+
+def check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"serve device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device cuda, but this machine has no usable CUDA device "
+                             f"(torch {torch.__version__}): serve on the CPU (the default)")
+
+
+def placed(loaded: LoadedModel, device: str) -> LoadedModel:
+    """``loaded`` with its model on ``device``."""
+    loaded.model = loaded.model.to(device).eval()
+    return loaded
 
 
 class BadRequest(Exception):
@@ -94,8 +109,9 @@ class Batcher:
 
 
 def _forward(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        return model(torch.from_numpy(x)).numpy()
+        return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
 
 class App:
@@ -132,7 +148,8 @@ class App:
             info = await loop.run_in_executor(None, tracking.model_version_by_alias, self.cfg.model, self.cfg.alias)
             if info is None or info["version"] == self.current.version:
                 return False
-            loaded = await loop.run_in_executor(None, load_registered, self.cfg.model, self.cfg.alias)
+            loaded = await loop.run_in_executor(None, lambda: placed(load_registered(self.cfg.model, self.cfg.alias),
+                                                                     self.cfg.device))
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
             log.error("reload of %s@%s failed, still serving v%s: %s", self.cfg.model, self.cfg.alias,
                       self.current.version, exc)
@@ -307,12 +324,14 @@ def create_app(cfg: ServeConfig | None = None) -> App:
     if cfg is None:
         cfg = ServeConfig(**json.loads(os.environ[ENV_CONFIG]))
     torch.set_num_threads(1)  # many small forwards: threads would only contend
-    return App(load_registered(cfg.model, cfg.alias), cfg)
+    check_device(cfg.device)
+    return App(placed(load_registered(cfg.model, cfg.alias), cfg.device), cfg)
 
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
     import uvicorn
 
+    check_device(cfg.device)
     load_registered(cfg.model, cfg.alias)  # fail before binding if the model cannot be served
     os.environ[ENV_CONFIG] = json.dumps(asdict(cfg))
     uvicorn.run("deploy.serve:create_app", factory=True, host=host, port=port, workers=workers,

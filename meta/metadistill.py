@@ -121,8 +121,10 @@ def first_order_teacher_grad(student: nn.Module, student_params: Params, teacher
     teacher_logits = forward(teacher, teacher_params, x)
     with torch.no_grad():
         before = F.cross_entropy(forward(student, s, xq), yq)
-        labels = torch.multinomial(F.softmax(teacher_logits.detach() / pilot.temperature, dim=-1), 1,
-                                   generator=generator).squeeze(1)
+        probs = F.softmax(teacher_logits.detach() / pilot.temperature, dim=-1)
+        # A seeded generator lives on one device; draw there, so the labels repeat on any device.
+        on = generator.device if generator is not None else probs.device
+        labels = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(1).to(probs.device)
     p = detached(s)
     loss = distillation_loss(forward(student, p, x), teacher_logits.detach(), y, pilot.temperature,
                              pilot.alpha, pilot.soft_loss)

@@ -54,7 +54,7 @@ class TaskSampler:
                 images = torch.rot90(images, turns, dims=(-2, -1))
             support.append(images[:self.shots])
             query.append(images[self.shots:])
-        labels = torch.arange(self.ways)
+        labels = torch.arange(self.ways, device=support[0].device)
         return (torch.cat(support), labels.repeat_interleave(self.shots),
                 torch.cat(query), labels.repeat_interleave(self.queries))
 

@@ -16,6 +16,17 @@ import torch
 from pipelines import distributed
 
 
+def on_host(state):
+    """``state`` with every tensor on the CPU: a checkpoint resumes on either device."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: on_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_host(v) for v in state)
+    return state
+
+
 class Checkpointer:
     """Checkpoints named ``<phase>.pt`` in ``folder``, every ``every`` steps."""
 
@@ -32,7 +43,7 @@ class Checkpointer:
         path = self.path(phase)
         if not path.is_file():
             return None
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
     def due(self, step: int, total: int) -> bool:
         return step % self.every == 0 or step == total
@@ -42,7 +53,7 @@ class Checkpointer:
             path = self.path(phase)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             with open(tmp, "wb") as f:
-                torch.save(state, f)
+                torch.save(on_host(state), f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

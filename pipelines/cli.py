@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     srv.add_argument("--max-instances", type=int, default=256, help="rows per request")
     srv.add_argument("--poll-seconds", type=float, default=30.0, help="registry polling (0: only on SIGHUP)")
+    srv.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where forward passes run (default cpu; cuda: the first GPU)")
 
     prom = sub.add_parser("promote", help="make VERSION the champion (old champion becomes challenger)")
     prom.add_argument("version")
@@ -162,6 +164,9 @@ def cmd_run(args) -> int:
     from pipelines.sources import preflight
 
     preflight(cfg)  # a source that does not resolve exits 2 before any work
+    from pipelines.distributed import check_device
+
+    check_device(cfg.dist.device)  # so does dist.device=cuda without CUDA
     _prepare_env()
     api = None
     if not os.environ.get("PREFECT_API_URL"):
@@ -193,6 +198,9 @@ def cmd_fewshot(args) -> int:
     from pipelines.fewshot import fewshot_init, run_fewshot
 
     fewshot_init(cfg)  # resolved and checked before any work
+    from pipelines.distributed import check_device
+
+    check_device(cfg.dist.device)
 
     summary = run_fewshot(cfg)
     from rich.console import Console
@@ -247,7 +255,7 @@ def cmd_serve(args) -> int:
 
     cfg = ServeConfig(model=args.model or DEFAULT_MODEL, alias=args.alias, max_batch=args.max_batch,
                       max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-                      max_instances=args.max_instances, poll_seconds=args.poll_seconds)
+                      max_instances=args.max_instances, poll_seconds=args.poll_seconds, device=args.device)
     print(f"serving {cfg.model}@{cfg.alias} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(cfg, args.host, args.port, args.workers)
     return 0

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meta.augment import OPS as AUGMENT_OPS
 from models.external import split_name, unknown_external_message
 from models.registry import MODEL_NAMES, build_model, count_parameters, is_known_model
 
@@ -43,6 +44,33 @@ class AugmentConfig(Strict):
     strength: float = Field(0.2, ge=0, le=1, description="color_jitter: brightness/contrast")
 
 
+class AugmentSearchConfig(Strict):
+    """``data.augment_policy=learned``: the online hypergradient search of ``meta.augment``.
+    A proxy network of ``student.model``'s architecture trains on the policy's augmented
+    batches; every ``interval`` steps the policy takes one Adam step on the quiz
+    cross-entropy after one unrolled SGD step of the proxy."""
+
+    steps: int = Field(400, gt=0, description="training steps of the proxy network")
+    batch_size: int = Field(64, gt=0)
+    interval: int = Field(2, ge=1, description="a policy update every this many proxy steps")
+    policy_lr: float = Field(0.05, gt=0, description="Adam step size of the op logits and magnitudes")
+    model_lr: float = Field(0.05, gt=0, description="SGD step size of the proxy, and of the unrolled step")
+    tau: float = Field(1.0, gt=0, description="Gumbel-softmax temperature of the relaxed op choice")
+    init_magnitude: float = Field(0.3, gt=0, lt=1, description="starting magnitudes, as a share of each op's range")
+    ops: list[str] = Field(default_factory=lambda: list(AUGMENT_OPS),
+                           description="the ops searched over: " + ", ".join(AUGMENT_OPS))
+    seed: int = 0
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        unknown = [op for op in ops if op not in AUGMENT_OPS]
+        if unknown or not ops or len(set(ops)) != len(ops):
+            raise ValueError(f"data.augment_search.ops must be distinct ops out of {', '.join(AUGMENT_OPS)}; "
+                             f"got {ops}")
+        return ops
+
+
 class DataConfig(Strict):
     name: DatasetName = "digits"
     root: Path | None = Field(None, description="data folder; default $METADISTILL_DATA")
@@ -60,9 +88,14 @@ class DataConfig(Strict):
                                                           "folders) added to the transfer split")
     transfer_limit: int | None = Field(None, gt=0, description="keep at most this many transfer examples")
     augment: list[AugmentConfig] = Field(default_factory=list)
-    augment_policy: Literal["fixed", "none", "trivialaugment", "randaugment"] = Field(
+    augment_policy: Literal["fixed", "none", "trivialaugment", "randaugment", "learned"] = Field(
         "fixed", description="fixed: the data.augment list; none; trivialaugment (TrivialAugmentWide) or "
-                             "randaugment: torchvision's search-free policies, on 8-bit pixels")
+                             "randaugment: torchvision's search-free policies, on 8-bit pixels; learned: "
+                             "searched by the prepare-augmentation stage (data.augment_search), or read "
+                             "from data.augment_policy_file")
+    augment_search: AugmentSearchConfig = Field(default_factory=AugmentSearchConfig)
+    augment_policy_file: Path | None = Field(None, description="a learned policy's JSON (as the search writes "
+                                                                "it) to use instead of searching")
     on_bad_image: Literal["fail", "skip"] = Field("fail", description="an unreadable image: fail naming it, "
                                                                     "or skip it (the count is logged)")
     image_size: int | None = Field(None, ge=4, le=1024, description=(
@@ -71,12 +104,36 @@ class DataConfig(Strict):
         "(digits 8, MNIST/Fashion-MNIST/Omniglot 28, CIFAR 32, image folders 32)"))
 
     @model_validator(mode="after")
+    def _policy_file(self) -> DataConfig:
+        if self.augment_policy_file is None:
+            return self
+        if self.augment_policy != "learned":
+            raise ValueError(f"data.augment_policy_file is set but data.augment_policy is "
+                             f"{self.augment_policy!r}; set data.augment_policy=learned")
+        read_policy_file(Path(self.augment_policy_file).expanduser())
+        return self
+
+    @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.quiz_fraction + self.val_fraction >= 0.9:
             raise ValueError(f"data.quiz_fraction + data.val_fraction = "
                              f"{self.quiz_fraction + self.val_fraction:.2f} leaves under 10% "
                              f"of train for training; keep their sum below 0.9")
         return self
+
+
+def read_policy_file(path: Path) -> dict:
+    """A learned policy's JSON, checked field by field (``meta.augment.AugmentPolicy``)."""
+    from meta.augment import AugmentPolicy, PolicyError
+
+    try:
+        spec = json.loads(path.read_text())
+        AugmentPolicy.from_json(spec)
+    except FileNotFoundError:
+        raise ValueError(f"data.augment_policy_file: {path} does not exist") from None
+    except (json.JSONDecodeError, PolicyError) as exc:
+        raise ValueError(f"data.augment_policy_file {path}: {exc}") from None
+    return spec
 
 
 class ModelConfig(Strict):
@@ -110,6 +167,12 @@ class TrainConfig(Strict):
     augment: bool = Field(True, description="apply data.augment to this role's training batches")
     grad_clip: float | None = Field(5.0, gt=0, description="clip the gradient's global norm to this (None: off); "
                                                            "keeps KD's T^2-scaled gradient from blowing up")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="matmul/conv precision on CUDA: fp32, tf32 (TensorFloat-32 matmuls and convolutions) "
+                            "or bf16 (autocast; parameters and optimizer state stay float32). The CPU trains in fp32")
+    compile: bool = Field(False, description="torch.compile the network's forward (CUDA; pays on long runs of "
+                                             "big batches, costs its compile time on short ones)")
+    channels_last: bool = Field(False, description="NHWC memory layout for convolutional networks on CUDA")
 
 
 TeacherSource = Literal["train", "registry", "file", "torchvision", "timm"]
@@ -353,6 +416,8 @@ class StudentConfig(Strict):
                                                      "steps on the labels (as Meta Pseudo Labels does)")
     finetune_lr: float = Field(0.005, gt=0, description="constant step size of the label fine-tune")
     must_be_smaller: bool = Field(True, description="refuse a student with more parameters than the teacher")
+    concurrency: int | None = Field(None, ge=1, description="students of the sweep (methods x seeds) trained at "
+                                                            "once; default: one per GPU on CUDA, else 1")
     init: InitSource = Field("scratch", description="where the student's starting weights come from (a new head "
                                                     "where the classes differ); maml_init meta-trains from them")
     init_uri: str | None = Field(None, description="file: safetensors + spec.json; registry: models:/...; "
@@ -399,13 +464,17 @@ class DistConfig(Strict):
     launcher: Literal["auto", "inprocess", "torchrun", "srun"] = Field(
         "auto", description="auto: torchrun when nnodes * nproc > 1, else inside the flow's process; "
                             "srun: torchrun on every node of the Slurm allocation")
-    nproc: int | None = Field(None, ge=1, description="processes per node; default: one per GPU, or 1 on CPU")
+    nproc: int | None = Field(None, ge=1, description="processes per node; default: one per GPU when training on "
+                                                      "CUDA, else 1")
     nnodes: int = Field(1, ge=1, description="nodes; each runs the same torchrun line (see docs/distributed.md)")
     rdzv_endpoint: str = Field("127.0.0.1:0", pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$",
                                description="c10d rendezvous HOST:PORT; port 0: a free local port (one node only)")
     max_restarts: int = Field(3, ge=0, description="torchrun restarts all workers after a failure, this often")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where training runs: auto is CUDA when present (each worker on cuda:LOCAL_RANK), "
+                            "else the CPU; cuda on a machine without it exits 2 before any work")
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="auto: gloo (training tensors are on the CPU; workers refuse nccl)")
+        "auto", description="auto: nccl when training on CUDA, else gloo")
     threads: int | None = Field(None, ge=1, description="intra-op threads per process; default: cores / nproc")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints of a torchrun stage")
 
@@ -416,10 +485,22 @@ class DistConfig(Strict):
                              f"can reach; port 0 only works on one node")
         return self
 
+    @model_validator(mode="after")
+    def _backend(self) -> DistConfig:
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ValueError("dist.backend=nccl needs CUDA tensors, but dist.device=cpu: use dist.backend=gloo "
+                             "or auto, or dist.device=cuda")
+        return self
+
+    def uses_cuda(self) -> bool:
+        import torch
+
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
     def procs_per_node(self) -> int:
         import torch
 
-        return self.nproc or max(1, torch.cuda.device_count())
+        return self.nproc or (max(1, torch.cuda.device_count()) if self.uses_cuda() else 1)
 
     def threads_per_process(self, local_processes: int) -> int:
         """Intra-op threads of each of ``local_processes`` processes on this node."""
@@ -455,6 +536,15 @@ class PipelineConfig(Strict):
                              f"student.train.batch_size={self.student.train.batch_size}")
         if self.dist.nproc is not None:
             _check_splits(self, self.dist.nproc * self.dist.nnodes)
+        if (self.student.concurrency or 1) > 1:
+            if self.dist.launcher not in ("auto", "inprocess") or self.dist.nnodes * (self.dist.nproc or 1) > 1:
+                raise ValueError(f"student.concurrency={self.student.concurrency} trains students side by side in "
+                                 f"the flow's process; a torchrun stage already uses all its processes: leave "
+                                 f"student.concurrency unset with dist.launcher={self.dist.launcher}, "
+                                 f"dist.nproc={self.dist.nproc}, dist.nnodes={self.dist.nnodes}")
+            if float(self.student.model.kwargs.get("dropout", 0) or 0) > 0:
+                raise ValueError("student.concurrency > 1 needs students without dropout: dropout draws from the "
+                                 "process's one global generator, so concurrent students would not repeat")
         if self.maml.ways is not None and self.maml.ways > classes:
             raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
         student = _param_count(self.student.model, shape, classes, "student")

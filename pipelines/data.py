@@ -23,6 +23,7 @@ import json
 import os
 import struct
 import zipfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class Prepared:
     source: str
     cached: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")  # where training on it runs (see `place`)
 
     def x(self, split: str) -> torch.Tensor:
         return self.tensors[f"{split}_x"]
@@ -69,6 +71,21 @@ class Prepared:
         """The unlabeled transfer inputs, or None when there are none."""
         x = self.tensors.get("transfer_x")
         return x if x is not None and len(x) else None
+
+
+def place(data: Prepared, device: torch.device, share: float = 0.5) -> Prepared:
+    """``data`` for training on ``device``.  Its tensors move there once when they take at
+    most ``share`` of the device's free memory; else they stay on the host in pinned
+    memory, and the training loops copy each batch over without blocking."""
+    if device.type == "cpu" or data.device == device:
+        return dataclasses.replace(data, device=device)
+    nbytes = sum(t.numel() * t.element_size() for t in data.tensors.values())
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= share * free:
+        tensors = {k: t.to(device) for k, t in data.tensors.items()}
+    else:
+        tensors = {k: t.pin_memory() for k, t in data.tensors.items()}
+    return dataclasses.replace(data, tensors=tensors, device=device)
 
 
 def split_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

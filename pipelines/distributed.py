@@ -34,26 +34,69 @@ class World:
         return self.rank == 0
 
 
+def grouped() -> bool:
+    """In a process group (any torchrun worker, a group of one too, so that one GPU
+    exercises the nccl path); otherwise every collective below is a no-op."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world() -> World:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not grouped():
         return World()
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("GROUP_RANK", 0)))
 
 
-def init(backend: str = "auto") -> World:
+def check_device(kind: str) -> None:
+    """``dist.device=cuda`` on a machine without CUDA fails before any work (exit 2)."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        from pipelines.config import ConfigError
+
+        raise ConfigError(f"dist.device=cuda, but this machine has no usable CUDA device (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
+                          f"{torch.cuda.device_count()} devices): use dist.device=auto or cpu")
+
+
+def device(kind: str = "auto") -> torch.device:
+    """This process's training device: ``cuda:LOCAL_RANK`` (``cuda`` on one process) when
+    ``kind`` is cuda, or auto with CUDA present; else the CPU."""
+    check_device(kind)
+    if kind == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= gpus:
+        from pipelines.config import ConfigError
+
+        raise ConfigError(f"local rank {local} has no GPU of its own: this node has {gpus}; set dist.nproc "
+                          f"to at most {gpus}, or dist.device=cpu")
+    return torch.device("cuda", local)
+
+
+def init(backend: str = "auto", device_kind: str = "auto") -> World:
     """Join the process group that torchrun's environment describes (or none, when the
-    process was not started by torchrun).  ``auto`` is gloo: training tensors live on
-    the CPU in this version, and gloo runs on every node, GPU or not."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    process was not started by torchrun).  ``auto`` is nccl when training on CUDA (each
+    rank on ``cuda:LOCAL_RANK``) and gloo on the CPU."""
+    dev = device(device_kind)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if "RANK" not in os.environ:
         return World()
-    if backend == "nccl":  # reserved for GPU training, which this version does not do yet
-        raise RuntimeError(f"dist.backend=nccl needs CUDA tensors, but training tensors live on the CPU in "
-                           f"this version (this node has {torch.cuda.device_count()} CUDA devices): "
+    if backend == "nccl" and dev.type != "cuda":
+        raise RuntimeError(f"dist.backend=nccl needs CUDA tensors, but this worker trains on the CPU "
+                           f"(dist.device={device_kind}, {torch.cuda.device_count()} CUDA devices here): "
                            f"use dist.backend=auto or gloo")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo" if backend == "auto" else backend, store=_store(rank, size), rank=rank,
-                            world_size=size)
+    dist.init_process_group(backend, store=_store(rank, size), rank=rank, world_size=size,
+                            **({"device_id": dev} if dev.type == "cuda" else {}))
     return world()
+
+
+def _collective_device() -> torch.device:
+    """Where small tensors for collectives must live: nccl reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _store(rank: int, size: int) -> dist.Store:
@@ -100,21 +143,23 @@ def part(n: int) -> slice:
 
 def wrap(model: nn.Module) -> nn.Module:
     """``DistributedDataParallel`` around ``model`` in a process group, else ``model``."""
-    if world().size == 1:
+    if not grouped():
         return model
     # Measured here (resnet8, 2 ranks): 9.6 ms a step against 11.3 ms with the defaults;
     # our models use every parameter in every step, so the graph is static.  Buckets of a
     # quarter of the gradients (DDP's 25 MB at most) let small models overlap the
     # all_reduce of late layers with the backward of early ones.
     grad_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, static_graph=True,
+    dev = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None,
+                                               gradient_as_bucket_view=True, static_graph=True,
                                                bucket_cap_mb=min(25.0, max(grad_mb / 4, 0.016)))
 
 
 def average_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Average ``tensors`` across ranks in place: flattened into buckets, one all_reduce each."""
     size = world().size
-    if size == 1 or not tensors:
+    if not grouped() or not tensors:
         return tensors
     bucket: list[torch.Tensor] = []
     nbytes = 0
@@ -145,7 +190,7 @@ def differentiable_mean(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor
     """The cross-rank mean of ``tensors`` as a differentiable op (its backward is again an
     all_reduce), so a pilot step on the global batch can be differentiated locally."""
     size = world().size
-    if size == 1:
+    if not grouped():
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
     mean = _AllReduceSum.apply(flat) / size
@@ -169,11 +214,20 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def mean_scalars(values: list[float]) -> list[float]:
-    if world().size == 1:
+    if not grouped():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return (t / world().size).tolist()
+
+
+def mean_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The cross-rank mean of a (device) tensor of metrics, with no host sync of its own."""
+    if not grouped():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world().size
 
 
 def allreduce_bytes() -> int:
@@ -186,7 +240,7 @@ def node_metrics() -> dict[str, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     mine = {"cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_mb": usage.ru_maxrss / 1024}
     w = world()
-    if w.size == 1:
+    if not grouped():
         return {f"system/node0/{k}": v for k, v in mine.items()}
     gathered: list = [None] * w.size
     dist.all_gather_object(gathered, (w.node, mine))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.training import device_of, to_device
+
 
 @dataclass
 class Evaluation:
@@ -41,7 +43,10 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
              batch: int = 1024) -> Evaluation:
     model.eval()
-    logits = torch.cat([model(x[i:i + batch]) for i in range(0, len(y), batch)])
+    device = device_of(model, x.device)
+    # Forward on the model's device; the metrics on the host (y's device when it is there).
+    logits = torch.cat([model(to_device(x[i:i + batch], device)).float().cpu() for i in range(0, len(y), batch)])
+    y = y.cpu()
     probs = logits.softmax(-1)
     predicted = logits.argmax(-1)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)

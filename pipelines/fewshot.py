@@ -10,7 +10,7 @@ import torch
 
 from meta.tasks import TaskSampler
 from models.registry import build_model
-from pipelines import plots, tracking
+from pipelines import distributed, plots, tracking
 from pipelines.config import PipelineConfig
 from pipelines.data import DataError, resolve_root
 from pipelines.meta_train import evaluate_tasks, meta_train
@@ -64,6 +64,7 @@ def _one_model(cfg: PipelineConfig, ways: int, background, evaluation, root, par
         model = start_from(init, ways, fs.seed)[0]
     else:
         model = build_model(fs.model.arch, OMNIGLOT_SHAPE, ways, **fs.model.kwargs)
+    model = model.to(distributed.device(cfg.dist.device))
     sampler = TaskSampler(background, ways, meta.shots, meta.queries, rotations=meta.rotations)
     out = {}
     with tracking.child_run(parent, f"meta-train/{ways}-way-{meta.shots}-shot") as run:

@@ -1,22 +1,27 @@
-"""The ``metadistill`` Prefect flow: prepare data -> train teacher -> train students ->
-evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``.
+"""The ``metadistill`` Prefect flow: prepare data -> prepare augmentation -> train teacher
+-> train students -> evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``.
 
 No ``from __future__ import annotations`` here: Prefect builds the parameter model from
 the real annotations when a deployment loads this flow from its entrypoint."""
 
+import contextlib
+import copy
+import json
 import shutil
 import time
 
 import numpy as np
+import torch
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from deploy.promotion import decide, promote
 from models.normalize import Normalized, unwrap
 from pipelines import data as data_stage
-from pipelines import launch, plots, sources, stages, tracking
+from pipelines import augment_search, distributed, launch, plots, sources, stages, tracking
 from models.weights import save_weights
 from pipelines.config import DataConfig, PipelineConfig, flatten
 from pipelines.data import Prepared
@@ -67,6 +72,34 @@ def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
                               {"transfer": prepared.counts["transfer"]})
     get_run_logger().info("data %s: %s (cached=%s)", cfg.name, prepared.counts, prepared.cached)
     return prepared
+
+
+@task(name="prepare-augmentation", cache_policy=NO_CACHE)
+def prepare_augmentation(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict) -> None:
+    """The training augmentation, in its own child run: the learned policy's search (or its
+    cached result), the policy JSON and its curves, and a grid of augmented examples."""
+    with tracking.child_run(parent, "augmentation", _tags()) as run:
+        start = time.perf_counter()
+        policy = cfg.data.augment_policy
+        run.log_params({"data.augment_policy": policy, "data.augment": cfg.data.model_dump(mode="json")["augment"]})
+        if policy == "learned":
+            run.log_params({f"data.augment_search.{k}": v
+                            for k, v in cfg.data.augment_search.model_dump(mode="json").items()})
+            result = augment_search.learned_policy(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+            run.log_text(json.dumps(result.spec, indent=2), "augment_policy.json")
+            run.log_metrics({"augment_search_seconds": result.seconds}, step=0)
+            run.set_tags({"augment.cached": result.cached})
+            if result.history.get("step"):
+                fig = augment_search.history_figure(result.history, [op["name"] for op in result.spec["ops"]])
+                run.log_figure(fig, "augment_policy_search.png")
+                plots.close(fig)
+            get_run_logger().info("learned augmentation policy (cached=%s): %s", result.cached,
+                                  ", ".join(f"{op['name']} p={op['probability']:.2f} m={op['magnitude']:.3g}"
+                                            for op in result.spec["ops"]))
+        fig = augment_search.example_grid(cfg, prepared, augment_search.augmenter_for(cfg, prepared))
+        run.log_figure(fig, "augmented_examples.png")
+        plots.close(fig)
+        timings["augmentation"] = time.perf_counter() - start
 
 
 def _teacher_run_name(cfg: PipelineConfig) -> str:
@@ -120,9 +153,9 @@ def _register_teacher(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, a
 @task(name="train-student", cache_policy=NO_CACHE)
 def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str, seed: int,
                   parent: RunLogger, timings: dict) -> StudentOutcome:
-    with tracking.child_run(parent, f"student/{method}/seed{seed}", {**_tags(), "method": method,
-                                                                      "seed": str(seed)}) as run:
-        run.log_params({"method": method, "seed": seed})
+    tags = {**_tags(), "method": method, "seed": str(seed)}
+    with on_own_stream(prepared.device), tracking.child_run(parent, f"student/{method}/seed{seed}", tags) as run:
+        run.log_params({"method": method, "seed": seed, "device": str(prepared.device)})
         init = sources.student_source(cfg, prepared.input_shape)
         if init is not None:
             sources.check_init(init, "student.model", cfg.student.model.arch, cfg.student.model.kwargs,
@@ -137,7 +170,6 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
         else:
             outcome = stages.train_student(method, cfg, prepared, teacher, seed,
                                            on_log=lambda step, m: run.log_metrics(m, step), init=init)
-        timings["students"] = timings.get("students", 0.0) + outcome.result.seconds
         run.log_metrics({**outcome.evaluation.metrics(), "val_acc_final": outcome.val_acc},
                         step=cfg.student.train.steps)
         _log_curve(run, outcome.result.curve, f"{method} (seed {seed})")
@@ -146,6 +178,69 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
         outcome.run_id = run.run_id
     get_run_logger().info("student %s seed %d: test acc %.4f", method, seed, outcome.evaluation.accuracy)
     return outcome
+
+
+@contextlib.contextmanager
+def on_own_stream(device: torch.device):
+    """On CUDA, this thread's work goes to a stream of its own on ``device``, so students
+    sharing a GPU overlap their kernels; it starts after the work queued so far (the data,
+    the teacher) and is finished when the block ends (the flow reads the results)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_device(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        stream.synchronize()
+
+
+def student_concurrency(cfg: PipelineConfig, device: torch.device) -> int:
+    """``student.concurrency``, or its default: one student per GPU when training on CUDA in
+    this process, else one at a time (a torchrun stage already uses all its processes)."""
+    if cfg.student.concurrency is not None:
+        return cfg.student.concurrency
+    if cfg.dist.uses_torchrun() or device.type != "cuda":
+        return 1
+    return torch.cuda.device_count()
+
+
+def student_sweep(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunLogger,
+                  timings: dict) -> tuple[list[StudentOutcome], float]:
+    """Every (method, seed) student, ``student_concurrency`` at a time through a Prefect
+    thread-pool task runner: job i on GPU i mod #GPUs with its own copy of the data and
+    teacher, or on the CPU with its share of the cores.  Every draw is seeded per student,
+    so the outcomes equal the sequential sweep's, seed for seed.  Returns them and the
+    sweep's wall seconds."""
+    jobs = [(method, seed) for method in cfg.student.methods for seed in cfg.student.seeds]
+    workers = min(student_concurrency(cfg, prepared.device), len(jobs))
+    start = time.perf_counter()
+    if workers == 1:
+        outcomes = [train_student(cfg, prepared, teacher, method, seed, parent, timings) for method, seed in jobs]
+    else:
+        gpus = torch.cuda.device_count() if prepared.device.type == "cuda" else 0
+        devices = [torch.device("cuda", i) for i in range(gpus)] or [prepared.device]
+        copies = {d: (prepared, teacher) if d == prepared.device else
+                  (data_stage.place(prepared, d), copy.deepcopy(teacher).to(d)) for d in devices[:workers]}
+        threads = torch.get_num_threads()
+        if not gpus:
+            torch.set_num_threads(max(1, threads // workers))  # each student its share of the cores
+        try:
+            with ThreadPoolTaskRunner(max_workers=workers) as runner:
+                futures = [runner.submit(train_student, {
+                    "cfg": cfg, "prepared": copies[devices[i % len(copies)]][0],
+                    "teacher": copies[devices[i % len(copies)]][1], "method": method, "seed": seed,
+                    "parent": parent, "timings": timings}) for i, (method, seed) in enumerate(jobs)]
+                outcomes = [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
+    timings["students"] = sum(o.result.seconds for o in outcomes)  # compute, as for the other stages
+    wall = time.perf_counter() - start
+    parent.log_metrics({"student_concurrency": workers, "students_wall_seconds": wall}, step=0)
+    return outcomes, wall
 
 
 def _torchrun(cfg: PipelineConfig, run: RunLogger, prepared: Prepared, stage_args: list[str]):
@@ -253,8 +348,9 @@ def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, pare
         # The logged MLflow model takes raw [0, 1] pixels, like `metadistill serve`.
         mean = np.asarray(prepared.mean, dtype=np.float32)[None, :, None, None]
         std = np.asarray(prepared.std, dtype=np.float32)[None, :, None, None]
-        example = (prepared.x("test")[:2].numpy() * std + mean).astype(np.float32)
-        deployable = Normalized(best.model, prepared.mean, prepared.std).eval()
+        example = (prepared.x("test")[:2].cpu().numpy() * std + mean).astype(np.float32)
+        # Exported and served from the CPU, whatever device trained it.
+        deployable = Normalized(copy.deepcopy(best.model).cpu(), prepared.mean, prepared.std).eval()
         model_uri = tracking.log_student_model(run, deployable, example, weights)
         champion = tracking.current_champion(model_name)
         decision = decide(best.evaluation.accuracy, _champion_accuracy(champion, prepared),
@@ -288,10 +384,11 @@ def metadistill_flow(config: PipelineConfig) -> dict:
     with tracking.pipeline_run(cfg.tracking.experiment, run_name, {**_tags(), "preset": cfg.preset}) as parent:
         parent.log_params(flatten(cfg))
         parent.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-        prepared = prepare_data(cfg.data, parent, timings)
+        prepared = data_stage.place(prepare_data(cfg.data, parent, timings), distributed.device(cfg.dist.device))
+        parent.set_tags({"dist.device": str(prepared.device)})
+        prepare_augmentation(cfg, prepared, parent, timings)
         teacher, teacher_eval = train_teacher(cfg, prepared, parent, timings)
-        outcomes = [train_student(cfg, prepared, teacher, method, seed, parent, timings)
-                    for method in cfg.student.methods for seed in cfg.student.seeds]
+        outcomes, students_wall = student_sweep(cfg, prepared, teacher, parent, timings)
         rows = compare(outcomes, prepared.class_names, parent)
         registered = None
         if cfg.tracking.register_best:
@@ -300,5 +397,10 @@ def metadistill_flow(config: PipelineConfig) -> dict:
     return {"mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
             "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds")}
                         for r in rows},
+            "students": [{"method": o.method, "seed": o.seed, "test_acc": o.evaluation.accuracy,
+                          "test_loss": o.evaluation.loss, "val_acc": o.val_acc, "train_seconds": o.result.seconds}
+                         for o in outcomes],
+            "device": str(prepared.device), "student_concurrency": student_concurrency(cfg, prepared.device),
+            "students_wall_seconds": students_wall,
             "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
             "timings": timings, "data_cached": prepared.cached}

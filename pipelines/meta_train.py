@@ -19,7 +19,7 @@ from pipelines import distributed
 from pipelines.checkpoint import Checkpointer
 from pipelines.config import MetaConfig
 from pipelines.progress import progress_bar
-from pipelines.training import LogFn, check_finite
+from pipelines.training import LogFn, check_finite, device_of, to_device
 
 
 @dataclass
@@ -50,9 +50,11 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
     else:
         optimizer = torch.optim.Adam(meta_params, lr=cfg.outer_lr)
     result = MetaResult(lrs=lrs, curve={"meta_query_loss": [], "meta_query_acc": []})
-    # Reptile needs no meta-gradient threads; idle ones would slow other kernels down.
-    runner = None if cfg.algorithm == "reptile" else TaskParallel(
-        model, min(cfg.workers or torch.get_num_threads(), local.stop - local.start))
+    # Reptile needs no meta-gradient threads; idle ones would slow other kernels down.  On
+    # CUDA one vmap over the whole task batch keeps the GPU busy; threads would only queue.
+    device = device_of(model)
+    workers = 1 if device.type == "cuda" else min(cfg.workers or torch.get_num_threads(), local.stop - local.start)
+    runner = None if cfg.algorithm == "reptile" else TaskParallel(model, workers)
     first, spent = 1, 0.0
     if checkpoint is not None and (state := checkpoint.load("meta")) is not None:
         first, spent = _restore(state, model, lrs, optimizer, generator, result)
@@ -65,7 +67,7 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MetaConfig, seed: in
     start = time.perf_counter() - spent
     with progress_bar(desc, total=cfg.meta_steps) as advance:
         for step in range(first, cfg.meta_steps + 1):
-            tasks = tuple(t[local] for t in sampler.sample(cfg.meta_batch, generator))
+            tasks = tuple(to_device(t[local], device) for t in sampler.sample(cfg.meta_batch, generator))
             optimizer.zero_grad(set_to_none=True)
             if cfg.algorithm == "reptile":
                 loss, acc = _reptile_pseudo_gradient(model, tasks, cfg)
@@ -140,7 +142,9 @@ def evaluate_tasks(model: nn.Module, tasks: Tasks, steps: int, lr: float,
     accs = []
     inner = InnerLoop(steps, lr, first_order=True)
     base = {k: v.detach().requires_grad_() for k, v in params_of(model).items()}
-    for xs, ys, xq, yq in zip(*tasks):
+    device = device_of(model)
+    for task in zip(*tasks):
+        xs, ys, xq, yq = (to_device(t, device) for t in task)
         with torch.enable_grad():
             adapted = adapt(model, base, xs, ys, inner, lrs)
         with torch.no_grad():

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# Figures are built with the object API, not pyplot: no global figure registry, so
+# students trained concurrently in threads can draw their curves at the same time.
 
 
 def learning_curve(curve: dict[str, list[tuple[int, float]]], title: str):
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     if curve.get("train_loss"):
         ax_loss.plot(*zip(*curve["train_loss"]), label="train loss")
     ax_loss.set_xlabel("step")
@@ -28,7 +29,8 @@ def learning_curve(curve: dict[str, list[tuple[int, float]]], title: str):
 
 def confusion_matrix(confusion: np.ndarray, class_names: list[str], title: str):
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(4 + n * 0.25, 3.5 + n * 0.25))
+    fig = Figure(figsize=(4 + n * 0.25, 3.5 + n * 0.25))
+    ax = fig.subplots()
     ax.imshow(confusion, cmap="Blues")
     if n <= 30:
         ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
@@ -47,7 +49,8 @@ def confusion_matrix(confusion: np.ndarray, class_names: list[str], title: str):
 
 def comparison_bars(rows: list[dict], title: str, err_key: str = "test_acc_std"):
     """Bar per method of mean test accuracy, error bar ``err_key`` (std or CI half-width)."""
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 1.1 * len(rows)), 3.5))
+    fig = Figure(figsize=(max(5.5, 1.6 + 1.1 * len(rows)), 3.5))
+    ax = fig.subplots()
     names = [r["method"] for r in rows]
     means = [100 * r["test_acc"] for r in rows]
     errs = [100 * r.get(err_key, 0.0) for r in rows]
@@ -63,4 +66,5 @@ def comparison_bars(rows: list[dict], title: str, err_key: str = "test_acc_std")
 
 
 def close(fig) -> None:
-    plt.close(fig)
+    """Free the figure's artists now (nothing global holds it)."""
+    fig.clear()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.registry import build_model
-from pipelines.augment import make_augmenter
+from pipelines.augment_search import augmenter_for, policy_fingerprint
 from models.normalize import unwrap
 from models.weights import load_weights, save_weights
 from pipelines import sources
@@ -25,7 +25,7 @@ from pipelines.home import cache_dir
 from pipelines.students import STUDENT_METHODS, StudentContext
 from pipelines.training import LogFn, TrainResult, accuracy, cross_entropy, train_classifier
 
-TEACHER_CACHE_VERSION = 2  # 2: per-sample augmentation seeds
+TEACHER_CACHE_VERSION = 3  # 2: per-sample augmentation seeds; 3: fixed ops batched, hash-seeded
 
 
 def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
@@ -50,9 +50,7 @@ def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
         source = sources.teacher_source(cfg, data.input_shape)
         teacher = {"sha256": source.sha256, "spec": source.spec, "seed": cfg.teacher.seed,
                    "finetune": cfg.teacher.finetune.model_dump(mode="json")}
-    augment = cfg.data.model_dump(mode="json")["augment"]
-    if cfg.data.augment_policy != "fixed":  # keys of "fixed" (the default) stay as they were
-        augment = {"policy": cfg.data.augment_policy, "fixed": augment}
+    augment = policy_fingerprint(cfg, data)
     blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": augment, "teacher": teacher},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -69,7 +67,7 @@ def teacher_spec(cfg: PipelineConfig, data: Prepared, source: sources.Source | N
 def load_teacher(folder: Path, data: Prepared) -> nn.Module:
     """A saved teacher, fed from the prepared data (resized/renormalised if its spec says so)."""
     model, spec = load_weights(folder)
-    return sources.fed_by_data(model, spec, data)
+    return sources.fed_by_data(model, spec, data).to(data.device)
 
 
 def teacher_folder(cfg: PipelineConfig, data: Prepared) -> Path:
@@ -92,11 +90,13 @@ def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None
         return fit_brought_teacher(cfg, data, source or sources.teacher_source(cfg, data.input_shape), on_log,
                                    checkpoint)
     torch.manual_seed(cfg.teacher.seed)
-    model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes, **cfg.teacher.model.kwargs)
+    model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes,
+                        **cfg.teacher.model.kwargs).to(data.device)
     result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
                               cross_entropy, seed=cfg.teacher.seed,
-                              augment=make_augmenter(cfg.data, data) if cfg.teacher.train.augment else None,
-                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint)
+                              augment=augmenter_for(cfg, data) if cfg.teacher.train.augment else None,
+                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint,
+                              device=data.device)
     return model, result
 
 
@@ -107,15 +107,15 @@ def fit_brought_teacher(cfg: PipelineConfig, data: Prepared, source: sources.Sou
     sources.check_teacher(source, cfg, data.input_shape, data.num_classes)
     ft = cfg.teacher.finetune
     base, head = sources.start_from(source, data.num_classes, cfg.teacher.seed)
-    model = sources.fed_by_data(base, source.spec, data)
+    model = sources.fed_by_data(base, source.spec, data).to(data.device)
     if ft.mode == "none":
         return model.eval(), None
     for name, p in base.named_parameters():
         p.requires_grad_(ft.mode == "all" or name in head)
     result = train_classifier(model, data.x("train"), data.y("train"), ft, cross_entropy, seed=cfg.teacher.seed,
-                              augment=make_augmenter(cfg.data, data) if ft.augment else None,
+                              augment=augmenter_for(cfg, data) if ft.augment else None,
                               val=(data.x("val"), data.y("val")), on_log=on_log, desc=f"teacher finetune ({ft.mode})",
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, device=data.device)
     base.requires_grad_(True)
     return model, result
 
@@ -178,6 +178,7 @@ def load_stage_output(folder: Path, data: Prepared) -> tuple[nn.Module, TrainRes
     result = TrainResult(curve={k: [tuple(p) for p in v] for k, v in raw["curve"].items()},
                          seconds=raw["seconds"], steps=raw["steps"])
     model, _ = load_weights(folder / "model")
+    model = model.to(data.device)
     learned = None
     if (folder / "learned_teacher").is_dir():
         learned = load_teacher(folder / "learned_teacher", data)

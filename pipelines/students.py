@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,13 +29,14 @@ from meta.distill import distillation_loss
 from meta.functional import Params, params_of
 from models.registry import build_model
 from pipelines import distributed
-from pipelines.augment import make_augmenter
+from pipelines.augment_search import augmenter_for, policy_fingerprint
 from pipelines.checkpoint import Checkpointer
 from pipelines.config import KDConfig
 from pipelines.home import cache_dir
+from pipelines.rng import global_rng
 from pipelines.sources import Source, start_from
-from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, cross_entropy, train_classifier,
-                                validation_accuracy)
+from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, cross_entropy, rows, to_device,
+                                train_classifier, validation_accuracy)
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -52,18 +54,22 @@ class StudentContext:
     learned_teacher: nn.Module | None = None  # set by methods that train the teacher too
     checkpoint: Checkpointer | None = None  # set by torchrun workers, for elastic recovery
     init: Source | None = None  # student.init: the weights every method starts from
+    rng_after_init: torch.Tensor | None = None  # the global generator's state right after new_student
 
     def new_student(self) -> nn.Module:
-        torch.manual_seed(self.seed)
-        if self.init is not None:
-            return start_from(self.init, self.data.num_classes, self.seed)[0]
-        model_cfg = self.cfg.student.model
-        return build_model(model_cfg.arch, self.data.input_shape, self.data.num_classes, **model_cfg.kwargs)
+        with global_rng(self.seed):
+            if self.init is not None:
+                model = start_from(self.init, self.data.num_classes, self.seed)[0]
+            else:
+                model_cfg = self.cfg.student.model
+                model = build_model(model_cfg.arch, self.data.input_shape, self.data.num_classes, **model_cfg.kwargs)
+            self.rng_after_init = torch.get_rng_state()
+        return model.to(self.data.device)
 
     def augmenter(self):
         if not self.cfg.student.train.augment:
             return None
-        return make_augmenter(self.cfg.data, self.data)
+        return augmenter_for(self.cfg, self.data)
 
     def transfer(self) -> Transfer | None:
         """The unlabeled examples drawn beside each labelled batch (teacher-based methods)."""
@@ -75,7 +81,7 @@ class StudentContext:
             model, self.data.x("train"), self.data.y("train"), self.cfg.student.train, loss_fn,
             seed=self.seed, augment=self.augmenter(),
             val=(self.data.x("val"), self.data.y("val")), on_log=self.on_log, desc=self.desc,
-            checkpoint=self.checkpoint, transfer=transfer)
+            checkpoint=self.checkpoint, transfer=transfer, device=self.data.device)
 
     def teach(self, model: nn.Module, loss_fn) -> TrainResult:
         """Training of every teacher-based method: labelled and transfer examples under
@@ -95,7 +101,8 @@ class StudentContext:
         tuned = train_classifier(model, self.data.x("train"), self.data.y("train"), cfg, cross_entropy,
                                  seed=self.seed + 1, augment=self.augmenter(),
                                  val=(self.data.x("val"), self.data.y("val")), on_log=on_log,
-                                 desc=f"{self.desc} finetune", checkpoint=self.checkpoint, phase="finetune")
+                                 desc=f"{self.desc} finetune", checkpoint=self.checkpoint, phase="finetune",
+                                 device=self.data.device)
         result.curve.update({f"finetune_{k}": [(train.steps + s, v) for s, v in c] for k, c in tuned.curve.items()})
         result.seconds += tuned.seconds
 
@@ -112,23 +119,30 @@ class FrozenTeacher:
     """The frozen teacher's logits for a batch.  When the student's inputs are not
     augmented, they are computed once for the whole training pool (train rows, then
     transfer rows) and looked up by row: a teacher forward per step costs 10-30x the small
-    student's step.  The table is kept for the last (teacher, data) pair, so the seeds and
-    methods of a sweep share it."""
+    student's step.  The table is kept for the last (teacher, data) pair of each device, so
+    the seeds and methods of a sweep share it."""
 
-    _last: tuple[str, torch.Tensor] | None = None
+    _tables: dict[str, torch.Tensor] = {}
+    _lock = threading.Lock()
 
     def __init__(self, ctx: StudentContext):
         self.teacher, self.table = ctx.teacher.eval(), None
         if ctx.augmenter() is None:
-            key = f"{_teacher_fingerprint(ctx.teacher)}/{ctx.data.key}"
-            if FrozenTeacher._last is None or FrozenTeacher._last[0] != key:
-                FrozenTeacher._last = (key, self._logits_of_pool(ctx))
-            self.table = FrozenTeacher._last[1]
+            key = f"{_teacher_fingerprint(ctx.teacher)}/{ctx.data.key}/{ctx.data.device}"
+            with FrozenTeacher._lock:  # concurrent students of one sweep compute it once
+                if key not in FrozenTeacher._tables:
+                    # One table per device (concurrent students may train on several GPUs).
+                    FrozenTeacher._tables = {k: v for k, v in FrozenTeacher._tables.items()
+                                             if k.rsplit("/", 1)[1] != str(ctx.data.device)}
+                    FrozenTeacher._tables[key] = self._logits_of_pool(ctx)
+                    if ctx.data.device.type == "cuda":  # other threads' streams read it next
+                        torch.cuda.current_stream(ctx.data.device).synchronize()
+                self.table = FrozenTeacher._tables[key]
 
     def _logits_of_pool(self, ctx: StudentContext) -> torch.Tensor:
         pool = [ctx.data.x("train"), ctx.data.transfer()]
         with torch.no_grad():
-            return torch.cat([self.teacher(x[i:i + 1024]) for x in pool if x is not None
+            return torch.cat([self.teacher(to_device(x[i:i + 1024], ctx.data.device)) for x in pool if x is not None
                               for i in range(0, len(x), 1024)])
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -174,14 +188,23 @@ def kd_grid(ctx: StudentContext) -> dict:
     Returns ``{"point", "grid_seconds", "table"}``."""
     kd, student_cfg = ctx.cfg.kd, ctx.cfg.student
     key = hashlib.sha256(json.dumps({
-        "v": 1, "data": ctx.data.key, "teacher": _teacher_fingerprint(ctx.teacher),
+        "v": 2, "data": ctx.data.key, "teacher": _teacher_fingerprint(ctx.teacher),
         "student": student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
         "init": ctx.init.sha256 if ctx.init else None,
         "kd": kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
-        "augment": ctx.cfg.data.model_dump(mode="json")["augment"], "policy": ctx.cfg.data.augment_policy}, sort_keys=True).encode()).hexdigest()[:24]
+        "augment": policy_fingerprint(ctx.cfg, ctx.data)}, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir("kd_tuned") / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    with _GRID_LOCK:  # concurrent kd_tuned students of a sweep search once, the others read the cache
+        if path.is_file():
+            return json.loads(path.read_text())
+        return _search_grid(ctx, path)
+
+
+_GRID_LOCK = threading.Lock()
+
+
+def _search_grid(ctx: StudentContext, path) -> dict:
+    kd = ctx.cfg.kd
     table = []
     for ratio in kd.grid_transfer_ratio or [kd.transfer_ratio]:
         for alpha in kd.grid_alpha:
@@ -263,8 +286,9 @@ class MetaDistillLoss:
         self.learns_teacher = "teacher" in cfg.learn
         self.teacher = copy.deepcopy(ctx.teacher).eval().requires_grad_(self.learns_teacher)
         self.frozen = None if self.learns_teacher else FrozenTeacher(ctx)
-        self.knobs = TeachingKnobs(ctx.data.num_classes, kd.temperature, kd.alpha, kd.soft_loss,
-                                   [k for k in cfg.learn if k != "teacher"])
+        with global_rng(state=ctx.rng_after_init):  # the draws that follow the student's, as in a run alone
+            self.knobs = TeachingKnobs(ctx.data.num_classes, kd.temperature, kd.alpha, kd.soft_loss,
+                                       [k for k in cfg.learn if k != "teacher"]).to(ctx.data.device)
         groups = ([{"params": list(self.teacher.parameters()), "lr": cfg.teacher_lr}] if self.learns_teacher else [])
         if self.knobs.knobs:
             groups.append({"params": list(self.knobs.parameters()), "lr": cfg.knob_lr})
@@ -320,7 +344,7 @@ class MetaDistillLoss:
         # Every rank draws the same global quiz batch and scores its shard of it.
         idx = torch.randint(len(self.quiz[1]), (self.cfg.quiz_batch_size,), generator=self.generator)
         idx = idx[distributed.shard(self.cfg.quiz_batch_size)]
-        quiz = (self.quiz[0][idx], self.quiz[1][idx])
+        quiz = (rows(self.quiz[0], idx, self.ctx.data.device), rows(self.quiz[1], idx, self.ctx.data.device))
         params = self.meta_params()
         if self.cfg.order == "second":
             grads, before = meta_grad(self.student, params_of(self.student), self.distill_fn(x, index, params),

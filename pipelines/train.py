@@ -89,7 +89,7 @@ def write_result(out: Path, result: TrainResult) -> None:
 
 
 def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
-    data = data_stage.prepare(cfg.data)
+    data = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
     on_log, run = metric_logger(args.run_id)
     checkpoint = Checkpointer(args.checkpoint_dir or args.out / "checkpoints", cfg.dist.checkpoint_every)
     learned_teacher = None
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = cfg.dist.threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(threads)
     distributed.pin_to_cores(threads)
-    world = distributed.init(cfg.dist.backend)
+    world = distributed.init(cfg.dist.backend, cfg.dist.device)
     try:
         print(f"rank {world.rank}/{world.size} (node {world.node}) pid {os.getpid()} "
               f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}: {args.stage} "

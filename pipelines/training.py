@@ -6,9 +6,10 @@ log.  What differs between methods is only the loss function passed in.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -74,14 +75,70 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
 
 
+def device_of(model: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where ``model``'s weights live (``default``, else the CPU, when it has none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return default or torch.device("cpu")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for CUDA goes through pinned memory, so the
+    copy does not block the host."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device,
+         idx_there: torch.Tensor | None = None) -> torch.Tensor:
+    """``t[idx]`` on ``device``: indexed there when ``t`` lives there (by ``idx_there``,
+    ``idx`` already copied, when given), else gathered on the host and copied."""
+    if t.device == device:
+        return t[idx_there if idx_there is not None else to_device(idx, device)]
+    return to_device(t[idx], device)
+
+
+@contextlib.contextmanager
+def precision(device: torch.device, mode: str) -> Iterator[None]:
+    """``train.precision``'s math mode on CUDA: TensorFloat-32 matmuls and convolutions for
+    tf32 and bf16.  The CPU always computes in float32."""
+    if device.type != "cuda" or mode == "fp32":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass and the loss on CUDA under ``train.precision=bf16``.
+    Backward, gradient clipping and the optimizer step stay outside it: under autocast the
+    gradient norm of clipping can overflow, and clipping by an infinite norm zeroes the step."""
+    if device.type == "cuda" and mode == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
     was_training = model.training
     model.eval()
-    correct = sum((model(x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum().item()
-                  for i in range(0, len(y), batch))
+    device = device_of(model, x.device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, len(y), batch):
+        chunk = torch.arange(i, min(i + batch, len(y)))
+        correct += (model(rows(x, chunk, device)).argmax(-1) == rows(y, chunk, device)).sum()
     model.train(was_training)
-    return correct / max(1, len(y))
+    return correct.item() / max(1, len(y))
 
 
 def validation_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -106,17 +163,26 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                      val: tuple[torch.Tensor, torch.Tensor] | None = None,
                      on_log: LogFn | None = None, desc: str = "train",
                      checkpoint: Checkpointer | None = None, transfer: Transfer | None = None,
-                     phase: str = "train") -> TrainResult:
-    """Train ``model`` in place for ``cfg.steps`` steps; returns its curves and compute time.
+                     phase: str = "train", device: torch.device | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` steps on ``device`` (default: where
+    ``train_x`` lives); returns its curves and compute time.
 
     With ``transfer``, each step appends ``transfer.per_step`` unlabeled examples (label
     :data:`UNLABELED`) to the labelled batch; ``loss_fn`` decides what they contribute.
     Under torchrun every rank draws the same global batch and trains on its shard, with
     DDP averaging the gradients: the same steps as one process with the same batch.
-    A NaN or infinite loss raises :class:`TrainingDiverged` naming ``desc`` and the step."""
+    Metrics accumulate on the device and are read at log steps only (no host sync per
+    step); a NaN or infinite loss raises :class:`TrainingDiverged` naming ``desc`` and the
+    first step it happened at, by the next log or checkpoint step."""
+    device = device or train_x.device
     generator = torch.Generator().manual_seed(seed)
     transfer_gen = torch.Generator().manual_seed(seed + 1_000_003)  # never the labelled order's
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model)
+    if cfg.compile:
+        net = torch.compile(net)
     local = distributed.shard(cfg.batch_size)
     optimizer = make_optimizer(model.parameters(), cfg.optimizer)
     result = TrainResult(curve={"train_loss": [], "train_acc": [], "val_acc": []})
@@ -135,50 +201,66 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
             loss_fn.load_state_dict(state["loss"])
         print(f"{desc}: resumed from step {state['step']}", flush=True)
     t_local = distributed.shard(transfer.per_step) if transfer else None
-    running = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, examples, labelled examples (this rank's shard)
+    order_there = None  # `order` on the training device
+    # loss sum, correct, examples, labelled examples (this rank's shard); first bad step
+    running = torch.zeros(4, dtype=torch.float64, device=device)
+    first_bad, bad_value = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device)
     eval_every = max(cfg.log_every, cfg.steps // 10)
     start = time.perf_counter()
     model.train()
-    with progress_bar(desc, total=cfg.steps) as advance:
+    with progress_bar(desc, total=cfg.steps) as advance, precision(device, cfg.precision):
         for step in range(first, cfg.steps + 1):
             if cursor + cfg.batch_size > len(order):
                 order, cursor = torch.randperm(len(train_y), generator=generator), 0
+            if order_there is None or cursor == 0:  # one copy of the order per epoch, none per step
+                order_there = to_device(order, device)
             idx = order[cursor:cursor + cfg.batch_size][local]
+            index = order_there[cursor:cursor + cfg.batch_size][local]
             cursor += cfg.batch_size
-            x, y, index = train_x[idx], train_y[idx], idx
+            x, y = rows(train_x, idx, device, index), rows(train_y, idx, device, index)
             if augment is not None:
                 x = augment(x, torch.randint(0, 2**31 - 1, (cfg.batch_size,), generator=generator)[local])
             if transfer is not None:
                 if t_cursor + transfer.per_step > len(t_order):
                     t_order, t_cursor = torch.randperm(len(transfer.x), generator=transfer_gen), 0
                 t_idx = t_order[t_cursor:t_cursor + transfer.per_step][t_local]
-                tx = transfer.x[t_idx]
+                tx = rows(transfer.x, t_idx, device)
                 t_seeds = torch.randint(0, 2**31 - 1, (transfer.per_step,), generator=transfer_gen)[t_local]
                 t_cursor += transfer.per_step
                 x = torch.cat([x, augment(tx, t_seeds) if augment is not None else tx])
-                y = torch.cat([y, torch.full((len(tx),), UNLABELED, dtype=y.dtype)])
-                index = torch.cat([index, len(train_y) + t_idx])
+                y = torch.cat([y, torch.full((len(tx),), UNLABELED, dtype=y.dtype, device=device)])
+                index = torch.cat([index, len(train_y) + to_device(t_idx, device)])
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step - 1, cfg.steps, cfg.optimizer)
 
-            logits = net(x)
-            loss = loss_fn(logits, x, y, index)
-            value = loss.item()
-            check_finite(value, desc, step)
+            with autocast(device, cfg.precision):
+                logits = net(x)
+                loss = loss_fn(logits, x, y, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
 
-            labelled = y >= 0
-            running[0] += value * len(y)
-            running[1] += (logits.argmax(-1) == y)[labelled].sum().item()
-            running[2] += len(y)
-            running[3] += int(labelled.sum())
+            with torch.no_grad():
+                value, labelled = loss.detach().float(), y >= 0
+                newly_bad = (first_bad == 0) & ~torch.isfinite(value)
+                first_bad = torch.where(newly_bad, step, first_bad)
+                bad_value = torch.where(newly_bad, value, bad_value)
+                running[0] += value * len(y)
+                running[1] += ((logits.argmax(-1) == y) & labelled).sum()
+                running[2] += len(y)
+                running[3] += labelled.sum()
             advance()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_sum, correct, n, n_labelled = distributed.mean_scalars(running)
+            logs = step % cfg.log_every == 0 or step == cfg.steps
+            saves = checkpoint is not None and checkpoint.due(step, cfg.steps)
+            if logs or saves:
+                if (bad := int(first_bad)) > 0:  # one host sync per log or checkpoint step
+                    check_finite(bad_value.item(), desc, bad)
+            if logs:
+                loss_sum, correct, n, n_labelled = distributed.mean_tensor(running).tolist()
                 metrics = {"train_loss": loss_sum / n, "train_acc": correct / max(n_labelled, 1),
                            "lr": optimizer.param_groups[0]["lr"]}
                 if val is not None and len(val[1]) and (step % eval_every == 0 or step == cfg.steps):
@@ -188,8 +270,8 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                         result.curve[name].append((step, metrics[name]))
                 if on_log is not None:
                     on_log(step, metrics)
-                running = [0.0, 0.0, 0.0, 0.0]
-            if checkpoint is not None and checkpoint.due(step, cfg.steps):
+                running.zero_()
+            if saves:
                 checkpoint.save(phase, {
                     "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "order": order, "cursor": cursor,
@@ -198,6 +280,9 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                     **({"transfer_generator": transfer_gen.get_state(), "transfer_order": t_order,
                         "transfer_cursor": t_cursor} if transfer is not None else {})})
     model.eval()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the clock measures work done, not work queued
     result.seconds = time.perf_counter() - start
     result.steps = cfg.steps
     return result
+

@@ -222,7 +222,7 @@ def test_failing_torchrun_stage_fails_the_run_and_leaves_nothing(home, prefect_s
     runs = client.search_runs([client.get_experiment_by_name("dist-fail").experiment_id])
     status = {("pipeline" if "mlflow.parentRunId" not in r.data.tags else r.info.run_name): r.info.status
               for r in runs}
-    assert status == {"pipeline": "FAILED", "data": "FINISHED", "teacher": "FAILED"}
+    assert status == {"pipeline": "FAILED", "data": "FINISHED", "augmentation": "FINISHED", "teacher": "FAILED"}
     assert client.search_registered_models("name = 'dist-fail-student'") == []
     with get_client(sync_client=True) as prefect:
         parent = client.search_runs([client.get_experiment_by_name("dist-fail").experiment_id],

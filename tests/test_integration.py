@@ -55,7 +55,7 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert contexts == {"digits": ["training"], "digits-transfer": ["transfer"]}
 
     children = _children(client, parent.info.run_id, parent.info.experiment_id)
-    assert {"data", "teacher", "evaluate", "register"} | {
+    assert {"data", "augmentation", "teacher", "evaluate", "register"} | {
         f"student/{m}/seed{s}" for m in METHODS for s in (0, 1)} == set(children)
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert all(r.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for r in children.values())
@@ -133,6 +133,38 @@ def test_diverging_stage_fails_the_run_and_registers_nothing(home, prefect_serve
     assert parent.info.status == "FAILED"
     assert {r.info.run_name for r in runs if r.info.status == "FAILED"} >= {"student/scratch/seed0"}
     assert client.search_registered_models("name = 'it-nan-student'") == []
+
+
+def test_concurrent_students_equal_the_sequential_sweep(home, prefect_server):
+    """student.concurrency=2: two students at a time through Prefect's thread-pool task
+    runner (on the CPU, a core each), and every (method, seed) ends where it ends alone."""
+    import torch
+
+    from pipelines.flow import metadistill_flow
+
+    sweep = TINY + ["tracking.experiment=it-conc", "tracking.register_best=false", "student.seeds=[0, 1]",
+                    "student.methods=[scratch, kd, kd_tuned, maml_init, meta_distill]"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two concurrent students gets on two cores
+    try:
+        alone = metadistill_flow(config=load_config(overrides=sweep + ["student.concurrency=1"]))
+    finally:
+        torch.set_num_threads(threads)
+    together = metadistill_flow(config=load_config(overrides=sweep + ["student.concurrency=2"]))
+    assert torch.get_num_threads() == threads  # the sweep gave the cores back
+    assert together["student_concurrency"] == 2
+    key = lambda s: (s["method"], s["seed"])  # noqa: E731
+    assert sorted(map(key, alone["students"])) == sorted(map(key, together["students"]))
+    first = {key(s): (s["test_acc"], s["test_loss"]) for s in alone["students"]}
+    for s in together["students"]:
+        assert (s["test_acc"], s["test_loss"]) == first[key(s)], key(s)
+    client = _client(home)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("it-conc").experiment_id],
+                                          f"tags.mlflow.parentRunId = '{together['mlflow_run_id']}'")
+            if r.info.run_name.startswith("student/")]
+    assert len(runs) == 10 and all(r.info.status == "FINISHED" for r in runs)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))  # two ran at once
 
 
 def test_cli_run_writes_summary(home, tmp_path):

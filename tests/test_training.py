@@ -89,3 +89,25 @@ def test_gradient_clipping_bounds_the_step():
     train_classifier(model, x, y, cfg, huge, seed=0)
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm()
     assert moved == pytest.approx(0.1, rel=1e-4)  # lr x the clipped norm of 1
+
+
+def test_bf16_autocast_covers_forward_and_loss_only_so_clipped_training_learns(monkeypatch):
+    """CPU stand-in for CUDA's bf16 autocast: with clipping on, the model must learn as in
+    float32 (under autocast the clip norm overflowed and zeroed every step)."""
+    import contextlib
+
+    from pipelines import training
+
+    monkeypatch.setattr(training, "autocast", lambda device, mode: torch.autocast("cpu", dtype=torch.bfloat16)
+                        if mode == "bf16" else contextlib.nullcontext())
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    y = torch.randint(0, 4, (512,), generator=g)
+    x = centres[y] + torch.randn(512, 16, generator=g)
+    losses = {}
+    for mode in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        cfg = TrainConfig(steps=100, batch_size=64, log_every=100, grad_clip=1.0, precision=mode)
+        losses[mode] = train_classifier(model, x, y, cfg, training.cross_entropy, seed=0).curve["train_loss"][-1][1]
+    assert losses["fp32"] < 0.5 and abs(losses["bf16"] - losses["fp32"]) < 0.1, losses

@@ -1,0 +1,80 @@
+"""Teacher test accuracy under each augmentation policy, over paired seeds, in one run.
+
+    python benchmarks/augment_quality.py [--preset P] [--set k=v ...]
+        [--policies learned,trivialaugment,randaugment,fixed,none] [--seeds 5] --json F
+
+Seed s trains one teacher per policy with ``teacher.seed=s`` (same data, same budget);
+the learned policy is searched with ``data.augment_search.seed=s`` first, and its cost is
+reported against one teacher training (``search_cost_ratio``: mean search seconds over the
+mean seconds of a teacher training).  Against ``learned``, each other policy gets the
+paired difference (learned minus it), its 95% CI and the paired t-test's p-value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    import numpy as np
+    from scipy import stats
+
+    from benchmarks.common import write_json
+    from pipelines import augment_search, distributed, stages
+    from pipelines import data as data_stage
+    from pipelines.config import load_config
+    from pipelines.evaluate import evaluate
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--policies", default="learned,trivialaugment,randaugment,fixed,none")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    policies = args.policies.split(",")
+    acc: dict[str, list[float]] = {p: [] for p in policies}
+    seconds: dict[str, list[float]] = {p: [] for p in policies}
+    search_seconds: list[float] = []
+    for seed in range(args.seeds):
+        for policy in policies:
+            cfg = load_config(args.preset, None, [*args.overrides, f"data.augment_policy={policy}",
+                                                  f"teacher.seed={seed}", f"data.augment_search.seed={seed}"])
+            data = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
+            if policy == "learned":
+                search_seconds.append(augment_search.learned_policy(cfg, data).seconds)
+            start = time.perf_counter()
+            model, _ = stages.fit_teacher(cfg, data)
+            seconds[policy].append(time.perf_counter() - start)
+            acc[policy].append(evaluate(model, data.x("test"), data.y("test"), data.num_classes).accuracy)
+            print(f"seed {seed} {policy}: test acc {acc[policy][-1]:.4f} ({seconds[policy][-1]:.0f} s)", flush=True)
+    result = {"preset": args.preset or "digits", "overrides": args.overrides, "seeds": args.seeds,
+              "policies": {p: {"test_acc": float(np.mean(acc[p])), "test_acc_std": float(np.std(acc[p], ddof=1))
+                               if args.seeds > 1 else 0.0, "seconds": float(np.mean(seconds[p])),
+                               "per_seed": acc[p]} for p in policies}}
+    if "learned" in policies:
+        result["vs_learned"] = {}
+        for p in policies:
+            if p == "learned":
+                continue
+            diff = np.array(acc["learned"]) - np.array(acc[p])
+            half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))) \
+                if len(diff) > 1 else float("nan")
+            p_value = float(stats.ttest_rel(acc["learned"], acc[p]).pvalue) if len(diff) > 1 else float("nan")
+            result["vs_learned"][p] = {"diff": float(diff.mean()), "ci95": half, "p": p_value}
+        teacher_seconds = float(np.mean([s for p in policies for s in seconds[p]]))
+        result["search_seconds"] = float(np.mean(search_seconds))
+        result["search_cost_ratio"] = result["search_seconds"] / teacher_seconds
+        result["target_search_cost_ratio_max"] = 1.5
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The prepare-augmentation stage's body: the learned policy's online search, its cache,
+and the training augmentation of every policy (no Prefect, no MLflow here).
+
+The search (``data.augment_policy=learned``) trains a proxy network of the student's
+architecture on the policy's augmented batches (one hard op per image); every
+``interval`` steps the policy takes one Adam step on its hypergradient
+(``meta.augment.policy_hypergrad``: the quiz cross-entropy after one unrolled SGD step of
+the proxy on a softly augmented batch).  The result is cached under the home by data key,
+search settings and proxy architecture, so the teacher, the students and torchrun workers
+share one search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from meta.augment import AugmentPolicy, draw_noise, policy_hypergrad
+from meta.functional import params_of
+from models.registry import build_model
+from pipelines.augment import Augmenter, make_augmenter
+from pipelines.config import PipelineConfig, read_policy_file
+from pipelines.home import cache_dir
+from pipelines.progress import progress_bar
+from pipelines.rng import global_rng
+from pipelines.training import LogFn, check_finite, rows
+
+SEARCH_VERSION = 1
+
+
+@dataclass
+class SearchResult:
+    spec: dict
+    history: dict[str, list] = field(default_factory=dict)  # step, probabilities, magnitudes, quiz_loss
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def search_key(cfg: PipelineConfig, data) -> str:
+    blob = json.dumps({"v": SEARCH_VERSION, "data": data.key,
+                       "search": cfg.data.augment_search.model_dump(mode="json"),
+                       "proxy": cfg.student.model.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+    """The learned policy: from ``data.augment_policy_file``, the cache, or a new search."""
+    if cfg.data.augment_policy_file is not None:
+        return SearchResult(read_policy_file(cfg.data.augment_policy_file.expanduser()), cached=True)
+    path = cache_dir("augment") / f"{search_key(cfg, data)}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return SearchResult(saved["policy"], saved["history"], saved["seconds"], cached=True)
+    result = search(cfg, data, on_log)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"policy": result.spec, "history": result.history, "seconds": result.seconds}))
+    os.replace(tmp, path)
+    return result
+
+
+def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+    s, device = cfg.data.augment_search, data.device
+    generator = torch.Generator().manual_seed(s.seed)
+    with global_rng(s.seed):
+        proxy = build_model(cfg.student.model.arch, data.input_shape, data.num_classes,
+                            **cfg.student.model.kwargs).to(device)
+        policy = AugmentPolicy(s.ops, s.init_magnitude).to(device)
+    model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
+    policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    normalize = lambda pixels: (pixels - mean) / std  # noqa: E731
+    x, y, xq, yq = data.x("train"), data.y("train"), data.x("quiz"), data.y("quiz")
+    history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
+    start = time.perf_counter()
+    proxy.train()
+    with progress_bar("augmentation search", total=s.steps) as advance:
+        for step in range(1, s.steps + 1):
+            idx = torch.randint(len(y), (s.batch_size,), generator=generator)
+            pixels, labels = (rows(x, idx, device) * std + mean).clamp(0, 1), rows(y, idx, device)
+            if step % s.interval == 0:
+                q = torch.randint(len(yq), (s.batch_size,), generator=generator)
+                noise = draw_noise(s.batch_size, len(s.ops), generator, device)
+                grads, quiz_loss = policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels,
+                                                    (rows(xq, q, device), rows(yq, q, device)), noise,
+                                                    s.model_lr, normalize, s.tau)
+                check_finite(quiz_loss, "augmentation search", step, "quiz loss")
+                policy_opt.zero_grad(set_to_none=True)
+                for name, p in policy.named_parameters():
+                    p.grad = grads[name]
+                policy_opt.step()
+                if step % (10 * s.interval) == 0 or step == s.steps:
+                    _record(history, step, policy, quiz_loss, on_log)
+            with torch.no_grad():
+                augmented = policy(pixels, *draw_noise(s.batch_size, len(s.ops), generator, device), hard=True)
+            loss = F.cross_entropy(proxy(normalize(augmented)), labels)
+            model_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            model_opt.step()
+            advance()
+    return SearchResult(policy.to_json(), history, time.perf_counter() - start)
+
+
+def _record(history: dict, step: int, policy: AugmentPolicy, quiz_loss: float, on_log: LogFn | None) -> None:
+    probs, mags = policy.probabilities().tolist(), policy.magnitudes().tolist()
+    history["step"].append(step)
+    history["probabilities"].append(probs)
+    history["magnitudes"].append(mags)
+    history["quiz_loss"].append(quiz_loss)
+    if on_log is not None:
+        on_log(step, {"augment_quiz_loss": quiz_loss, **{f"augment_p_{op}": p for op, p in zip(policy.ops, probs)},
+                      **{f"augment_m_{op}": m for op, m in zip(policy.ops, mags)}})
+
+
+def augmenter_for(cfg: PipelineConfig, data) -> Augmenter | None:
+    """The training augmentation of ``cfg`` for ``data`` (a learned policy read from its
+    cache, or searched first when nothing ran the stage)."""
+    learned = learned_policy(cfg, data).spec if cfg.data.augment_policy == "learned" else None
+    return make_augmenter(cfg.data, data, learned)
+
+
+def policy_fingerprint(cfg: PipelineConfig, data) -> dict:
+    """What a cache key (teacher, kd_tuned grid) needs to know of the augmentation."""
+    augment = cfg.data.model_dump(mode="json")["augment"]
+    if cfg.data.augment_policy == "fixed":  # keys of "fixed" (the default) stay as they were
+        return augment
+    fingerprint = {"policy": cfg.data.augment_policy, "fixed": augment}
+    if cfg.data.augment_policy == "learned":
+        fingerprint["learned"] = learned_policy(cfg, data).spec
+    return fingerprint
+
+
+def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: int = 7):
+    """A figure: one row per class (at most 10), its first training image, then ``draws``
+    augmentations of it (seeds 0..draws-1): what the policy does, for a person to see."""
+    from matplotlib.figure import Figure
+
+    y = data.y("train").cpu()
+    classes = sorted(set(y.tolist()))[:10]
+    fig = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(classes)))
+    axes = fig.subplots(len(classes), draws + 1, squeeze=False)
+    mean = torch.tensor(data.mean).view(-1, 1, 1)
+    std = torch.tensor(data.std).view(-1, 1, 1)
+    for row, c in enumerate(classes):
+        image = data.x("train")[int((y == c).nonzero()[0])].cpu()
+        batch = image.expand(draws, *image.shape).clone()
+        augmented = augmenter(batch, torch.arange(draws)).cpu() if augmenter is not None else batch
+        for col, img in enumerate([image, *augmented]):
+            pixels = (img * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+            axes[row][col].imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=1)
+            axes[row][col].axis("off")
+        axes[row][0].set_title(str(data.class_names[c]), fontsize=6)
+    fig.suptitle(f"augment_policy={cfg.data.augment_policy}: original, then {draws} draws", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: dict, ops: list[str]):
+    """Op probabilities and magnitudes (as a share of each op's range) over the search."""
+    from matplotlib.figure import Figure
+
+    from meta.augment import MAX_MAGNITUDE
+
+    fig = Figure(figsize=(10, 3.4))
+    ax_p, ax_m = fig.subplots(1, 2)
+    for k, op in enumerate(ops):
+        ax_p.plot(history["step"], [p[k] for p in history["probabilities"]], label=op)
+        ax_m.plot(history["step"], [m[k] / MAX_MAGNITUDE[op] for m in history["magnitudes"]], label=op)
+    ax_p.set_title("op probability")
+    ax_m.set_title("magnitude / its range")
+    for ax in (ax_p, ax_m):
+        ax.set_xlabel("search step")
+    ax_m.legend(fontsize=6)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,196 @@
+"""The learned augmentation policy (meta/augment.py): its ops, its hypergradient against
+finite differences (float64), its JSON round trip and the refusals of a bad policy."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from meta.augment import (MAX_MAGNITUDE, OPS, AugmentPolicy, PolicyError, apply_op, draw_noise, policy_hypergrad)
+from meta.functional import params_of
+from tests.helpers import worst_relative_error
+
+
+def _images(n=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_each_op_is_the_identity_at_zero_and_changes_the_image_otherwise(op):
+    x = _images()
+    assert torch.allclose(apply_op(op, x, torch.zeros(len(x), dtype=x.dtype)), x, atol=1e-6)
+    moved = apply_op(op, x, torch.full((len(x),), 0.8 * MAX_MAGNITUDE[op], dtype=x.dtype))
+    assert (moved - x).abs().max() > 0.05 and moved.min() >= 0 and moved.max() <= 1
+
+
+def test_translate_moves_by_the_fraction_of_the_width():
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    x[0, 0, :, 2] = 1.0
+    moved = apply_op("translate_x", x, torch.tensor([0.25], dtype=torch.float64))  # 2 of 8 pixels
+    assert moved[0, 0, 4].argmax().item() == 4
+
+
+def test_hypergradient_matches_finite_differences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    policy = AugmentPolicy(("rotate", "translate_y", "contrast", "sharpness")).double()
+    with torch.no_grad():
+        policy.logits.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    x, xq = _images(8, 1), _images(10, 2)
+    y, yq = torch.arange(8) % 3, torch.arange(10) % 3
+    gumbel, signs = draw_noise(8, 4, torch.Generator().manual_seed(3), torch.device("cpu"))
+    noise = (gumbel.double(), signs.double())
+    grads, loss = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=0.5)
+    assert set(grads) == {"logits", "raw_magnitude"} and all(g.abs().sum() > 0 for g in grads.values())
+    base = {k: v.detach().clone() for k, v in policy.named_parameters()}
+
+    def loss_at(p):
+        probe = AugmentPolicy(policy.ops).double()
+        with torch.no_grad():
+            for k, v in probe.named_parameters():
+                v.copy_(p[k])
+        return policy_hypergrad(model, params_of(model), probe, x, y, (xq, yq), noise, lr=0.5)[1]
+
+    assert loss_at(base) == pytest.approx(loss)
+    assert worst_relative_error(grads, base, loss_at) < 1e-4
+
+
+def test_a_hypergradient_step_lowers_the_quiz_loss():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double()
+    policy = AugmentPolicy().double()
+    x, xq = _images(16, 4), _images(16, 5)
+    y, yq = torch.arange(16) % 3, torch.arange(16) % 3
+    gumbel, signs = draw_noise(16, len(OPS), torch.Generator().manual_seed(6), torch.device("cpu"))
+    noise = (gumbel.double(), signs.double())
+    grads, before = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=1.0)
+    with torch.no_grad():
+        for k, p in policy.named_parameters():
+            p -= 0.05 * grads[k]
+    _, after = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=1.0)
+    assert after < before
+
+
+def test_hard_choice_applies_exactly_one_op_per_image():
+    policy = AugmentPolicy(("brightness", "translate_x"))
+    x = _images(4, dtype=torch.float32)
+    gumbel = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    signs = torch.ones(4, 2)
+    out = policy(x, gumbel, signs, hard=True)
+    m = policy.magnitudes().detach()
+    assert torch.allclose(out[0], apply_op("brightness", x[:1], m[:1])[0], atol=1e-6)
+    assert torch.allclose(out[1], apply_op("translate_x", x[1:2], m[1:])[0], atol=1e-6)
+
+
+def test_json_round_trip():
+    policy = AugmentPolicy(("rotate", "brightness", "scale"))
+    with torch.no_grad():
+        policy.logits.copy_(torch.tensor([1.0, 0.0, -1.0]))
+        policy.raw_magnitude.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    spec = json.loads(json.dumps(policy.to_json()))
+    again = AugmentPolicy.from_json(spec)
+    assert again.ops == policy.ops
+    assert torch.allclose(again.probabilities(), policy.probabilities(), atol=1e-6)
+    assert torch.allclose(again.magnitudes(), policy.magnitudes(), atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"version": 1, "ops": [{"name": "solarize", "probability": 1.0, "magnitude": 0.1}]}, "ops[0].name"),
+    ({"version": 1, "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 45.0}]}, "ops[0].magnitude"),
+    ({"version": 1, "ops": [{"name": "rotate", "probability": 0.5, "magnitude": 5.0},
+                            {"name": "scale", "probability": 1.5, "magnitude": 0.1}]}, "ops[1].probability"),
+    ({"version": 1, "ops": [{"name": "rotate", "probability": 0.5, "magnitude": 5.0},
+                            {"name": "scale", "probability": 0.2, "magnitude": 0.1}]}, "sum to"),
+    ({"ops": []}, "an augmentation policy is"),
+])
+def test_bad_policy_is_refused_naming_the_field(spec, field):
+    with pytest.raises(PolicyError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        AugmentPolicy.from_json(spec)
+
+
+def test_learned_ops_are_seeded_per_example():
+    from pipelines.augment import LearnedOps
+
+    policy = AugmentPolicy(("rotate", "brightness", "translate_x"))
+    ops = LearnedOps(policy.to_json(), [0.3], [0.4])
+    x, seeds = (_images(16, dtype=torch.float32) - 0.3) / 0.4, torch.arange(16) * 7919
+    out = ops(x, seeds)
+    assert torch.equal(out, ops(x, seeds)) and torch.equal(out[5:9], ops(x[5:9], seeds[5:9]))
+    assert not torch.equal(out, ops(x, seeds + 1))
+    assert ((out - x).flatten(1).abs().amax(1) > 1e-3).float().mean() > 0.8  # every op moves the image
+
+
+def test_torchvision_export_runs():
+    from pipelines.augment import to_torchvision
+
+    transform = to_torchvision(AugmentPolicy().to_json())
+    out = transform(torch.rand(3, 16, 16))
+    assert out.shape == (3, 16, 16)
+
+
+def _search_cfg(*extra):
+    from pipelines.config import load_config
+
+    return load_config(overrides=["data.augment_policy=learned", "data.augment_search.steps=40",
+                                  "data.augment_search.batch_size=32", *extra])
+
+
+def test_search_writes_a_valid_policy_once_and_keys_the_teacher_by_it(home):
+    from pipelines import augment_search, stages
+    from pipelines import data as data_stage
+
+    cfg = _search_cfg()
+    prepared = data_stage.prepare(cfg.data)
+    first = augment_search.learned_policy(cfg, prepared)
+    assert not first.cached and first.seconds > 0 and first.history["step"][-1] == 40
+    learned = AugmentPolicy.from_json(first.spec)  # valid: every field in range
+    assert not torch.allclose(learned.probabilities(), torch.full((len(OPS),), 1 / len(OPS)))  # it moved
+    again = augment_search.learned_policy(cfg, prepared)
+    assert again.cached and again.spec == first.spec
+    other = _search_cfg("data.augment_search.seed=1")
+    assert augment_search.learned_policy(other, prepared).spec != first.spec
+    assert stages.teacher_key(cfg, prepared) != stages.teacher_key(other, prepared)
+    augment = augment_search.augmenter_for(cfg, prepared)
+    x = prepared.x("train")[:8]
+    assert augment(x, torch.arange(8)).shape == x.shape
+
+
+def test_bad_policy_file_exits_2_naming_the_field(tmp_path, capsys):
+    from pipelines.cli import main
+
+    def exit_code(*sets):
+        try:
+            return main(["config", *[a for s in sets for a in ("--set", s)]])
+        except SystemExit as exc:
+            return exc.code
+
+    bad = tmp_path / "policy.json"
+    bad.write_text(json.dumps({"version": 1, "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 99}]}))
+    assert exit_code("data.augment_policy=learned", f"data.augment_policy_file={bad}") == 2
+    assert "ops[0].magnitude (rotate): 99 is not in (0, 30.0)" in capsys.readouterr().err
+    assert exit_code(f"data.augment_policy_file={bad}") == 2  # the policy must be learned
+    assert "set data.augment_policy=learned" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(AugmentPolicy(("rotate", "scale")).to_json()))
+    assert exit_code("data.augment_policy=learned", f"data.augment_policy_file={good}") == 0
+
+
+def test_the_flow_logs_the_search_the_policy_and_the_examples(home, prefect_server):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.flow import metadistill_flow
+
+    cfg = _search_cfg("teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=100",
+                      "student.train.steps=40", "student.methods=[scratch]", "student.seeds=[0]",
+                      "tracking.register_best=false", "tracking.experiment=it-augment")
+    summary = metadistill_flow(config=cfg)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = next(r for r in client.search_runs([client.get_experiment_by_name("it-augment").experiment_id])
+               if r.info.run_name == "augmentation")
+    assert run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    assert {"augment_policy.json", "augment_policy_search.png", "augmented_examples.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "augment_p_rotate" in run.data.metrics and summary["timings"]["augmentation"] > 0
