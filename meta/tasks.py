@@ -31,10 +31,13 @@ class TaskSampler:
 
     @classmethod
     def from_labels(cls, x: torch.Tensor, y: torch.Tensor, ways: int, shots: int, queries: int,
-                    rotations: bool = False) -> TaskSampler:
-        """Classes from a labelled tensor set; classes with too few examples are dropped."""
+                    rotations: bool = False, select=None) -> TaskSampler:
+        """Classes from a labelled set; classes with too few examples are dropped.
+        ``select(x, idx)`` picks a class's rows (default ``x[idx]``; a lazily read set can
+        keep them lazy, as long as indexing the result with a tensor gives images)."""
         need = shots + queries
-        per_class = [x[y == c] for c in torch.unique(y).tolist()]
+        select = select or (lambda data, idx: data[idx])
+        per_class = [select(x, (y == c).nonzero().flatten()) for c in torch.unique(y).tolist()]
         return cls([c for c in per_class if len(c) >= need], ways, shots, queries, rotations)
 
     def _class_images(self, cls: int) -> torch.Tensor:

@@ -102,6 +102,16 @@ class DataConfig(Strict):
         "side of the square images every source is brought to: the shorter side is resized to it "
         "(bilinear, antialiased when shrinking), then the centre is cropped; default: the set's own "
         "(digits 8, MNIST/Fashion-MNIST/Omniglot 28, CIFAR 32, image folders 32)"))
+    storage: Literal["auto", "memory", "stream"] = Field("auto", description=(
+        "memory: every split decoded into one float32 tensor in RAM (fast for small sets); stream: "
+        "the splits written once as WebDataset-style tar shards, read through DataLoader workers "
+        "that decode each batch (bounded memory); auto: stream for image folders and the CIFAR "
+        "JPEG zips whose float32 tensors would take over data.memory_limit_gb, else memory"))
+    memory_limit_gb: float = Field(4.0, gt=0, description="storage=auto: the largest prepared size kept in RAM")
+    workers: int | None = Field(None, ge=0, description="storage=stream: DataLoader worker processes per "
+                                                        "training process (0: decode in the training "
+                                                        "process); default: min(4, CPU cores - 1)")
+    shard_mb: int = Field(256, ge=1, description="storage=stream: target size of one tar shard")
 
     @model_validator(mode="after")
     def _policy_file(self) -> DataConfig:
@@ -529,7 +539,7 @@ class PipelineConfig(Strict):
         shape, classes = dataset_shape(self.data)
         for role in ("teacher", "student"):
             batch = getattr(self, role).train.batch_size
-            if batch > MIN_TRAIN_SIZE[self.data.name] and self.data.label_budget is None:
+            if batch > MIN_TRAIN_SIZE.get(self.data.name, batch) and self.data.label_budget is None:
                 raise ValueError(f"{role}.train.batch_size={batch} exceeds the train split of {self.data.name}")
         if self.data.label_budget is not None and self.data.label_budget < self.student.train.batch_size:
             raise ValueError(f"data.label_budget={self.data.label_budget} is smaller than "
@@ -598,7 +608,7 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "imagefolder": ((3, 32, 32), 10),
 }
 MIN_TRAIN_SIZE = {"digits": 800, "mnist": 40000, "fashion-mnist": 40000, "cifar10": 5000,
-                  "cifar100": 30000, "omniglot": 10000, "imagefolder": 64}
+                  "cifar100": 30000, "omniglot": 10000}  # an image folder's size is known once read
 
 
 def _param_count(cfg: ModelConfig, shape, classes, role: str) -> int:

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.config import ConfigError, DataConfig
-from pipelines.home import cache_dir
+from pipelines.home import cache_dir, sha256_of
 
 CACHE_VERSION = 2  # 2: transfer split
 SPLITS = ("train", "quiz", "val", "test")  # labelled; "transfer" has inputs only
@@ -60,6 +60,7 @@ class Prepared:
     cached: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")  # where training on it runs (see `place`)
+    storage: str = "memory"  # or "stream": the x splits are lazy `pipelines.shards.ShardImages`
 
     def x(self, split: str) -> torch.Tensor:
         return self.tensors[f"{split}_x"]
@@ -77,7 +78,8 @@ def place(data: Prepared, device: torch.device, share: float = 0.5) -> Prepared:
     """``data`` for training on ``device``.  Its tensors move there once when they take at
     most ``share`` of the device's free memory; else they stay on the host in pinned
     memory, and the training loops copy each batch over without blocking."""
-    if device.type == "cpu" or data.device == device:
+    streamed = any(not isinstance(t, torch.Tensor) for t in data.tensors.values())
+    if device.type == "cpu" or data.device == device or streamed:  # stream batches are copied as decoded
         return dataclasses.replace(data, device=device)
     nbytes = sum(t.numel() * t.element_size() for t in data.tensors.values())
     free, _ = torch.cuda.mem_get_info(device)
@@ -126,9 +128,7 @@ def _sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        sha256_of(path, digest)
     return digest.hexdigest()
 
 
@@ -386,33 +386,37 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) 
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
-def make_splits(raw: RawData, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Labelled splits as (x, y); ``transfer`` as (x, None): its labels never leave here."""
+def split_indices(y: np.ndarray, has_test: bool, cfg: DataConfig) -> dict[str, np.ndarray | None]:
+    """Each split's rows of the source's training pool (labels ``y``); ``test`` is None when
+    the source has a test split of its own.  Both storage modes split through here."""
     rng = np.random.default_rng(cfg.split_seed)
-    x, y = raw.train
-    if raw.test is None:
-        keep, test = _stratified_split(y, cfg.test_fraction, rng)
-        test_pair = (x[test], y[test])
-        x, y = x[keep], y[keep]
-    else:
-        test_pair = raw.test
-    n_keep = int(round(len(y) * cfg.train_fraction))
+    pool, test = np.arange(len(y)), None
+    if not has_test:
+        pool, test = _stratified_split(y, cfg.test_fraction, rng)
+    n_keep = int(round(len(pool) * cfg.train_fraction))
     if cfg.label_budget is not None:
         n_keep = min(n_keep, cfg.label_budget)
-    transfer = np.zeros((0, *x.shape[1:]), dtype=x.dtype)
-    if n_keep < len(y):
-        pool = rng.permutation(len(y))
+    transfer = np.zeros(0, dtype=np.int64)
+    if n_keep < len(pool):
+        drawn = rng.permutation(len(pool))
         if cfg.transfer:
-            rest = np.sort(pool[n_keep:])[:cfg.transfer_limit]
-            transfer = x[rest]
-        keep = np.sort(pool[:n_keep])
-        x, y = x[keep], y[keep]
-    order = rng.permutation(len(y))
-    n_val = int(round(len(y) * cfg.val_fraction))
-    n_quiz = max(1, int(round(len(y) * cfg.quiz_fraction)))
-    val, quiz, train = order[:n_val], order[n_val:n_val + n_quiz], order[n_val + n_quiz:]
-    return {"train": (x[train], y[train]), "quiz": (x[quiz], y[quiz]), "val": (x[val], y[val]),
-            "test": test_pair, "transfer": (transfer, None)}
+            transfer = pool[np.sort(drawn[n_keep:])[:cfg.transfer_limit]]
+        pool = pool[np.sort(drawn[:n_keep])]
+    order = rng.permutation(len(pool))
+    n_val = int(round(len(pool) * cfg.val_fraction))
+    n_quiz = max(1, int(round(len(pool) * cfg.quiz_fraction)))
+    return {"train": pool[order[n_val + n_quiz:]], "quiz": pool[order[n_val:n_val + n_quiz]],
+            "val": pool[order[:n_val]], "test": test, "transfer": transfer}
+
+
+def make_splits(raw: RawData, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Labelled splits as (x, y); ``transfer`` as (x, None): its labels never leave here."""
+    x, y = raw.train
+    rows = split_indices(y, raw.test is not None, cfg)
+    splits = {name: (x[rows[name]], y[rows[name]]) for name in ("train", "quiz", "val")}
+    splits["test"] = raw.test if rows["test"] is None else (x[rows["test"]], y[rows["test"]])
+    splits["transfer"] = (x[rows["transfer"]], None)
+    return splits
 
 
 def _transfer_files(root: Path) -> list[Path]:
@@ -437,11 +441,44 @@ def _read_transfer_root(files: list[Path], shape: tuple[int, ...], on_bad: str) 
     return x, skipped
 
 
+# ---------------------------------------------------------------- storage
+
+STREAMABLE = ("imagefolder", "cifar10")  # sources of image files, read one file at a time
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def storage_for(cfg: DataConfig) -> str:
+    """``data.storage``, with ``auto`` settled: stream an image-folder or CIFAR-zip source
+    whose float32 tensors would take over ``data.memory_limit_gb``; keep the rest in memory."""
+    if cfg.storage != "auto":
+        return cfg.storage
+    if cfg.name not in STREAMABLE or (root := resolve_root(cfg)) is None or not root.is_dir():
+        return "memory"
+    if cfg.name == "imagefolder":
+        count = len(image_files(root))
+    else:
+        zips = [p for p in (root / "cifar10" / "cifar10_train_jpg.zip", root / "cifar10" / "cifar10_test_jpg.zip",
+                            root / "cifar10_train_jpg.zip", root / "cifar10_test_jpg.zip") if p.is_file()]
+        count = 0
+        for path in zips:
+            with zipfile.ZipFile(path) as zf:
+                count += sum(n.lower().endswith(IMAGE_SUFFIXES) for n in zf.namelist())
+    side = cfg.image_size or 32
+    return "stream" if count * 3 * side * side * 4 > cfg.memory_limit_gb * 2**30 else "memory"
+
+
 # ---------------------------------------------------------------- caching
 
-def cache_key(cfg: DataConfig, source_hash: str) -> str:
-    settings = cfg.model_dump(mode="json", exclude={"root", "download", "transfer_root"})
-    blob = json.dumps({"v": CACHE_VERSION, "source": source_hash, "settings": settings}, sort_keys=True)
+def cache_key(cfg: DataConfig, source_hash: str, storage: str = "memory") -> str:
+    settings = cfg.model_dump(mode="json", exclude={"root", "download", "transfer_root", "storage",
+                                                     "memory_limit_gb", "workers", "shard_mb"})
+    blob = {"v": CACHE_VERSION, "source": source_hash, "settings": settings}
+    if storage != "memory":
+        blob["storage"] = storage
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -474,7 +511,12 @@ def _load_cached(folder: Path) -> Prepared | None:
 
 
 def prepare(cfg: DataConfig) -> Prepared:
-    """Load (or reuse from cache) the normalised train/quiz/val/test tensors."""
+    """Load (or reuse from cache) the normalised train/quiz/val/test splits: tensors in
+    memory, or shards read as they are needed (``data.storage``, see :func:`storage_for`)."""
+    if storage_for(cfg) == "stream":
+        from pipelines.stream import prepare_stream
+
+        return prepare_stream(cfg)
     raw, source_hash = load_raw(cfg)
     transfer_files = _transfer_files(Path(cfg.transfer_root).expanduser()) if cfg.transfer_root else []
     if transfer_files:

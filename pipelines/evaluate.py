@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.training import device_of, to_device
+from pipelines.training import device_of, in_batches, inference_batch
 
 
 @dataclass
@@ -41,11 +41,11 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-             batch: int = 1024) -> Evaluation:
+             batch: int | None = None) -> Evaluation:
     model.eval()
     device = device_of(model, x.device)
     # Forward on the model's device; the metrics on the host (y's device when it is there).
-    logits = torch.cat([model(to_device(x[i:i + batch], device)).float().cpu() for i in range(0, len(y), batch)])
+    logits = torch.cat([model(images).float().cpu() for images in in_batches(x, batch or inference_batch(x), device)])
     y = y.cpu()
     probs = logits.softmax(-1)
     predicted = logits.argmax(-1)

@@ -11,7 +11,7 @@ import torch
 from meta.tasks import TaskSampler
 from models.registry import build_model
 from pipelines import distributed, plots, tracking
-from pipelines.config import PipelineConfig
+from pipelines.config import ConfigError, PipelineConfig
 from pipelines.data import DataError, resolve_root
 from pipelines.meta_train import evaluate_tasks, meta_train
 from pipelines.omniglot import load_characters, load_lake_runs
@@ -19,6 +19,9 @@ from pipelines.sources import Source, check_init, init_source, start_from
 
 
 def _root(cfg: PipelineConfig):
+    if cfg.data.storage == "stream":
+        raise ConfigError("metadistill fewshot reads Omniglot's characters into memory (about 100 MB as float32); "
+                          "data.storage=stream applies to `metadistill run`: leave data.storage at auto or memory")
     root = resolve_root(cfg.data)
     if root is None:
         raise DataError("fewshot needs the Omniglot data: pass --set data.root=PATH or set METADISTILL_DATA")

@@ -62,7 +62,7 @@ def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
         timings["data"] = time.perf_counter() - start
         run.log_params({f"data.{k}": v for k, v in cfg.model_dump(mode="json").items()})
         run.log_metrics({f"n_{k}": v for k, v in prepared.counts.items()}, step=0)
-        run.set_tags({"data.key": prepared.key, "data.cached": prepared.cached})
+        run.set_tags({"data.key": prepared.key, "data.cached": prepared.cached, "data.storage": prepared.storage})
         labelled = {k: v for k, v in prepared.counts.items() if k not in ("transfer", "skipped_images")}
         for r in (run, parent):
             r.log_dataset(cfg.name, prepared.key, prepared.source, "training", labelled)

@@ -30,7 +30,7 @@ from models.normalize import adapt_input
 from models.registry import build_model, count_parameters
 from models.weights import load_weights, save_weights
 from pipelines.config import REGISTRY_URI, ConfigError, PipelineConfig, dataset_shape, teacher_input_shape
-from pipelines.home import cache_dir
+from pipelines.home import cache_dir, sha256_of
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SPEC_KEYS = ("arch", "input_shape", "num_classes")
@@ -74,14 +74,6 @@ class Source:
 
 
 # ---------------------------------------------------------------- reading weights
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _convert_hint(path: Path) -> str:
     return (f"convert a file you trust with: python -c \"import torch; from safetensors.torch import save_file; "

@@ -35,8 +35,8 @@ from pipelines.config import KDConfig
 from pipelines.home import cache_dir
 from pipelines.rng import global_rng
 from pipelines.sources import Source, start_from
-from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, cross_entropy, rows, to_device,
-                                train_classifier, validation_accuracy)
+from pipelines.training import (LogFn, TrainResult, Transfer, check_finite, cross_entropy, in_batches, inference_batch,
+                                part_of, rows, train_classifier, validation_accuracy)
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -142,8 +142,8 @@ class FrozenTeacher:
     def _logits_of_pool(self, ctx: StudentContext) -> torch.Tensor:
         pool = [ctx.data.x("train"), ctx.data.transfer()]
         with torch.no_grad():
-            return torch.cat([self.teacher(to_device(x[i:i + 1024], ctx.data.device)) for x in pool if x is not None
-                              for i in range(0, len(x), 1024)])
+            return torch.cat([self.teacher(images) for x in pool if x is not None
+                              for images in in_batches(x, inference_batch(x), ctx.data.device)])
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.table is not None:
@@ -250,7 +250,7 @@ def _maml_initialised(ctx: StudentContext):
 
     student, meta = ctx.new_student(), ctx.cfg.maml
     sampler = TaskSampler.from_labels(ctx.data.x("train"), ctx.data.y("train"), meta.ways or ctx.data.num_classes,
-                                      meta.shots, meta.queries, meta.rotations)
+                                      meta.shots, meta.queries, meta.rotations, select=part_of)
     return student, meta_train(student, sampler, meta, seed=ctx.seed, on_log=ctx.on_log, desc=f"{ctx.desc} meta",
                                checkpoint=ctx.checkpoint)
 

@@ -61,6 +61,67 @@ class TrainResult:
     steps: int = 0
 
 
+class BatchPlan:
+    """The seeded sequence of global batches: an epoch's random order cut into batches and,
+    when ``seeds``, an augmentation seed per example drawn after each batch.  Two plans
+    from the same state give the same batches: a stream reader runs one ahead of the loop."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, seeds: bool,
+                 order: torch.Tensor | None = None, cursor: int = 0):
+        self.n, self.batch_size, self.generator, self.seeds = n, batch_size, generator, seeds
+        self.order = torch.randperm(n, generator=generator) if order is None else order
+        self.cursor = cursor
+
+    def next(self) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """``(start, rows, seeds)``: the batch is ``order[start:start + batch_size]``."""
+        if self.cursor + self.batch_size > len(self.order):
+            self.order, self.cursor = torch.randperm(self.n, generator=self.generator), 0
+        start = self.cursor
+        self.cursor += self.batch_size
+        seeds = torch.randint(0, 2**31 - 1, (self.batch_size,), generator=self.generator) if self.seeds else None
+        return start, self.order[start:self.cursor], seeds
+
+    def copy(self) -> BatchPlan:
+        return BatchPlan(self.n, self.batch_size, torch.Generator().set_state(self.generator.get_state()),
+                         self.seeds, self.order, self.cursor)
+
+    def ahead(self, steps: int, local: slice) -> Iterator[torch.Tensor]:
+        """This rank's rows of the next ``steps`` batches, from a copy of the plan as it is now."""
+        plan = self.copy()
+        return (plan.next()[1][local] for _ in range(steps))
+
+
+class Feed:
+    """The loop's images for each step, one list entry per part (the labelled batch, the
+    transfer batch): gathered from tensors, or for lazy stream splits decoded ahead by one
+    set of DataLoader workers, in the order of copies of the parts' plans."""
+
+    def __init__(self, parts: list[tuple[object, BatchPlan, slice]], steps: int, device: torch.device):
+        self.arrays, self.device = [x for x, _, _ in parts], device
+        self.lazy = [k for k, x in enumerate(self.arrays) if hasattr(x, "stream")]
+        self.stream = None
+        if self.lazy:
+            from pipelines.shards import stream
+
+            batches = zip(*(plan.ahead(steps, local) for k, (_, plan, local) in enumerate(parts) if k in self.lazy))
+            self.stream = stream([self.arrays[k] for k in self.lazy], batches, device)
+
+    def take(self, idx: list[torch.Tensor], idx_there: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each part's rows ``idx[k]`` on the device (``idx_there``: the first part's, already there)."""
+        decoded = {}
+        if self.stream is not None:
+            got, images = next(self.stream)
+            for k, rows_got, x in zip(self.lazy, got, images):
+                if not torch.equal(rows_got, idx[k]):
+                    raise RuntimeError("stream reader out of step with the training loop: a bug, please report it")
+                decoded[k] = x
+        return [decoded[k] if k in decoded else rows(x, idx[k], self.device, idx_there if k == 0 else None)
+                for k, x in enumerate(self.arrays)]
+
+    def close(self) -> None:
+        self.stream = None  # stops the DataLoader's workers
+
+
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -103,6 +164,28 @@ def rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device,
     return to_device(t[idx], device)
 
 
+def inference_batch(x) -> int:
+    """Rows per forward pass when only scoring ``x``: 1024 images of 3x32x32, fewer of
+    larger images, so the activations of a pass stay the same size at any resolution."""
+    per_image = math.prod(x.shape[1:])
+    return max(8, min(1024, 1024 * 3 * 32 * 32 // per_image))
+
+
+def in_batches(x, size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """``x``'s rows in order, ``size`` at a time, on ``device``; a stream split's are
+    decoded ahead by its DataLoader workers."""
+    if hasattr(x, "chunks"):
+        yield from x.chunks(size, device)
+        return
+    for i in range(0, len(x), size):
+        yield to_device(x[i:i + size], device)
+
+
+def part_of(x, part: slice):
+    """Rows ``part`` (a slice or an index tensor) of ``x``; a stream split stays lazy."""
+    return x.subset(part) if hasattr(x, "subset") else x[part]
+
+
 @contextlib.contextmanager
 def precision(device: torch.device, mode: str) -> Iterator[None]:
     """``train.precision``'s math mode on CUDA: TensorFloat-32 matmuls and convolutions for
@@ -129,14 +212,14 @@ def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManag
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> float:
+    batch = batch or inference_batch(x)
     was_training = model.training
     model.eval()
     device = device_of(model, x.device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for i in range(0, len(y), batch):
-        chunk = torch.arange(i, min(i + batch, len(y)))
-        correct += (model(rows(x, chunk, device)).argmax(-1) == rows(y, chunk, device)).sum()
+    for i, images in zip(range(0, len(y), batch), in_batches(x, batch, device)):
+        correct += (model(images).argmax(-1) == to_device(y[i:i + batch], device)).sum()
     model.train(was_training)
     return correct.item() / max(1, len(y))
 
@@ -145,7 +228,7 @@ def validation_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> f
     """Each rank scores its part of the validation split; the counts are summed."""
     part = distributed.part(len(y))
     n = part.stop - part.start
-    correct, n = distributed.mean_scalars([accuracy(model, x[part], y[part]) * n, float(n)])
+    correct, n = distributed.mean_scalars([accuracy(model, part_of(x, part), y[part]) * n, float(n)])
     return correct / n
 
 
@@ -174,9 +257,14 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     Metrics accumulate on the device and are read at log steps only (no host sync per
     step); a NaN or infinite loss raises :class:`TrainingDiverged` naming ``desc`` and the
     first step it happened at, by the next log or checkpoint step."""
+    if cfg.batch_size > len(train_y):
+        raise ValueError(f"{desc}: train.batch_size={cfg.batch_size} exceeds the {len(train_y)} training examples; "
+                         f"lower the batch size")
     device = device or train_x.device
     generator = torch.Generator().manual_seed(seed)
     transfer_gen = torch.Generator().manual_seed(seed + 1_000_003)  # never the labelled order's
+    plan = BatchPlan(len(train_y), cfg.batch_size, generator, augment is not None)
+    t_plan = BatchPlan(len(transfer.x), transfer.per_step, transfer_gen, True) if transfer else None
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -186,22 +274,24 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     local = distributed.shard(cfg.batch_size)
     optimizer = make_optimizer(model.parameters(), cfg.optimizer)
     result = TrainResult(curve={"train_loss": [], "train_acc": [], "val_acc": []})
-    order, cursor, first = torch.randperm(len(train_y), generator=generator), 0, 1
-    t_order, t_cursor = (torch.randperm(len(transfer.x), generator=transfer_gen), 0) if transfer else (None, 0)
+    first = 1
     if checkpoint is not None and (state := checkpoint.load(phase)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        order, cursor, first = state["order"], state["cursor"], state["step"] + 1
+        plan.order, plan.cursor, first = state["order"], state["cursor"], state["step"] + 1
         if transfer is not None:
             transfer_gen.set_state(state["transfer_generator"])
-            t_order, t_cursor = state["transfer_order"], state["transfer_cursor"]
+            t_plan.order, t_plan.cursor = state["transfer_order"], state["transfer_cursor"]
         result.curve = state["curve"]
         if isinstance(loss_fn, Stateful):
             loss_fn.load_state_dict(state["loss"])
         print(f"{desc}: resumed from step {state['step']}", flush=True)
     t_local = distributed.shard(transfer.per_step) if transfer else None
-    order_there = None  # `order` on the training device
+    # The plans' positions are the checkpoint's: a resumed stream reads on from there.
+    feed = Feed([(train_x, plan, local)] + ([(transfer.x, t_plan, t_local)] if transfer else []),
+                cfg.steps - first + 1, device)
+    order_there = None  # the plan's order on the training device
     # loss sum, correct, examples, labelled examples (this rank's shard); first bad step
     running = torch.zeros(4, dtype=torch.float64, device=device)
     first_bad, bad_value = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), device=device)
@@ -210,24 +300,21 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     model.train()
     with progress_bar(desc, total=cfg.steps) as advance, precision(device, cfg.precision):
         for step in range(first, cfg.steps + 1):
-            if cursor + cfg.batch_size > len(order):
-                order, cursor = torch.randperm(len(train_y), generator=generator), 0
-            if order_there is None or cursor == 0:  # one copy of the order per epoch, none per step
-                order_there = to_device(order, device)
-            idx = order[cursor:cursor + cfg.batch_size][local]
-            index = order_there[cursor:cursor + cfg.batch_size][local]
-            cursor += cfg.batch_size
-            x, y = rows(train_x, idx, device, index), rows(train_y, idx, device, index)
+            at, batch, seeds = plan.next()
+            if order_there is None or at == 0:  # one copy of the order per epoch, none per step
+                order_there = to_device(plan.order, device)
+            idx, index = batch[local], order_there[at:at + cfg.batch_size][local]
+            if transfer is None:
+                x, = feed.take([idx], index)
+            else:
+                _, t_batch, t_seeds = t_plan.next()
+                t_idx = t_batch[t_local]
+                x, tx = feed.take([idx, t_idx], index)
+            y = rows(train_y, idx, device, index)
             if augment is not None:
-                x = augment(x, torch.randint(0, 2**31 - 1, (cfg.batch_size,), generator=generator)[local])
+                x = augment(x, seeds[local])
             if transfer is not None:
-                if t_cursor + transfer.per_step > len(t_order):
-                    t_order, t_cursor = torch.randperm(len(transfer.x), generator=transfer_gen), 0
-                t_idx = t_order[t_cursor:t_cursor + transfer.per_step][t_local]
-                tx = rows(transfer.x, t_idx, device)
-                t_seeds = torch.randint(0, 2**31 - 1, (transfer.per_step,), generator=transfer_gen)[t_local]
-                t_cursor += transfer.per_step
-                x = torch.cat([x, augment(tx, t_seeds) if augment is not None else tx])
+                x = torch.cat([x, augment(tx, t_seeds[t_local]) if augment is not None else tx])
                 y = torch.cat([y, torch.full((len(tx),), UNLABELED, dtype=y.dtype, device=device)])
                 index = torch.cat([index, len(train_y) + to_device(t_idx, device)])
             if cfg.channels_last and x.dim() == 4:
@@ -274,11 +361,12 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
             if saves:
                 checkpoint.save(phase, {
                     "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(), "order": order, "cursor": cursor,
+                    "generator": generator.get_state(), "order": plan.order, "cursor": plan.cursor,
                     "curve": result.curve,
                     "loss": loss_fn.state_dict() if isinstance(loss_fn, Stateful) else {},
-                    **({"transfer_generator": transfer_gen.get_state(), "transfer_order": t_order,
-                        "transfer_cursor": t_cursor} if transfer is not None else {})})
+                    **({"transfer_generator": transfer_gen.get_state(), "transfer_order": t_plan.order,
+                        "transfer_cursor": t_plan.cursor} if transfer is not None else {})})
+    feed.close()
     model.eval()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the clock measures work done, not work queued

@@ -25,6 +25,11 @@ BASE = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teache
         "student.train.log_every=5", "dist.checkpoint_every=5"]
 
 
+# Stream storage with the unlabeled transfer split, so both stream readers feed each step.
+STREAM = ["data.storage=stream", "data.label_budget=600", "data.workers=1"]
+STORAGES = ([], STREAM)
+
+
 @pytest.fixture(scope="module")
 def stage_home(tmp_path_factory):
     """A project home with the digits data prepared and a small teacher trained, as the
@@ -40,6 +45,8 @@ def stage_home(tmp_path_factory):
         prepared = data_stage.prepare(cfg.data)
         stages.train_teacher(cfg, prepared)
         teacher = stages.teacher_folder(cfg, prepared)
+        for storage in STORAGES:  # prepared once here, not raced for by the ranks
+            data_stage.prepare(load_config(overrides=BASE + storage).data)
     finally:
         if before is None:
             del os.environ["METADISTILL_HOME"]
@@ -102,6 +109,18 @@ def test_two_nodes_train_like_one_process(stage_home, tmp_path):
     assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
 
 
+def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
+    """Each rank decodes its half of every global batch from the shards (a DataLoader
+    worker each), labelled and transfer rows, and its half of the quiz for the teacher's
+    meta-step: the model equals one process reading whole batches."""
+    home, teacher, method = *stage_home, "meta_distill"
+    config = _write_config(tmp_path, STREAM + ["student.train.steps=12", "dist.nproc=2", "meta_distill.interval=2",
+                                               "meta_distill.learn=[kd_params, calibration]"], method)
+    _run(_torchrun(2, free_port()) + _stage_args(config, teacher, method, tmp_path / "two"), home)
+    _run([sys.executable] + _stage_args(config, teacher, method, tmp_path / "one"), home)
+    assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
+
+
 @pytest.mark.parametrize("method,overrides", [
     ("maml_init", ["maml.meta_steps=2", "maml.meta_batch=4", "maml.shots=2", "maml.queries=2",
                    "student.train.steps=1"]),
@@ -126,12 +145,15 @@ def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, metho
         assert _max_diff(tmp_path / "two" / "learned_teacher", tmp_path / "one" / "learned_teacher") <= 1e-5
 
 
-def test_sigkilled_worker_resumes_from_checkpoint(stage_home, tmp_path):
+@pytest.mark.parametrize("storage,steps", [([], 800), (STREAM, 400)], ids=["memory", "stream"])
+def test_sigkilled_worker_resumes_from_checkpoint(stage_home, tmp_path, storage, steps):
     """SIGKILL one worker mid-training: torchrun restarts both, they resume from the last
-    complete checkpoint and end where an uninterrupted run ends."""
+    complete checkpoint and end where an uninterrupted run ends.  Streamed, the readers
+    restart at the checkpoint's position in the seeded order."""
     home, teacher = stage_home
-    config = _write_config(tmp_path, ["student.train.steps=800", "student.train.log_every=100",
-                                      "dist.checkpoint_every=100", "dist.nproc=2"], "long")
+    every = steps // 8
+    config = _write_config(tmp_path, storage + [f"student.train.steps={steps}", f"student.train.log_every={every}",
+                                                f"dist.checkpoint_every={every}", "dist.nproc=2"], "long")
     proc = subprocess.Popen(_torchrun(2, free_port(), restarts=1) + _stage_args(config, teacher, "scratch", tmp_path / "killed"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(home), cwd=REPO)
     lines, pids, killed_after = [], {}, None
@@ -141,7 +163,7 @@ def test_sigkilled_worker_resumes_from_checkpoint(stage_home, tmp_path):
             for rank, pid in re.findall(r"rank (\d+)/2 \(node \d+\) pid (\d+)", line):
                 pids[int(rank)] = int(pid)
             saved = [int(s) for s in re.findall(r"checkpoint train step (\d+)", line)]
-            if killed_after is None and saved and saved[-1] >= 200:
+            if killed_after is None and saved and saved[-1] >= 2 * every:
                 killed_after = saved[-1]
                 os.kill(pids[1], signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, "".join(lines)[-12000:]
@@ -149,7 +171,7 @@ def test_sigkilled_worker_resumes_from_checkpoint(stage_home, tmp_path):
         if proc.poll() is None:  # the workers die with their agent (PR_SET_PDEATHSIG)
             proc.kill()
     log = "".join(lines)
-    assert killed_after is not None and killed_after < 800, log[-3000:]
+    assert killed_after is not None and killed_after < steps, log[-3000:]
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", log)]
     assert len(resumed) == 2 and resumed[0] == resumed[1], log[-3000:]  # both ranks, same checkpoint
     # The checkpoint loaded is the last one written before the kill or a later one

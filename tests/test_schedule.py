@@ -35,7 +35,7 @@ def stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         return
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=20)  # a clean stop takes a few seconds; a missed signal is not waited out
     except subprocess.TimeoutExpired:
         # A Prefect runner or flow-run process can miss its SIGTERM: the handler raises in the frame the
         # signal lands, and an exception raised inside a __del__ is only printed.  Kill the
