@@ -78,8 +78,7 @@ def place(data: Prepared, device: torch.device, share: float = 0.5) -> Prepared:
     """``data`` for training on ``device``.  Its tensors move there once when they take at
     most ``share`` of the device's free memory; else they stay on the host in pinned
     memory, and the training loops copy each batch over without blocking."""
-    streamed = any(not isinstance(t, torch.Tensor) for t in data.tensors.values())
-    if device.type == "cpu" or data.device == device or streamed:  # stream batches are copied as decoded
+    if device.type == "cpu" or data.device == device or data.storage == "stream":  # copied as decoded
         return dataclasses.replace(data, device=device)
     nbytes = sum(t.numel() * t.element_size() for t in data.tensors.values())
     free, _ = torch.cuda.mem_get_info(device)
@@ -207,33 +206,56 @@ def _load_idx_set(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     return RawData(pair("train"), pair("t10k"), _IDX_CLASSES[cfg.name], str(root)), list(files.values())
 
 
+# What PIL raises for a corrupt or truncated file (its UnidentifiedImageError is an OSError).
+UNREADABLE = (OSError, ValueError, SyntaxError)
+
+
+def decode_image(data: bytes, mode: str, size: int | None) -> tuple[np.ndarray, bool]:
+    """One encoded image as float32 (C, H, W) in [0, 1], converted to ``mode`` and brought to
+    ``size`` (:func:`_resize_and_crop`); and whether ``data`` already decodes to exactly that
+    (an 8-bit JPEG or PNG in ``mode`` at ``size``, which stream storage keeps as it is, since
+    PIL and torchvision's decoder give the same pixels for it).  Both storage modes decode
+    here.  Raises one of :data:`UNREADABLE` for a corrupt or truncated file."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # a truncated file fails here, not later
+    as_is = img.format in ("JPEG", "PNG") and img.mode == mode and (size is None or img.size == (size, size))
+    img = img.convert(mode)
+    if size is not None and img.size != (size, size):
+        img = _resize_and_crop(img, size)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), as_is
+
+
+def left_out(name: str, exc: Exception, on_bad: str, skipped: list[str]) -> None:
+    """``data.on_bad_image`` for an unreadable image: fail naming it, or note it in ``skipped``."""
+    if on_bad == "fail":
+        raise DataError(f"{name}: not a readable image ({exc}); fix or remove it, or set "
+                        f"data.on_bad_image=skip to leave such files out") from None
+    print(f"skipping unreadable image {name}: {exc}", flush=True)
+    skipped.append(name)
+
+
+def none_readable(names: list[str]) -> DataError:
+    return DataError(f"none of the {len(names)} images could be read (first: {names[0] if names else '-'})")
+
+
 def _decode_images(items: list[tuple[str, bytes]], mode: str, size: int | None,
                    on_bad: str = "fail") -> tuple[np.ndarray, list[int], list[str]]:
     """Decode ``(name, bytes)`` items; returns the images, the indices decoded and the names
     left out.  A corrupt or truncated image raises :class:`DataError` naming it, or with
     ``on_bad="skip"`` is left out."""
-    from PIL import Image, UnidentifiedImageError
-
     out, kept, skipped = [], [], []
     for i, (name, data) in enumerate(items):
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()  # a truncated file fails here, not later
-            img = img.convert(mode)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            if on_bad == "fail":
-                raise DataError(f"{name}: not a readable image ({exc}); fix or remove it, or set "
-                                f"data.on_bad_image=skip to leave such files out") from None
-            print(f"skipping unreadable image {name}: {exc}", flush=True)
-            skipped.append(name)
+            out.append(decode_image(data, mode, size)[0])
+        except UNREADABLE as exc:
+            left_out(name, exc, on_bad, skipped)
             continue
-        if size is not None and img.size != (size, size):
-            img = _resize_and_crop(img, size)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
         kept.append(i)
     if not out:
-        raise DataError(f"none of the {len(items)} images could be read (first: {items[0][0] if items else '-'})")
+        raise none_readable([name for name, _ in items])
     return np.stack(out), kept, skipped
 
 

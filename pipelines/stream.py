@@ -11,6 +11,7 @@ modification times (hashing every byte of a million files would cost more than a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -25,8 +26,9 @@ import torch
 
 from pipelines import shards
 from pipelines.config import DataConfig
-from pipelines.data import (IMAGE_SUFFIXES, DataError, DataLayoutError, Prepared, _need_root, _resize_and_crop,
-                            _sha256_files, _transfer_files, cache_key, load_raw, split_indices)
+from pipelines.data import (IMAGE_SUFFIXES, UNREADABLE, DataError, DataLayoutError, Prepared, _need_root,
+                            _sha256_files, _transfer_files, cache_key, decode_image, left_out, load_raw, none_readable,
+                            split_indices)
 from pipelines.home import cache_dir
 from pipelines.progress import progress_bar
 
@@ -167,22 +169,11 @@ def open_source(cfg: DataConfig) -> Source:
 
 
 def _pixels(pool: Pool, i: int, mode: str, size: int | None) -> tuple[np.ndarray, bool]:
-    """Image ``i`` as float32 (C, H, W) in [0, 1] at ``size``, and whether its stored bytes
-    decode to exactly that; raises ``ValueError`` and friends when it is unreadable."""
+    """Image ``i`` at ``size``, and whether its bytes can be stored as they are
+    (:func:`pipelines.data.decode_image`)."""
     if pool.arrays is not None:
         return pool.arrays[i], False
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(pool.read(pool.names[i])))
-    image.load()  # a truncated file fails here, not later
-    # Stored as they are: 8-bit JPEGs and PNGs already in the set's mode and size, which
-    # both decoders (PIL here, torchvision's in the readers) turn into the same pixels.
-    as_is = image.format in ("JPEG", "PNG") and image.mode == mode and (size is None or image.size == (size, size))
-    image = image.convert(mode)
-    if size is not None and image.size != (size, size):
-        image = _resize_and_crop(image, size)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), as_is
+    return decode_image(pool.read(pool.names[i]), mode, size)
 
 
 _SCANNED: tuple | None = None  # (pool, mode, size) in each scan worker
@@ -197,14 +188,12 @@ def _start_scan(pool: Pool, mode: str, size: int | None, owner: int | None = Non
 
 def _scan_chunk(bounds: tuple[int, int]) -> list[tuple[int, np.ndarray | None, bool, tuple | str]]:
     """(index, channel sums or None, stored as is, shape or the reason it is unreadable)."""
-    from PIL import UnidentifiedImageError
-
     pool, mode, size = _SCANNED
     out = []
     for i in range(*bounds):
         try:
             x, as_is = _pixels(pool, i, mode, size)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except UNREADABLE as exc:
             out.append((i, None, False, str(exc)))
             continue
         flat = x.reshape(x.shape[0], -1).astype(np.float64)
@@ -222,18 +211,14 @@ def scan(pool: Pool, mode: str, size: int | None, on_bad: str, workers: int, des
     chunks = [(i, min(i + 256, len(pool))) for i in range(0, len(pool), 256)]
     _start_scan(pool, mode, size)
     try:
-        with progress_bar(desc, total=len(chunks)) as advance, \
-                (shards.worker_context().Pool(workers, _start_scan, (pool, mode, size, os.getpid())) if workers > 1
-                 else _Inline()) as procs:
-            for chunk in procs.imap(_scan_chunk, chunks):
+        with progress_bar(desc, total=len(chunks)) as advance, contextlib.ExitStack() as stack:
+            imap = map if workers < 2 else stack.enter_context(
+                shards.worker_context().Pool(workers, _start_scan, (pool, mode, size, os.getpid()))).imap
+            for chunk in imap(_scan_chunk, chunks):
                 advance()
                 for i, s, ok, shape_or_reason in chunk:
                     if s is None:
-                        if on_bad == "fail":
-                            raise DataError(f"{pool.names[i]}: not a readable image ({shape_or_reason}); fix or "
-                                            f"remove it, or set data.on_bad_image=skip to leave such files out")
-                        print(f"skipping unreadable image {pool.names[i]}: {shape_or_reason}", flush=True)
-                        skipped.append(pool.names[i])
+                        left_out(pool.names[i], shape_or_reason, on_bad, skipped)
                         continue
                     kept.append(i)
                     sums.append(s)
@@ -242,24 +227,10 @@ def scan(pool: Pool, mode: str, size: int | None, on_bad: str, workers: int, des
     finally:
         _start_scan(None, mode, size)
     if not kept:
-        raise DataError(f"none of the {len(pool)} images could be read (first: {pool.names[0] if pool.names else '-'})")
+        raise none_readable(pool.names)
     if len(shapes) > 1:
         raise DataError(f"{desc}: images of several sizes {sorted(shapes)}; set data.image_size to bring them to one")
     return Scan(np.array(kept), np.stack(sums), np.array(as_is), next(iter(shapes)), skipped)
-
-
-class _Inline:
-    """A one-process stand-in for a process pool."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def imap(fn, items):
-        return map(fn, items)
 
 
 def _payload(pool: Pool, i: int, as_is: bool, mode: str, size: int | None) -> tuple[bytes, str]:
