@@ -1,20 +1,24 @@
 """Teacher test accuracy under each augmentation policy, over paired seeds, in one run.
 
     python benchmarks/augment_quality.py [--preset P] [--set k=v ...]
-        [--policies learned,trivialaugment,randaugment,fixed,none] [--seeds 5] --json F
+        [--policies learned,trivialaugment,randaugment,fixed,none,unsearched] [--seeds 5] --json F
 
 Seed s trains one teacher per policy with ``teacher.seed=s`` (same data, same budget);
 the learned policy is searched with ``data.augment_search.seed=s`` first, and its cost is
 reported against one teacher training (``search_cost_ratio``: mean search seconds over the
 mean seconds of a teacher training).  Against ``learned``, each other policy gets the
 paired difference (learned minus it), its 95% CI and the paired t-test's p-value.
+``unsearched`` is the ablation of the search: the learned policy's starting point (equal
+probabilities, ``init_magnitude``, the same depth and sampling), used as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ def main() -> int:
     from scipy import stats
 
     from benchmarks.common import write_json
+    from meta.augment import AugmentPolicy
     from pipelines import augment_search, distributed, stages
     from pipelines import data as data_stage
     from pipelines.config import load_config
@@ -39,16 +44,25 @@ def main() -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     policies = args.policies.split(",")
+    unsearched = Path(tempfile.mkdtemp()) / "unsearched.json"
+    search = load_config(args.preset, None, args.overrides).data.augment_search
+    unsearched.write_text(json.dumps(AugmentPolicy(search.ops, search.init_magnitude, search.depth,
+                                                   search.sampling).to_json()))
     acc: dict[str, list[float]] = {p: [] for p in policies}
     seconds: dict[str, list[float]] = {p: [] for p in policies}
     search_seconds: list[float] = []
+    learned_seed0 = None
     for seed in range(args.seeds):
         for policy in policies:
-            cfg = load_config(args.preset, None, [*args.overrides, f"data.augment_policy={policy}",
-                                                  f"teacher.seed={seed}", f"data.augment_search.seed={seed}"])
+            chosen = ["data.augment_policy=learned", f"data.augment_policy_file={unsearched}"] \
+                if policy == "unsearched" else [f"data.augment_policy={policy}"]
+            cfg = load_config(args.preset, None, [*args.overrides, *chosen, f"teacher.seed={seed}",
+                                                  f"data.augment_search.seed={seed}"])
             data = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
             if policy == "learned":
-                search_seconds.append(augment_search.learned_policy(cfg, data).seconds)
+                searched = augment_search.learned_policy(cfg, data)
+                search_seconds.append(searched.seconds)
+                learned_seed0 = learned_seed0 or searched.spec
             start = time.perf_counter()
             model, _ = stages.fit_teacher(cfg, data)
             seconds[policy].append(time.perf_counter() - start)
@@ -69,6 +83,7 @@ def main() -> int:
             p_value = float(stats.ttest_rel(acc["learned"], acc[p]).pvalue) if len(diff) > 1 else float("nan")
             result["vs_learned"][p] = {"diff": float(diff.mean()), "ci95": half, "p": p_value}
         teacher_seconds = float(np.mean([s for p in policies for s in seconds[p]]))
+        result["learned_policy_seed0"] = learned_seed0
         result["search_seconds"] = float(np.mean(search_seconds))
         result["search_cost_ratio"] = result["search_seconds"] / teacher_seconds
         result["target_search_cost_ratio_max"] = 1.5

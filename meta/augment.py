@@ -2,10 +2,13 @@
 magnitudes, and the hypergradient that tunes them (in the style of DADA and MADAO).
 
 The policy holds a logit and a bounded magnitude per op.  To augment a batch, each image
-draws one op (Gumbel-softmax over the logits: soft for the search, hard when training)
-and a random sign, and the op is applied at ``sign * magnitude``.  Geometric ops go
-through ``affine_grid`` / ``grid_sample`` and colour ops through blends, so the output
-is differentiable in the magnitudes and, through the relaxed weights, in the logits.
+draws ``depth`` ops in turn (Gumbel-softmax over the logits: soft for the search, hard
+when training), each with a random sign and, under ``sampling="uniform"``, a random
+strength u in [0, 1); an op is applied at ``sign * u * magnitude`` (``sign * magnitude``
+under ``sampling="exact"``).  Geometric ops go through ``affine_grid`` /
+``grid_sample`` and colour ops through blends, and the strength is reparameterised, so
+the output is differentiable in the magnitudes and, through the relaxed weights, in the
+logits.
 
 The meta-objective is the quiz cross-entropy of a model after one unrolled SGD step on
 an augmented batch (``meta.metadistill``'s pilot step); its gradient with respect to the
@@ -15,6 +18,7 @@ policy is :func:`policy_hypergrad`.  Pure torch: the search loop lives in ``pipe
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,8 @@ from meta.metadistill import Pilot, quiz_loss_after_pilot
 MAX_MAGNITUDE = {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 0.3, "translate_y": 0.3,
                  "scale": 0.3, "brightness": 0.5, "contrast": 0.5, "sharpness": 0.9}
 OPS = tuple(MAX_MAGNITUDE)
+SAMPLINGS = ("exact", "uniform")
+MAX_DEPTH = 3
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y", "scale")
 
 
@@ -71,15 +77,30 @@ def apply_op(name: str, pixels: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (degenerate + factor * (pixels - degenerate)).clamp(0, 1)
 
 
-class AugmentPolicy(nn.Module):
-    """Probabilities and magnitudes of :data:`OPS` (or a subset), learned or loaded."""
+class Noise(NamedTuple):
+    """The randomness of one augmentation of N images, each (depth, N, ops): Gumbel noise of
+    the op choice, signs in {-1, 1}, and strengths in [0, 1] (ones under ``exact``)."""
 
-    def __init__(self, ops: tuple[str, ...] | list[str] = OPS, init_magnitude: float = 0.3):
+    gumbel: torch.Tensor
+    signs: torch.Tensor
+    strength: torch.Tensor
+
+
+class AugmentPolicy(nn.Module):
+    """Probabilities and magnitudes of :data:`OPS` (or a subset), learned or loaded;
+    ``depth`` ops per image, at exact or uniformly drawn magnitudes (``sampling``)."""
+
+    def __init__(self, ops: tuple[str, ...] | list[str] = OPS, init_magnitude: float = 0.3, depth: int = 1,
+                 sampling: str = "exact"):
         super().__init__()
         unknown = [op for op in ops if op not in MAX_MAGNITUDE]
         if unknown:
             raise PolicyError(f"unknown augmentation op(s) {unknown}; allowed: {', '.join(OPS)}")
-        self.ops = tuple(ops)
+        if sampling not in SAMPLINGS:
+            raise PolicyError(f"sampling: {sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+            raise PolicyError(f"depth: {depth!r} is not an integer in [1, {MAX_DEPTH}]")
+        self.ops, self.depth, self.sampling = tuple(ops), depth, sampling
         self.logits = nn.Parameter(torch.zeros(len(self.ops)))
         # magnitude = max * sigmoid(raw): bounded to (0, max) whatever the search does
         raw = math.log(init_magnitude / (1 - init_magnitude))
@@ -92,22 +113,24 @@ class AugmentPolicy(nn.Module):
         scale = torch.tensor([MAX_MAGNITUDE[op] for op in self.ops], device=self.raw_magnitude.device)
         return scale * torch.sigmoid(self.raw_magnitude)
 
-    def forward(self, pixels: torch.Tensor, gumbel: torch.Tensor, signs: torch.Tensor, tau: float = 1.0,
-                hard: bool = False) -> torch.Tensor:
-        """Augment ``pixels`` in [0, 1]: ``gumbel`` (N, ops) noise picks each image's op,
-        softly (a weighted mix of every op's output) or hard (straight-through);
-        ``signs`` (N, ops) in {-1, 1} give each op's direction."""
-        weights = _relaxed(self.logits, gumbel, tau, hard)
+    def forward(self, pixels: torch.Tensor, noise: Noise, tau: float = 1.0, hard: bool = False) -> torch.Tensor:
+        """Augment ``pixels`` in [0, 1] by ``depth`` ops in turn: at each, the Gumbel noise
+        picks each image's op, softly (a weighted mix of every op's output) or hard
+        (straight-through), at its magnitude times the sign and strength of ``noise``."""
         magnitudes = self.magnitudes()
-        out = torch.zeros_like(pixels)
-        for k, op in enumerate(self.ops):
-            out = out + weights[:, k].view(-1, 1, 1, 1) * apply_op(op, pixels, signs[:, k] * magnitudes[k])
-        return out
+        for layer in range(self.depth):
+            weights = _relaxed(self.logits, noise.gumbel[layer], tau, hard)
+            v = noise.signs[layer] * noise.strength[layer] * magnitudes
+            out = torch.zeros_like(pixels)
+            for k, op in enumerate(self.ops):
+                out = out + weights[:, k].view(-1, 1, 1, 1) * apply_op(op, pixels, v[:, k])
+            pixels = out
+        return pixels
 
     def to_json(self) -> dict:
         p, m = self.probabilities().tolist(), self.magnitudes().tolist()
-        return {"version": 1, "ops": [{"name": op, "probability": p[k], "magnitude": m[k]}
-                                      for k, op in enumerate(self.ops)]}
+        return {"version": 2, "depth": self.depth, "sampling": self.sampling,
+                "ops": [{"name": op, "probability": p[k], "magnitude": m[k]} for k, op in enumerate(self.ops)]}
 
     @classmethod
     def from_json(cls, spec: dict) -> AugmentPolicy:
@@ -132,7 +155,8 @@ class AugmentPolicy(nn.Module):
             raise PolicyError(f"ops: an op appears twice in {names}")
         if abs(sum(probs) - 1) > 1e-3:
             raise PolicyError(f"ops[*].probability: the probabilities sum to {sum(probs):.6f}, not 1")
-        policy = cls(names)
+        # version 1 (no depth, no sampling) was one op per image at its exact magnitude
+        policy = cls(names, depth=spec.get("depth", 1), sampling=spec.get("sampling", "exact"))
         with torch.no_grad():
             policy.logits.copy_(torch.log(torch.tensor(probs)))
             fraction = torch.tensor([m / MAX_MAGNITUDE[n] for n, m in zip(names, mags)])
@@ -149,21 +173,24 @@ def _relaxed(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, hard: bool)
     return torch.zeros_like(soft).scatter_(-1, index, 1.0) - soft.detach() + soft
 
 
-def draw_noise(n: int, ops: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gumbel noise and random signs for ``n`` images, from ``generator``."""
-    u = torch.rand(n, ops, generator=generator).clamp(1e-6, 1 - 1e-6)
-    signs = torch.randint(0, 2, (n, ops), generator=generator) * 2 - 1
-    return (-torch.log(-torch.log(u))).to(device), signs.to(device=device, dtype=torch.float32)
+def draw_noise(policy: AugmentPolicy, n: int, generator: torch.Generator, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> Noise:
+    """The noise of ``policy``'s augmentation of ``n`` images, from ``generator``."""
+    shape = (policy.depth, n, len(policy.ops))
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    signs = torch.randint(0, 2, shape, generator=generator) * 2 - 1
+    strength = torch.rand(shape, generator=generator) if policy.sampling == "uniform" else torch.ones(shape)
+    return Noise(*(t.to(device=device, dtype=dtype) for t in (-torch.log(-torch.log(u)), signs, strength)))
 
 
 def policy_hypergrad(model: nn.Module, params: Params, policy: AugmentPolicy, pixels: torch.Tensor,
-                     y: torch.Tensor, quiz: tuple[torch.Tensor, torch.Tensor], noise, lr: float,
+                     y: torch.Tensor, quiz: tuple[torch.Tensor, torch.Tensor], noise: Noise, lr: float,
                      normalize=lambda t: t, tau: float = 1.0) -> tuple[dict[str, torch.Tensor], float]:
     """Gradient of the quiz cross-entropy after one SGD step (step size ``lr``) of
     ``model`` on the policy's augmentation of ``pixels``, with respect to the policy's
     logits and magnitudes; and that quiz loss.  ``normalize`` maps [0, 1] pixels to the
     model's inputs."""
-    augmented = normalize(policy(pixels, *noise, tau=tau))
+    augmented = normalize(policy(pixels, noise, tau=tau))
     loss = quiz_loss_after_pilot(model, params, cross_entropy, (augmented, y), quiz, Pilot(steps=1, lr=lr))
     names = [k for k, _ in policy.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in policy.named_parameters()])

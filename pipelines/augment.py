@@ -94,16 +94,17 @@ class FixedOps:
 
 
 class LearnedOps:
-    """A learned policy (``meta.augment``), batched: each image draws one op from the
-    policy's probabilities and a sign, from its seed, and gets that op at the policy's
-    magnitude.  Every op runs on the whole batch and each image keeps its own op's result
-    (no data-dependent shapes, so no host sync on CUDA)."""
+    """A learned policy (``meta.augment``), batched: for each of the policy's ``depth``
+    layers, each image draws one op from the policy's probabilities, a sign and (under
+    uniform sampling) a strength, from its seed, and gets that op at sign x strength x the
+    policy's magnitude.  Every op runs on the whole batch and each image keeps its own op's
+    result (no data-dependent shapes, so no host sync on CUDA)."""
 
     def __init__(self, spec: dict, mean: list[float], std: list[float]):
         from meta.augment import AugmentPolicy
 
         policy = AugmentPolicy.from_json(spec)
-        self.ops = policy.ops
+        self.ops, self.depth, self.uniform = policy.ops, policy.depth, policy.sampling == "uniform"
         with torch.no_grad():
             self.cumulative = policy.probabilities().cumsum(0)
             self.magnitudes = policy.magnitudes()
@@ -115,13 +116,17 @@ class LearnedOps:
         seeds = seeds.to(x.device, non_blocking=True)
         mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
         cumulative, magnitudes = self.cumulative.to(x.device), self.magnitudes.to(x.device, x.dtype)
-        choice = torch.searchsorted(cumulative, uniform(seeds, 0).contiguous()).clamp(max=len(self.ops) - 1)
-        sign = torch.where(uniform(seeds, 1) < 0.5, -1.0, 1.0).to(x.dtype)
         pixels = (x * std + mean).clamp(0, 1)
-        out = pixels
-        for k, op in enumerate(self.ops):
-            out = torch.where((choice == k).view(-1, 1, 1, 1), apply_op(op, pixels, sign * magnitudes[k]), out)
-        return (out - mean) / std
+        for layer in range(self.depth):
+            choice = torch.searchsorted(cumulative, uniform(seeds, 3 * layer).contiguous()).clamp(max=len(self.ops) - 1)
+            sign = torch.where(uniform(seeds, 3 * layer + 1) < 0.5, -1.0, 1.0).to(x.dtype)
+            if self.uniform:
+                sign = sign * uniform(seeds, 3 * layer + 2).to(x.dtype)
+            out = pixels
+            for k, op in enumerate(self.ops):
+                out = torch.where((choice == k).view(-1, 1, 1, 1), apply_op(op, pixels, sign * magnitudes[k]), out)
+            pixels = out
+        return (pixels - mean) / std
 
 
 class InPixels(torch.nn.Module):
@@ -185,9 +190,10 @@ def make_augmenter(cfg: DataConfig, data, learned: dict | None = None) -> Augmen
 
 def to_torchvision(spec: dict) -> v2.Transform:
     """A learned policy as a torchvision v2 transform on [0, 1] image tensors, for other
-    training stacks: one op per image with the policy's probabilities, magnitudes as
-    symmetric ranges (the search applies exactly +-magnitude)."""
-    import math
+    training stacks: ``depth`` ops per image in turn, each with the policy's probabilities,
+    magnitudes as symmetric ranges drawn uniformly (as ``sampling="uniform"`` does; an
+    ``exact`` policy applies exactly +-magnitude, and sharpness is applied at 1 +
+    magnitude, torchvision having no random sharpness range)."""
 
     from meta.augment import AugmentPolicy
 
@@ -210,4 +216,5 @@ def to_torchvision(spec: dict) -> v2.Transform:
             return v2.ColorJitter(contrast=m)
         return v2.RandomAdjustSharpness(1 + m, p=1.0)
 
-    return v2.RandomChoice([op(n, m) for n, m in zip(policy.ops, mags)], p=probs)
+    layer = lambda: v2.RandomChoice([op(n, m) for n, m in zip(policy.ops, mags)], p=probs)  # noqa: E731
+    return layer() if policy.depth == 1 else v2.Compose([layer() for _ in range(policy.depth)])

@@ -1,8 +1,8 @@
 """The prepare-augmentation stage's body: the learned policy's online search, its cache,
 and the training augmentation of every policy (no Prefect, no MLflow here).
 
-The search (``data.augment_policy=learned``) trains a proxy network of the student's
-architecture on the policy's augmented batches (one hard op per image); every
+The search (``data.augment_policy=learned``) trains a proxy network (the student's
+architecture, or the teacher's) on the policy's augmented batches (hard ops); every
 ``interval`` steps the policy takes one Adam step on its hypergradient
 (``meta.augment.policy_hypergrad``: the quiz cross-entropy after one unrolled SGD step of
 the proxy on a softly augmented batch).  The result is cached under the home by data key,
@@ -31,7 +31,7 @@ from pipelines.progress import progress_bar
 from pipelines.rng import global_rng
 from pipelines.training import LogFn, check_finite, rows
 
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2  # 2: depth, uniform sampling, teacher proxy
 
 
 @dataclass
@@ -45,8 +45,13 @@ class SearchResult:
 def search_key(cfg: PipelineConfig, data) -> str:
     blob = json.dumps({"v": SEARCH_VERSION, "data": data.key,
                        "search": cfg.data.augment_search.model_dump(mode="json"),
-                       "proxy": cfg.student.model.model_dump(mode="json")}, sort_keys=True)
+                       "proxy": proxy_model(cfg).model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def proxy_model(cfg: PipelineConfig):
+    """The search's proxy network: the student's or the teacher's architecture."""
+    return cfg.student.model if cfg.data.augment_search.proxy == "student" else cfg.teacher.model
 
 
 def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
@@ -68,9 +73,9 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     s, device = cfg.data.augment_search, data.device
     generator = torch.Generator().manual_seed(s.seed)
     with global_rng(s.seed):
-        proxy = build_model(cfg.student.model.arch, data.input_shape, data.num_classes,
-                            **cfg.student.model.kwargs).to(device)
-        policy = AugmentPolicy(s.ops, s.init_magnitude).to(device)
+        proxy = build_model(proxy_model(cfg).arch, data.input_shape, data.num_classes,
+                            **proxy_model(cfg).kwargs).to(device)
+        policy = AugmentPolicy(s.ops, s.init_magnitude, s.depth, s.sampling).to(device)
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -86,7 +91,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
             pixels, labels = (rows(x, idx, device) * std + mean).clamp(0, 1), rows(y, idx, device)
             if step % s.interval == 0:
                 q = torch.randint(len(yq), (s.batch_size,), generator=generator)
-                noise = draw_noise(s.batch_size, len(s.ops), generator, device)
+                noise = draw_noise(policy, s.batch_size, generator, device)
                 grads, quiz_loss = policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels,
                                                     (rows(xq, q, device), rows(yq, q, device)), noise,
                                                     s.model_lr, normalize, s.tau)
@@ -98,7 +103,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
                 if step % (10 * s.interval) == 0 or step == s.steps:
                     _record(history, step, policy, quiz_loss, on_log)
             with torch.no_grad():
-                augmented = policy(pixels, *draw_noise(s.batch_size, len(s.ops), generator, device), hard=True)
+                augmented = policy(pixels, draw_noise(policy, s.batch_size, generator, device), hard=True)
             loss = F.cross_entropy(proxy(normalize(augmented)), labels)
             model_opt.zero_grad(set_to_none=True)
             loss.backward()

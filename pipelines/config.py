@@ -46,19 +46,26 @@ class AugmentConfig(Strict):
 
 class AugmentSearchConfig(Strict):
     """``data.augment_policy=learned``: the online hypergradient search of ``meta.augment``.
-    A proxy network of ``student.model``'s architecture trains on the policy's augmented
-    batches; every ``interval`` steps the policy takes one Adam step on the quiz
-    cross-entropy after one unrolled SGD step of the proxy."""
+    A proxy network (``proxy``: ``student.model``'s architecture or ``teacher.model``'s)
+    trains on the policy's augmented batches; every ``interval`` steps the policy takes one
+    Adam step on the quiz cross-entropy after one unrolled SGD step of the proxy.  The
+    defaults (two ops per image, uniform strengths, starting at 0.8 of each range, policy
+    step 0.01) are the best of a screen on MNIST-1000 (docs/benchmarks/augment_screen.md)."""
 
     steps: int = Field(400, gt=0, description="training steps of the proxy network")
     batch_size: int = Field(64, gt=0)
     interval: int = Field(2, ge=1, description="a policy update every this many proxy steps")
-    policy_lr: float = Field(0.05, gt=0, description="Adam step size of the op logits and magnitudes")
+    policy_lr: float = Field(0.01, gt=0, description="Adam step size of the op logits and magnitudes")
     model_lr: float = Field(0.05, gt=0, description="SGD step size of the proxy, and of the unrolled step")
     tau: float = Field(1.0, gt=0, description="Gumbel-softmax temperature of the relaxed op choice")
-    init_magnitude: float = Field(0.3, gt=0, lt=1, description="starting magnitudes, as a share of each op's range")
+    init_magnitude: float = Field(0.8, gt=0, lt=1, description="starting magnitudes, as a share of each op's range")
     ops: list[str] = Field(default_factory=lambda: list(AUGMENT_OPS),
                            description="the ops searched over: " + ", ".join(AUGMENT_OPS))
+    depth: int = Field(2, ge=1, le=3, description="ops applied to each image in turn")
+    sampling: Literal["exact", "uniform"] = Field(
+        "uniform", description="an op's magnitude: exactly the learned one (random sign), or drawn uniformly "
+                             "in [0, learned] (random sign), as TrivialAugment draws its magnitudes")
+    proxy: Literal["student", "teacher"] = Field("student", description="the architecture of the proxy network")
     seed: int = 0
 
     @field_validator("ops")
@@ -546,6 +553,10 @@ class PipelineConfig(Strict):
                              f"student.train.batch_size={self.student.train.batch_size}")
         if self.dist.nproc is not None:
             _check_splits(self, self.dist.nproc * self.dist.nnodes)
+        if self.data.augment_policy == "learned" and self.data.augment_search.proxy == "teacher" \
+                and self.teacher.brought():
+            raise ValueError(f"data.augment_search.proxy=teacher trains teacher.model from scratch on the data, but "
+                             f"teacher.source={self.teacher.source} brings a pretrained one: use proxy=student")
         if (self.student.concurrency or 1) > 1:
             if self.dist.launcher not in ("auto", "inprocess") or self.dist.nnodes * (self.dist.nproc or 1) > 1:
                 raise ValueError(f"student.concurrency={self.student.concurrency} trains students side by side in "

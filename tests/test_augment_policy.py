@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from meta.augment import (MAX_MAGNITUDE, OPS, AugmentPolicy, PolicyError, apply_op, draw_noise, policy_hypergrad)
+from meta.augment import (MAX_MAGNITUDE, OPS, AugmentPolicy, Noise, PolicyError, apply_op, draw_noise,
+                          policy_hypergrad)
 from meta.functional import params_of
 from tests.helpers import worst_relative_error
 
@@ -32,22 +33,23 @@ def test_translate_moves_by_the_fraction_of_the_width():
     assert moved[0, 0, 4].argmax().item() == 4
 
 
-def test_hypergradient_matches_finite_differences():
+@pytest.mark.parametrize("depth,sampling", [(1, "exact"), (2, "uniform")])
+def test_hypergradient_matches_finite_differences(depth, sampling):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    policy = AugmentPolicy(("rotate", "translate_y", "contrast", "sharpness")).double()
+    ops = ("rotate", "translate_y", "contrast", "sharpness")
+    policy = AugmentPolicy(ops, depth=depth, sampling=sampling).double()
     with torch.no_grad():
         policy.logits.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
     x, xq = _images(8, 1), _images(10, 2)
     y, yq = torch.arange(8) % 3, torch.arange(10) % 3
-    gumbel, signs = draw_noise(8, 4, torch.Generator().manual_seed(3), torch.device("cpu"))
-    noise = (gumbel.double(), signs.double())
+    noise = draw_noise(policy, 8, torch.Generator().manual_seed(3), torch.device("cpu"), torch.float64)
     grads, loss = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=0.5)
     assert set(grads) == {"logits", "raw_magnitude"} and all(g.abs().sum() > 0 for g in grads.values())
     base = {k: v.detach().clone() for k, v in policy.named_parameters()}
 
     def loss_at(p):
-        probe = AugmentPolicy(policy.ops).double()
+        probe = AugmentPolicy(ops, depth=depth, sampling=sampling).double()
         with torch.no_grad():
             for k, v in probe.named_parameters():
                 v.copy_(p[k])
@@ -63,8 +65,7 @@ def test_a_hypergradient_step_lowers_the_quiz_loss():
     policy = AugmentPolicy().double()
     x, xq = _images(16, 4), _images(16, 5)
     y, yq = torch.arange(16) % 3, torch.arange(16) % 3
-    gumbel, signs = draw_noise(16, len(OPS), torch.Generator().manual_seed(6), torch.device("cpu"))
-    noise = (gumbel.double(), signs.double())
+    noise = draw_noise(policy, 16, torch.Generator().manual_seed(6), torch.device("cpu"), torch.float64)
     grads, before = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=1.0)
     with torch.no_grad():
         for k, p in policy.named_parameters():
@@ -76,22 +77,37 @@ def test_a_hypergradient_step_lowers_the_quiz_loss():
 def test_hard_choice_applies_exactly_one_op_per_image():
     policy = AugmentPolicy(("brightness", "translate_x"))
     x = _images(4, dtype=torch.float32)
-    gumbel = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
-    signs = torch.ones(4, 2)
-    out = policy(x, gumbel, signs, hard=True)
+    gumbel = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]]])
+    out = policy(x, Noise(gumbel, torch.ones(1, 4, 2), torch.ones(1, 4, 2)), hard=True)
     m = policy.magnitudes().detach()
     assert torch.allclose(out[0], apply_op("brightness", x[:1], m[:1])[0], atol=1e-6)
     assert torch.allclose(out[1], apply_op("translate_x", x[1:2], m[1:])[0], atol=1e-6)
 
 
+def test_two_layers_at_drawn_strengths_compose_two_ops():
+    """Depth 2, uniform: image 0 is brightened at a quarter of the magnitude, then shifted
+    left at half of it; image 1 is shifted twice."""
+    policy = AugmentPolicy(("brightness", "translate_x"), depth=2, sampling="uniform")
+    x = _images(2, dtype=torch.float32)
+    gumbel = torch.tensor([[[5.0, 0.0], [0.0, 5.0]], [[0.0, 5.0], [0.0, 5.0]]])
+    signs = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, -1.0], [1.0, 1.0]]])
+    strength = torch.tensor([[[0.25, 1.0], [1.0, 0.5]], [[1.0, 0.5], [1.0, 1.0]]])
+    out = policy(x, Noise(gumbel, signs, strength), hard=True)
+    m = policy.magnitudes().detach()
+    first = apply_op("brightness", x[:1], 0.25 * m[:1])
+    assert torch.allclose(out[0], apply_op("translate_x", first, -0.5 * m[1:])[0], atol=1e-6)
+    shifted = apply_op("translate_x", x[1:], 0.5 * m[1:])
+    assert torch.allclose(out[1], apply_op("translate_x", shifted, m[1:])[0], atol=1e-6)
+
+
 def test_json_round_trip():
-    policy = AugmentPolicy(("rotate", "brightness", "scale"))
+    policy = AugmentPolicy(("rotate", "brightness", "scale"), depth=2, sampling="uniform")
     with torch.no_grad():
         policy.logits.copy_(torch.tensor([1.0, 0.0, -1.0]))
         policy.raw_magnitude.copy_(torch.tensor([0.5, -1.0, 2.0]))
     spec = json.loads(json.dumps(policy.to_json()))
     again = AugmentPolicy.from_json(spec)
-    assert again.ops == policy.ops
+    assert (again.ops, again.depth, again.sampling) == (policy.ops, 2, "uniform")
     assert torch.allclose(again.probabilities(), policy.probabilities(), atol=1e-6)
     assert torch.allclose(again.magnitudes(), policy.magnitudes(), atol=1e-6)
 
@@ -104,16 +120,21 @@ def test_json_round_trip():
     ({"version": 1, "ops": [{"name": "rotate", "probability": 0.5, "magnitude": 5.0},
                             {"name": "scale", "probability": 0.2, "magnitude": 0.1}]}, "sum to"),
     ({"ops": []}, "an augmentation policy is"),
+    ({"version": 2, "depth": 4, "sampling": "exact",
+      "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 5.0}]}, "depth: 4 is not an integer in"),
+    ({"version": 2, "depth": 1, "sampling": "gaussian",
+      "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 5.0}]}, "sampling: 'gaussian'"),
 ])
 def test_bad_policy_is_refused_naming_the_field(spec, field):
     with pytest.raises(PolicyError, match=field.replace("[", r"\[").replace("]", r"\]")):
         AugmentPolicy.from_json(spec)
 
 
-def test_learned_ops_are_seeded_per_example():
+@pytest.mark.parametrize("depth,sampling", [(1, "exact"), (2, "uniform")])
+def test_learned_ops_are_seeded_per_example(depth, sampling):
     from pipelines.augment import LearnedOps
 
-    policy = AugmentPolicy(("rotate", "brightness", "translate_x"))
+    policy = AugmentPolicy(("rotate", "brightness", "translate_x"), depth=depth, sampling=sampling)
     ops = LearnedOps(policy.to_json(), [0.3], [0.4])
     x, seeds = (_images(16, dtype=torch.float32) - 0.3) / 0.4, torch.arange(16) * 7919
     out = ops(x, seeds)
@@ -122,12 +143,18 @@ def test_learned_ops_are_seeded_per_example():
     assert ((out - x).flatten(1).abs().amax(1) > 1e-3).float().mean() > 0.8  # every op moves the image
 
 
-def test_torchvision_export_runs():
+@pytest.mark.parametrize("depth", [1, 2])
+def test_torchvision_export_runs(depth):
+    from torchvision.transforms import v2
+
     from pipelines.augment import to_torchvision
 
-    transform = to_torchvision(AugmentPolicy().to_json())
-    out = transform(torch.rand(3, 16, 16))
-    assert out.shape == (3, 16, 16)
+    transform = to_torchvision(AugmentPolicy(depth=depth, sampling="uniform").to_json())
+    assert isinstance(transform, v2.Compose if depth == 2 else v2.RandomChoice)
+    torch.manual_seed(0)
+    x = torch.rand(3, 16, 16)
+    outs = [transform(x) for _ in range(5)]  # one draw may be a shift that rounds to 0 pixels
+    assert all(out.shape == (3, 16, 16) for out in outs) and not all(torch.equal(out, x) for out in outs)
 
 
 def _search_cfg(*extra):
@@ -194,3 +221,12 @@ def test_the_flow_logs_the_search_the_policy_and_the_examples(home, prefect_serv
     assert {"augment_policy.json", "augment_policy_search.png", "augmented_examples.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)}
     assert "augment_p_rotate" in run.data.metrics and summary["timings"]["augmentation"] > 0
+
+
+def test_a_teacher_proxy_needs_a_teacher_trained_here(tmp_path):
+    from pipelines.config import ConfigError, load_config
+
+    assert load_config(overrides=["data.augment_policy=learned", "data.augment_search.proxy=teacher"])
+    with pytest.raises(ConfigError, match="proxy=teacher trains teacher.model from scratch"):
+        load_config(overrides=["data.augment_policy=learned", "data.augment_search.proxy=teacher",
+                               "teacher.source=file", f"teacher.uri={tmp_path}"])
