@@ -119,12 +119,12 @@ class LearnedOps:
         pixels = (x * std + mean).clamp(0, 1)
         for layer in range(self.depth):
             choice = torch.searchsorted(cumulative, uniform(seeds, 3 * layer).contiguous()).clamp(max=len(self.ops) - 1)
-            sign = torch.where(uniform(seeds, 3 * layer + 1) < 0.5, -1.0, 1.0).to(x.dtype)
+            share = torch.where(uniform(seeds, 3 * layer + 1) < 0.5, -1.0, 1.0).to(x.dtype)  # of the magnitude
             if self.uniform:
-                sign = sign * uniform(seeds, 3 * layer + 2).to(x.dtype)
+                share = share * uniform(seeds, 3 * layer + 2).to(x.dtype)
             out = pixels
             for k, op in enumerate(self.ops):
-                out = torch.where((choice == k).view(-1, 1, 1, 1), apply_op(op, pixels, sign * magnitudes[k]), out)
+                out = torch.where((choice == k).view(-1, 1, 1, 1), apply_op(op, pixels, share * magnitudes[k]), out)
             pixels = out
         return (pixels - mean) / std
 
