@@ -30,7 +30,6 @@ def main() -> int:
     from scipy import stats
 
     from benchmarks.common import write_json
-    from meta.augment import AugmentPolicy
     from pipelines import augment_search, distributed, stages
     from pipelines import data as data_stage
     from pipelines.config import load_config
@@ -45,9 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     policies = args.policies.split(",")
     unsearched = Path(tempfile.mkdtemp()) / "unsearched.json"
-    search = load_config(args.preset, None, args.overrides).data.augment_search
-    unsearched.write_text(json.dumps(AugmentPolicy(search.ops, search.init_magnitude, search.depth,
-                                                   search.sampling).to_json()))
+    unsearched.write_text(json.dumps(augment_search.starting_policy(load_config(args.preset, None,
+                                                                               args.overrides)).to_json()))
     acc: dict[str, list[float]] = {p: [] for p in policies}
     seconds: dict[str, list[float]] = {p: [] for p in policies}
     search_seconds: list[float] = []

@@ -54,6 +54,12 @@ def proxy_model(cfg: PipelineConfig):
     return cfg.student.model if cfg.data.augment_search.proxy == "student" else cfg.teacher.model
 
 
+def starting_policy(cfg: PipelineConfig) -> AugmentPolicy:
+    """Where the search starts: equal probabilities, ``init_magnitude`` of each range."""
+    s = cfg.data.augment_search
+    return AugmentPolicy(s.ops, s.init_magnitude, s.depth, s.sampling)
+
+
 def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
     """The learned policy: from ``data.augment_policy_file``, the cache, or a new search."""
     if cfg.data.augment_policy_file is not None:
@@ -73,9 +79,9 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     s, device = cfg.data.augment_search, data.device
     generator = torch.Generator().manual_seed(s.seed)
     with global_rng(s.seed):
-        proxy = build_model(proxy_model(cfg).arch, data.input_shape, data.num_classes,
-                            **proxy_model(cfg).kwargs).to(device)
-        policy = AugmentPolicy(s.ops, s.init_magnitude, s.depth, s.sampling).to(device)
+        proxy_cfg = proxy_model(cfg)
+        proxy = build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(device)
+        policy = starting_policy(cfg).to(device)
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
