@@ -40,11 +40,6 @@ class TaskSampler:
         per_class = [select(x, (y == c).nonzero().flatten()) for c in torch.unique(y).tolist()]
         return cls([c for c in per_class if len(c) >= need], ways, shots, queries, rotations)
 
-    def _class_images(self, cls: int) -> torch.Tensor:
-        base, turns = cls % len(self.per_class), cls // len(self.per_class)
-        images = self.per_class[base]
-        return torch.rot90(images, turns, dims=(-2, -1)) if turns else images
-
     def _one(self, generator: torch.Generator) -> Tasks:
         classes = torch.randperm(self.num_classes, generator=generator)[:self.ways].tolist()
         support, query = [], []
