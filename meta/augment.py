@@ -10,9 +10,9 @@ under ``sampling="exact"``).  Geometric ops go through ``affine_grid`` /
 the output is differentiable in the magnitudes and, through the relaxed weights, in the
 logits.
 
-The meta-objective is the quiz cross-entropy of a model after one unrolled SGD step on
-an augmented batch (``meta.metadistill``'s pilot step); its gradient with respect to the
-policy is :func:`policy_hypergrad`.  Pure torch: the search loop lives in ``pipelines``.
+The meta-objective is the quiz cross-entropy of a model after one or more unrolled SGD
+steps on augmented batches (``meta.metadistill``'s pilot steps); its gradient with
+respect to the policy is :func:`policy_hypergrad`.  Pure torch: the search loop lives in ``pipelines``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meta.functional import Params, cross_entropy
-from meta.metadistill import Pilot, quiz_loss_after_pilot
+from meta.functional import Params, cross_entropy, forward
+from meta.metadistill import Pilot, unrolled_steps
 
 # op -> largest magnitude it may take (degrees, fractions of the size, or blend factors)
 MAX_MAGNITUDE = {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 0.3, "translate_y": 0.3,
@@ -185,13 +185,17 @@ def draw_noise(policy: AugmentPolicy, n: int, generator: torch.Generator, device
 
 def policy_hypergrad(model: nn.Module, params: Params, policy: AugmentPolicy, pixels: torch.Tensor,
                      y: torch.Tensor, quiz: tuple[torch.Tensor, torch.Tensor], noise: Noise, lr: float,
-                     normalize=lambda t: t, tau: float = 1.0) -> tuple[dict[str, torch.Tensor], float]:
-    """Gradient of the quiz cross-entropy after one SGD step (step size ``lr``) of
-    ``model`` on the policy's augmentation of ``pixels``, with respect to the policy's
-    logits and magnitudes; and that quiz loss.  ``normalize`` maps [0, 1] pixels to the
-    model's inputs."""
+                     normalize=lambda t: t, tau: float = 1.0, steps: int = 1) -> tuple[dict[str, torch.Tensor], float]:
+    """Gradient of the quiz cross-entropy after ``steps`` unrolled SGD steps (step size
+    ``lr``) of ``model`` on the policy's augmentation of ``pixels``, with respect to the
+    policy's logits and magnitudes; and that quiz loss.  The batch splits into ``steps``
+    equal parts, a step each.  ``normalize`` maps [0, 1] pixels to the model's inputs."""
+    if steps < 1 or len(y) % steps:
+        raise ValueError(f"steps: a batch of {len(y)} does not split into {steps} equal steps")
     augmented = normalize(policy(pixels, noise, tau=tau))
-    loss = quiz_loss_after_pilot(model, params, cross_entropy, (augmented, y), quiz, Pilot(steps=1, lr=lr))
+    batches = list(zip(augmented.chunk(steps), y.chunk(steps)))
+    after = unrolled_steps(model, params, cross_entropy, batches, Pilot(lr=lr))
+    loss = F.cross_entropy(forward(model, after, quiz[0]), quiz[1])
     names = [k for k, _ in policy.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in policy.named_parameters()])
     return dict(zip(names, grads)), float(loss.detach())

@@ -18,7 +18,7 @@ scaled by how much the pilot step changed the student's quiz loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,16 +52,23 @@ def detached(params: Params) -> Params:
 DistillFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) -> loss
 
 
-def pilot_steps(student: nn.Module, student_params: Params, distill: DistillFn, x: torch.Tensor,
-                y: torch.Tensor, pilot: Pilot) -> Params:
-    """K differentiable SGD steps of a copy of the student on ``distill``; the result depends
-    on whatever ``distill`` closes over (the teacher's weights, the teaching knobs)."""
+def unrolled_steps(student: nn.Module, student_params: Params, distill: DistillFn,
+                   batches: Sequence[tuple[torch.Tensor, torch.Tensor]], pilot: Pilot) -> Params:
+    """Differentiable SGD steps (step size ``pilot.lr``) of a copy of the student on
+    ``distill``, one per batch; the result depends on whatever ``distill`` and the batches
+    are functions of (the teacher's weights, the teaching knobs, an augmentation policy)."""
     p = detached(student_params)
-    for _ in range(pilot.steps):
+    for x, y in batches:
         loss = distill(forward(student, p, x), y)
         grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
         p = sgd_step(p, pilot.average(grads), pilot.lr)
     return p
+
+
+def pilot_steps(student: nn.Module, student_params: Params, distill: DistillFn, x: torch.Tensor,
+                y: torch.Tensor, pilot: Pilot) -> Params:
+    """K (``pilot.steps``) differentiable SGD steps of a copy of the student on one batch."""
+    return unrolled_steps(student, student_params, distill, [(x, y)] * pilot.steps, pilot)
 
 
 def quiz_loss_after_pilot(student: nn.Module, student_params: Params, distill: DistillFn,

@@ -4,8 +4,8 @@ and the training augmentation of every policy (no Prefect, no MLflow here).
 The search (``data.augment_policy=learned``) trains a proxy network (the student's
 architecture, or the teacher's) on the policy's augmented batches (hard ops); every
 ``interval`` steps the policy takes one Adam step on its hypergradient
-(``meta.augment.policy_hypergrad``: the quiz cross-entropy after one unrolled SGD step of
-the proxy on a softly augmented batch).  The result is cached under the home by data key,
+(``meta.augment.policy_hypergrad``: the quiz cross-entropy after ``unroll_steps`` unrolled
+SGD steps of the proxy on softly augmented batches).  The result is cached under the home by data key,
 search settings and proxy architecture, so the teacher, the students and torchrun workers
 share one search.
 """
@@ -87,7 +87,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     normalize = lambda pixels: (pixels - mean) / std  # noqa: E731
-    x, y, xq, yq = data.x("train"), data.y("train"), data.x("quiz"), data.y("quiz")
+    x, y = data.x("train"), data.y("train")
     history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
     start = time.perf_counter()
     proxy.train()
@@ -96,11 +96,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
             idx = torch.randint(len(y), (s.batch_size,), generator=generator)
             pixels, labels = (rows(x, idx, device) * std + mean).clamp(0, 1), rows(y, idx, device)
             if step % s.interval == 0:
-                q = torch.randint(len(yq), (s.batch_size,), generator=generator)
-                noise = draw_noise(policy, s.batch_size, generator, device)
-                grads, quiz_loss = policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels,
-                                                    (rows(xq, q, device), rows(yq, q, device)), noise,
-                                                    s.model_lr, normalize, s.tau)
+                grads, quiz_loss = _hypergrad(proxy, policy, pixels, labels, data, generator, normalize, s)
                 check_finite(quiz_loss, "augmentation search", step, "quiz loss")
                 policy_opt.zero_grad(set_to_none=True)
                 for name, p in policy.named_parameters():
@@ -116,6 +112,22 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
             model_opt.step()
             advance()
     return SearchResult(policy.to_json(), history, time.perf_counter() - start)
+
+
+def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: torch.Generator, normalize, s):
+    """The policy's hypergradient: unrolled steps on this step's batch and ``s.unroll_steps - 1``
+    fresh ones, scored on a quiz batch (with one step, the random stream of search version 2)."""
+    device = data.device
+    if s.unroll_steps > 1:
+        idx = torch.randint(len(data.y("train")), (s.batch_size * (s.unroll_steps - 1),), generator=generator)
+        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.mean, data.std))
+        more = (rows(data.x("train"), idx, device) * std + mean).clamp(0, 1)
+        pixels, labels = torch.cat([pixels, more]), torch.cat([labels, rows(data.y("train"), idx, device)])
+    q = torch.randint(len(data.y("quiz")), (s.batch_size,), generator=generator)
+    noise = draw_noise(policy, len(labels), generator, device)
+    quiz = (rows(data.x("quiz"), q, device), rows(data.y("quiz"), q, device))
+    return policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels, quiz, noise, s.model_lr, normalize,
+                            s.tau, s.unroll_steps)
 
 
 def _record(history: dict, step: int, policy: AugmentPolicy, quiz_loss: float, on_log: LogFn | None) -> None:

@@ -48,7 +48,7 @@ class AugmentSearchConfig(Strict):
     """``data.augment_policy=learned``: the online hypergradient search of ``meta.augment``.
     A proxy network (``proxy``: ``student.model``'s architecture or ``teacher.model``'s)
     trains on the policy's augmented batches; every ``interval`` steps the policy takes one
-    Adam step on the quiz cross-entropy after one unrolled SGD step of the proxy.  The
+    Adam step on the quiz cross-entropy after ``unroll_steps`` unrolled SGD steps of the proxy.  The
     defaults (two ops per image, uniform strengths, starting at 0.8 of each range, policy
     step 0.01) are the best of a screen on MNIST-1000 (docs/benchmarks/augment_screen.md)."""
 
@@ -56,7 +56,10 @@ class AugmentSearchConfig(Strict):
     batch_size: int = Field(64, gt=0)
     interval: int = Field(2, ge=1, description="a policy update every this many proxy steps")
     policy_lr: float = Field(0.01, gt=0, description="Adam step size of the op logits and magnitudes")
-    model_lr: float = Field(0.05, gt=0, description="SGD step size of the proxy, and of the unrolled step")
+    model_lr: float = Field(0.05, gt=0, description="SGD step size of the proxy, and of the unrolled steps")
+    unroll_steps: int = Field(1, ge=1, le=50, description="unrolled SGD steps of the hypergradient, each on a "
+                                                          "batch of its own: a longer look-ahead, at that many "
+                                                          "times the cost")
     tau: float = Field(1.0, gt=0, description="Gumbel-softmax temperature of the relaxed op choice")
     init_magnitude: float = Field(0.8, gt=0, lt=1, description="starting magnitudes, as a share of each op's range")
     ops: list[str] = Field(default_factory=lambda: list(AUGMENT_OPS),

@@ -33,8 +33,8 @@ def test_translate_moves_by_the_fraction_of_the_width():
     assert moved[0, 0, 4].argmax().item() == 4
 
 
-@pytest.mark.parametrize("depth,sampling", [(1, "exact"), (2, "uniform")])
-def test_hypergradient_matches_finite_differences(depth, sampling):
+@pytest.mark.parametrize("depth,sampling,steps", [(1, "exact", 1), (2, "uniform", 1), (2, "uniform", 2)])
+def test_hypergradient_matches_finite_differences(depth, sampling, steps):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     ops = ("rotate", "translate_y", "contrast", "sharpness")
@@ -44,7 +44,7 @@ def test_hypergradient_matches_finite_differences(depth, sampling):
     x, xq = _images(8, 1), _images(10, 2)
     y, yq = torch.arange(8) % 3, torch.arange(10) % 3
     noise = draw_noise(policy, 8, torch.Generator().manual_seed(3), torch.device("cpu"), torch.float64)
-    grads, loss = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=0.5)
+    grads, loss = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=0.5, steps=steps)
     assert set(grads) == {"logits", "raw_magnitude"} and all(g.abs().sum() > 0 for g in grads.values())
     base = {k: v.detach().clone() for k, v in policy.named_parameters()}
 
@@ -53,10 +53,32 @@ def test_hypergradient_matches_finite_differences(depth, sampling):
         with torch.no_grad():
             for k, v in probe.named_parameters():
                 v.copy_(p[k])
-        return policy_hypergrad(model, params_of(model), probe, x, y, (xq, yq), noise, lr=0.5)[1]
+        return policy_hypergrad(model, params_of(model), probe, x, y, (xq, yq), noise, lr=0.5, steps=steps)[1]
 
     assert loss_at(base) == pytest.approx(loss)
     assert worst_relative_error(grads, base, loss_at) < 1e-4
+
+
+def test_two_unrolled_steps_take_the_two_halves_of_the_batch_in_turn():
+    """By hand: SGD on the first half, then on the second, then the quiz loss."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double()
+    policy = AugmentPolicy(("brightness", "translate_x")).double()
+    x, xq = _images(6, 7), _images(5, 8)
+    y, yq = torch.tensor([0, 1, 2, 2, 1, 0]), torch.arange(5) % 3
+    noise = draw_noise(policy, 6, torch.Generator().manual_seed(9), torch.device("cpu"), torch.float64)
+    _, loss = policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=0.7, steps=2)
+    with torch.no_grad():
+        augmented = policy(x, noise)
+    w, b = (p.detach().clone().requires_grad_() for p in model[1].parameters())
+    for half in (slice(0, 3), slice(3, 6)):
+        step_loss = torch.nn.functional.cross_entropy(augmented[half].flatten(1) @ w.T + b, y[half])
+        gw, gb = torch.autograd.grad(step_loss, (w, b))
+        w, b = (w - 0.7 * gw).detach().requires_grad_(), (b - 0.7 * gb).detach().requires_grad_()
+    by_hand = torch.nn.functional.cross_entropy(xq.flatten(1) @ w.T + b, yq)
+    assert loss == pytest.approx(by_hand.item(), rel=1e-10)
+    with pytest.raises(ValueError, match="does not split into 4 equal steps"):
+        policy_hypergrad(model, params_of(model), policy, x, y, (xq, yq), noise, lr=0.7, steps=4)
 
 
 def test_a_hypergradient_step_lowers_the_quiz_loss():
