@@ -17,6 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -84,19 +85,16 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
         policy = starting_policy(cfg).to(device)
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    normalize = lambda pixels: (pixels - mean) / std  # noqa: E731
-    x, y = data.x("train"), data.y("train")
+    stats = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.mean, data.std))
     history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
     start = time.perf_counter()
     proxy.train()
     with progress_bar("augmentation search", total=s.steps) as advance:
         for step in range(1, s.steps + 1):
-            idx = torch.randint(len(y), (s.batch_size,), generator=generator)
-            pixels, labels = (rows(x, idx, device) * std + mean).clamp(0, 1), rows(y, idx, device)
+            idx = torch.randint(len(data.y("train")), (s.batch_size,), generator=generator)
+            pixels, labels = _train_pixels(data, idx, stats)
             if step % s.interval == 0:
-                grads, quiz_loss = _hypergrad(proxy, policy, pixels, labels, data, generator, normalize, s)
+                grads, quiz_loss = _hypergrad(proxy, policy, pixels, labels, data, generator, stats, s)
                 check_finite(quiz_loss, "augmentation search", step, "quiz loss")
                 policy_opt.zero_grad(set_to_none=True)
                 for name, p in policy.named_parameters():
@@ -106,7 +104,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
                     _record(history, step, policy, quiz_loss, on_log)
             with torch.no_grad():
                 augmented = policy(pixels, draw_noise(policy, s.batch_size, generator, device), hard=True)
-            loss = F.cross_entropy(proxy(normalize(augmented)), labels)
+            loss = F.cross_entropy(proxy(_normalize(augmented, stats)), labels)
             model_opt.zero_grad(set_to_none=True)
             loss.backward()
             model_opt.step()
@@ -114,20 +112,30 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     return SearchResult(policy.to_json(), history, time.perf_counter() - start)
 
 
-def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: torch.Generator, normalize, s):
+def _normalize(pixels: torch.Tensor, stats) -> torch.Tensor:
+    """[0, 1] pixels as the proxy's inputs; ``stats``: the data's (mean, std)."""
+    return (pixels - stats[0]) / stats[1]
+
+
+def _train_pixels(data, idx: torch.Tensor, stats):
+    """Training rows ``idx`` as [0, 1] pixels (what the policy augments), and their labels."""
+    mean, std = stats
+    pixels = (rows(data.x("train"), idx, data.device) * std + mean).clamp(0, 1)
+    return pixels, rows(data.y("train"), idx, data.device)
+
+
+def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: torch.Generator, stats, s):
     """The policy's hypergradient: unrolled steps on this step's batch and ``s.unroll_steps - 1``
     fresh ones, scored on a quiz batch (with one step, the random stream of search version 2)."""
-    device = data.device
     if s.unroll_steps > 1:
         idx = torch.randint(len(data.y("train")), (s.batch_size * (s.unroll_steps - 1),), generator=generator)
-        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.mean, data.std))
-        more = (rows(data.x("train"), idx, device) * std + mean).clamp(0, 1)
-        pixels, labels = torch.cat([pixels, more]), torch.cat([labels, rows(data.y("train"), idx, device)])
+        more, more_labels = _train_pixels(data, idx, stats)
+        pixels, labels = torch.cat([pixels, more]), torch.cat([labels, more_labels])
     q = torch.randint(len(data.y("quiz")), (s.batch_size,), generator=generator)
-    noise = draw_noise(policy, len(labels), generator, device)
-    quiz = (rows(data.x("quiz"), q, device), rows(data.y("quiz"), q, device))
-    return policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels, quiz, noise, s.model_lr, normalize,
-                            s.tau, s.unroll_steps)
+    noise = draw_noise(policy, len(labels), generator, data.device)
+    quiz = (rows(data.x("quiz"), q, data.device), rows(data.y("quiz"), q, data.device))
+    return policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels, quiz, noise, s.model_lr,
+                            partial(_normalize, stats=stats), s.tau, s.unroll_steps)
 
 
 def _record(history: dict, step: int, policy: AugmentPolicy, quiz_loss: float, on_log: LogFn | None) -> None:
