@@ -30,10 +30,12 @@ def main() -> int:
     from scipy import stats
 
     from benchmarks.common import write_json
-    from pipelines import augment_search, distributed, stages
+    from pipelines.teacher.fit import fit_teacher
+    from pipelines.augment import search as augment_search
+    from pipelines.engine import distributed
     from pipelines import data as data_stage
-    from pipelines.config import load_config
-    from pipelines.evaluate import evaluate
+    from pipelines.config.loader import load_config
+    from pipelines.evaluate.metrics import evaluate
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
@@ -62,7 +64,7 @@ def main() -> int:
                 search_seconds.append(searched.seconds)
                 learned_seed0 = learned_seed0 or searched.spec
             start = time.perf_counter()
-            model, _ = stages.fit_teacher(cfg, data)
+            model, _ = fit_teacher(cfg, data)
             seconds[policy].append(time.perf_counter() - start)
             acc[policy].append(evaluate(model, data.x("test"), data.y("test"), data.num_classes).accuracy)
             print(f"seed {seed} {policy}: test acc {acc[policy][-1]:.4f} ({seconds[policy][-1]:.0f} s)", flush=True)

@@ -148,7 +148,7 @@ def _rate(batches, limit: int) -> float:
 def pipeline_reader(images, batch: int, steps: int):
     import torch
 
-    from pipelines.training import BatchPlan
+    from pipelines.engine.batches import BatchPlan
 
     plan = BatchPlan(len(images), batch, torch.Generator().manual_seed(0), seeds=False)
     for _, x in images.stream(plan.ahead(steps, slice(None)), torch.device("cpu")):
@@ -205,8 +205,8 @@ def main() -> None:
     in_process = run_pipeline(args.folder, home, ["data.workers=0", *RUN_SETTINGS, *args.overrides])
 
     os.environ["METADISTILL_HOME"] = str(home)
-    from pipelines.config import DataConfig
-    from pipelines.data import prepare
+    from pipelines.config.data import DataConfig
+    from pipelines.data.prepare import prepare
 
     prepared = prepare(DataConfig(name="imagefolder", root=args.folder, image_size=64, storage="stream",
                                   workers=args.workers))

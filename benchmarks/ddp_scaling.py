@@ -46,10 +46,10 @@ def expected_meta_bytes(cfg, prepared, student: int) -> int:
 
 
 def run_stage(config: Path, teacher: Path, method: str, nproc: int, out: Path) -> dict:
-    from pipelines.net import free_port
+    from pipelines.common.net import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "pipelines.train", "--config", str(config),
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "pipelines.orchestrate.worker", "--config", str(config),
            "--stage", "student", "--method", method, "--teacher", str(teacher), "--out", str(out)]
     env = {**os.environ, "METADISTILL_PROGRESS": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
@@ -63,8 +63,8 @@ def main() -> int:
     from benchmarks.common import write_json
     from models.registry import build_model, count_parameters
     from pipelines import data as data_stage
-    from pipelines import stages
-    from pipelines.config import load_config
+    from pipelines.teacher.fit import obtain_teacher, teacher_folder
+    from pipelines.config.loader import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -85,8 +85,8 @@ def main() -> int:
         configs[nproc] = home / f"config{nproc}.json"
         configs[nproc].write_text(cfg.model_dump_json())
     prepared = data_stage.prepare(cfg.data)
-    stages.train_teacher(cfg, prepared)
-    teacher = stages.teacher_folder(cfg, prepared)
+    obtain_teacher(cfg, prepared)
+    teacher = teacher_folder(cfg, prepared)
 
     throughput: dict[str, dict[int, float]] = {"train": {1: 0.0, 2: 0.0}, "meta_distill": {1: 0.0, 2: 0.0}}
     meta_bytes = 0

@@ -19,8 +19,10 @@ def main() -> int:
     from benchmarks.common import write_json
 
     from pipelines import data as data_stage
-    from pipelines import distributed, stages
-    from pipelines.config import load_config
+    from pipelines.students.fit import run_student
+    from pipelines.teacher.fit import obtain_teacher
+    from pipelines.engine import distributed
+    from pipelines.config.loader import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
@@ -30,11 +32,11 @@ def main() -> int:
     args = parser.parse_args()
     cfg = load_config(args.preset, None, args.overrides)
     prepared = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
-    teacher = stages.train_teacher(cfg, prepared).model
+    teacher = obtain_teacher(cfg, prepared).model
     seconds: dict[str, list[float]] = {"kd": [], "meta_distill": []}
     for r in range(args.repeats):
         for method in seconds:
-            outcome = stages.train_student(method, cfg, prepared, teacher, seed=r)
+            outcome = run_student(method, cfg, prepared, teacher, seed=r)
             seconds[method].append(outcome.result.seconds / outcome.result.steps)
     per_step = {m: min(v) for m, v in seconds.items()}
     result = {"preset": cfg.preset, "interval": cfg.meta_distill.interval, "pilot_steps": cfg.meta_distill.pilot_steps,

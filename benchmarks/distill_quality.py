@@ -45,10 +45,17 @@ def paired_stats(diffs: np.ndarray) -> dict:
 
 def main() -> int:
     from pipelines import data as data_stage
-    from pipelines import plots, sources, stages, tracking
+    from pipelines import tracking
+    from pipelines.evaluate.metrics import evaluate
+    from pipelines.students.fit import run_student
+    from pipelines.teacher.fit import obtain_teacher, teacher_spec
+    from pipelines.tracking import plots
+    from pipelines.teacher import sources
     from benchmarks.common import write_json
-    from pipelines.config import ConfigError, load_config
-    from pipelines.students import kd_grid, StudentContext
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
+    from pipelines.students.kd import kd_grid
+    from pipelines.students.context import StudentContext
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
@@ -74,13 +81,13 @@ def main() -> int:
         return 2
     start = time.perf_counter()
     prepared = data_stage.prepare(cfg.data)
-    teacher = stages.train_teacher(cfg, prepared)
-    teacher_acc = stages.evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+    teacher = obtain_teacher(cfg, prepared)
+    teacher_acc = evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
     print(f"teacher {cfg.teacher.model.arch}: {100 * teacher_acc:.2f}; splits {prepared.counts}", flush=True)
     accs: dict[str, np.ndarray] = {}
     seconds: dict[str, list[float]] = {}
     for method in methods:
-        outcomes = [stages.train_student(method, cfg, prepared, teacher.model, seed) for seed in cfg.student.seeds]
+        outcomes = [run_student(method, cfg, prepared, teacher.model, seed) for seed in cfg.student.seeds]
         accs[method] = np.array([o.evaluation.accuracy for o in outcomes])
         seconds[method] = [o.result.seconds for o in outcomes]
         print(f"{method:>24}: {100 * accs[method].mean():.2f} ± {100 * accs[method].std(ddof=1):.2f} "
@@ -88,7 +95,7 @@ def main() -> int:
     result = {
         "dataset": cfg.data.name, "preset": cfg.preset, "overrides": args.overrides,
         "teacher_test_acc": teacher_acc, "teacher_seconds": teacher.seconds, "teacher_cached": teacher.cached,
-        "teacher_source": cfg.teacher.source, "teacher_arch": stages.teacher_spec(cfg, prepared)["arch"],
+        "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(cfg, prepared)["arch"],
         "splits": prepared.counts,
         "train_examples": prepared.counts["train"], "transfer_examples": prepared.counts["transfer"],
         "student_steps": cfg.student.train.steps, "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",

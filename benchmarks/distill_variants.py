@@ -49,8 +49,11 @@ def main() -> int:
     from benchmarks.common import write_json
     from benchmarks.distill_quality import paired_stats
     from pipelines import data as data_stage
-    from pipelines import stages
-    from pipelines.config import ConfigError, load_config
+    from pipelines.evaluate.metrics import evaluate
+    from pipelines.students.fit import run_student
+    from pipelines.teacher.fit import obtain_teacher
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
@@ -67,12 +70,12 @@ def main() -> int:
         return 2
     base = load_config(args.preset, None, args.overrides)
     prepared = data_stage.prepare(base.data)
-    teacher = stages.train_teacher(base, prepared).model
-    teacher_acc = stages.evaluate(teacher, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+    teacher = obtain_teacher(base, prepared).model
+    teacher_acc = evaluate(teacher, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
     print(f"teacher: {100 * teacher_acc:.2f}", flush=True)
     rows, reference = {}, None
     for name, method, overrides in variants:
-        outcomes = [stages.train_student(method, configs[name], prepared, teacher, seed) for seed in range(args.seeds)]
+        outcomes = [run_student(method, configs[name], prepared, teacher, seed) for seed in range(args.seeds)]
         accs = np.array([o.evaluation.accuracy for o in outcomes])
         reference = accs if reference is None else reference
         rows[name] = {"method": method, "overrides": overrides, "mean": float(accs.mean()),

@@ -56,7 +56,7 @@ def _data(device: torch.device):
 
 
 def _cfg(args, steps: int):
-    from pipelines.config import OptimConfig, TrainConfig
+    from pipelines.config.training import OptimConfig, TrainConfig
 
     return TrainConfig(steps=steps, batch_size=args.batch, log_every=max(steps, 1), augment=False, grad_clip=None,
                        precision=args.precision, compile=args.compile, channels_last=args.channels_last,
@@ -65,19 +65,19 @@ def _cfg(args, steps: int):
 
 def pipeline_seconds(args, x, y, steps: int) -> float:
     """Wall seconds of ``steps`` steps of the pipeline's loop (after a warm-up run)."""
-    from pipelines.training import cross_entropy, train_classifier
+    from pipelines.engine.loop import supervised_loss, train_classifier
 
     model = _model(args.device, args.channels_last)
-    train_classifier(model, x, y, _cfg(args, args.warmup), cross_entropy, seed=0, device=args.device)
+    train_classifier(model, x, y, _cfg(args, args.warmup), supervised_loss, seed=0, device=args.device)
     model = _model(args.device, args.channels_last)
     _sync(args.device)
-    result = train_classifier(model, x, y, _cfg(args, steps), cross_entropy, seed=1, device=args.device)
+    result = train_classifier(model, x, y, _cfg(args, steps), supervised_loss, seed=1, device=args.device)
     return result.seconds
 
 
 def reference_seconds(args, x, y, steps: int) -> float:
     """The same work in the plainest loop: randint batch, autocast forward, backward, step."""
-    from pipelines.training import autocast, precision
+    from pipelines.engine.device import autocast, precision
 
     model = _model(args.device, args.channels_last)
     net = torch.compile(model) if args.compile else model

@@ -29,7 +29,7 @@ MODEL = "metadistill-digits-student"
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.net import free_port, wait_http  # noqa: E402  (after the path insert)
+from pipelines.common.net import free_port, wait_http
 
 
 def wrk(url: str, seconds: int, body: str | None, connections: int = 16, threads: int = 4) -> dict:

@@ -42,7 +42,7 @@ def rotation_pretrain(x, data_mean, data_std, steps: int, out: Path, seed: int =
     from safetensors.torch import save_file
 
     from models.external import IMAGENET_MEAN, IMAGENET_STD
-    from pipelines.progress import progress_bar
+    from pipelines.common.progress import progress_bar
 
     torch.manual_seed(seed)
     net = torchvision.models.resnet18(num_classes=1000)
@@ -81,9 +81,13 @@ def main() -> int:
     from benchmarks.common import write_json
     from benchmarks.distill_quality import paired_stats
     from pipelines import data as data_stage
-    from pipelines import sources, stages
-    from pipelines.config import ConfigError, load_config
-    from pipelines.home import cache_dir
+    from pipelines.evaluate.metrics import evaluate
+    from pipelines.students.fit import run_student
+    from pipelines.teacher.fit import obtain_teacher, teacher_spec
+    from pipelines.teacher import sources
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
+    from pipelines.common.home import cache_dir
     import torch
     import torchvision
     from safetensors.torch import save_file
@@ -128,16 +132,16 @@ def main() -> int:
     accs: dict[str, dict[str, np.ndarray]] = {}
     for name, cfg in configs.items():
         sources.preflight(cfg)
-        teacher = stages.train_teacher(cfg, prepared)
-        acc = stages.evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
-        spec = stages.teacher_spec(cfg, prepared)
+        teacher = obtain_teacher(cfg, prepared)
+        acc = evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+        spec = teacher_spec(cfg, prepared)
         result["teachers"][name] = {"test_acc": acc, "seconds": teacher.seconds, "cached": teacher.cached,
                                     "arch": spec["arch"], "source": cfg.teacher.source,
                                     "steps": cfg.teacher.finetune.steps if cfg.teacher.brought() else cfg.teacher.train.steps}
         print(f"teacher {name} ({spec['arch']}): {100 * acc:.2f} in {teacher.seconds:.0f} s", flush=True)
         accs[name] = {}
         for method in methods:
-            outcomes = [stages.train_student(method, cfg, prepared, teacher.model, seed) for seed in cfg.student.seeds]
+            outcomes = [run_student(method, cfg, prepared, teacher.model, seed) for seed in cfg.student.seeds]
             accs[name][method] = np.array([o.evaluation.accuracy for o in outcomes])
             a = accs[name][method]
             result["students"].setdefault(name, {})[method] = {
@@ -145,7 +149,7 @@ def main() -> int:
                 "compute_seconds": float(np.mean([o.result.seconds for o in outcomes]))}
             print(f"  {method}: {100 * a.mean():.2f} ± {100 * a.std(ddof=1):.2f}", flush=True)
     if args.scratch:  # the no-teacher reference, once (it does not depend on the teacher)
-        outcomes = [stages.train_student("scratch", trained_cfg, prepared, teacher.model, seed)
+        outcomes = [run_student("scratch", trained_cfg, prepared, teacher.model, seed)
                     for seed in trained_cfg.student.seeds]
         a = np.array([o.evaluation.accuracy for o in outcomes])
         result["scratch"] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "per_seed": a.tolist()}

@@ -1,1 +1,1 @@
-"""Registry promotion, export and serving of registered students (no training code)."""
+"""Export and serving of registered students (no training code)."""

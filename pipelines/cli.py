@@ -14,7 +14,7 @@ EXIT_CONFIG = 2
 
 def _prepare_env() -> None:
     """Defaults that must be in place before Prefect is imported."""
-    from pipelines.home import project_home
+    from pipelines.common.home import project_home
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(project_home() / "prefect"))
@@ -22,7 +22,7 @@ def _prepare_env() -> None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.config import PRESETS
+    from pipelines.config.presets import PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: digits)")
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file merged over the preset")
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from pipelines.config import ConfigError, load_config
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
 
     try:
         return load_config(args.preset, args.config, args.overrides)
@@ -161,19 +162,19 @@ def _use_wait(cfg) -> None:
 def cmd_run(args) -> int:
     start = time.perf_counter()
     cfg = _load(args)
-    from pipelines.sources import preflight
+    from pipelines.teacher.sources import preflight
 
     preflight(cfg)  # a source that does not resolve exits 2 before any work
-    from pipelines.distributed import check_device
+    from pipelines.engine.distributed import check_device
 
     check_device(cfg.dist.device)  # so does dist.device=cuda without CUDA
     _prepare_env()
     api = None
     if not os.environ.get("PREFECT_API_URL"):
-        from pipelines.prefect_api import LocalPrefectAPI
+        from pipelines.orchestrate.prefect_api import LocalPrefectAPI
 
         api = LocalPrefectAPI()
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     imported = time.perf_counter()
     if api is not None:
@@ -195,10 +196,10 @@ def cmd_fewshot(args) -> int:
     if args.preset is None:
         args.preset = "omniglot"
     cfg = _load(args)
-    from pipelines.fewshot import fewshot_init, run_fewshot
+    from pipelines.orchestrate.fewshot import fewshot_init, run_fewshot
 
     fewshot_init(cfg)  # resolved and checked before any work
-    from pipelines.distributed import check_device
+    from pipelines.engine.distributed import check_device
 
     check_device(cfg.dist.device)
 
@@ -224,7 +225,7 @@ DEFAULT_MODEL = "metadistill-digits-student"
 def cmd_schedule(args) -> int:
     cfg = _load(args)
     _prepare_env()
-    from pipelines.schedule import schedule
+    from pipelines.orchestrate.schedule import schedule
 
     schedule(cfg, args.name, args.cron, args.interval, args.work_pool)
     return 0
@@ -232,7 +233,7 @@ def cmd_schedule(args) -> int:
 
 def cmd_trigger(args) -> int:
     _prepare_env()
-    from pipelines.schedule import trigger
+    from pipelines.orchestrate.schedule import trigger
 
     result = trigger(args.name, args.overrides, args.timeout)
     print(f"flow run {result['flow_run_id']}: {result['state']}")
@@ -241,7 +242,7 @@ def cmd_trigger(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from pipelines.schedule import server_command
+    from pipelines.orchestrate.schedule import server_command
 
     cmd, env = server_command(args.host, args.port)
     print(f"Prefect server on http://{args.host}:{args.port}; set PREFECT_API_URL=http://{args.host}:{args.port}/api",
@@ -262,14 +263,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from deploy.promotion import promote
+    from pipelines.register.promotion import promote
 
     print(json.dumps(promote(args.model or DEFAULT_MODEL, args.version, args.reason), indent=2))
     return 0
 
 
 def cmd_rollback(args) -> int:
-    from deploy.promotion import rollback
+    from pipelines.register.promotion import rollback
 
     print(json.dumps(rollback(args.model or DEFAULT_MODEL, args.reason), indent=2))
     return 0
@@ -292,7 +293,8 @@ def cmd_config(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from pipelines.tracking import experiment_links, serve_ui, tracking_uri
+    from pipelines.tracking.ui import experiment_links, serve_ui
+    from pipelines.tracking.runs import tracking_uri
 
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base} over {tracking_uri()}", file=sys.stderr)
@@ -314,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback on bad input
         from deploy.registry import ModelLoadError
-        from pipelines.config import ConfigError
-        from pipelines.data import DataError
+        from pipelines.config.errors import ConfigError
+        from pipelines.data.errors import DataError
 
         if isinstance(exc, ConfigError):
             print(f"metadistill: {exc}", file=sys.stderr)
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, DataError):
             print(f"metadistill: data error: {exc}", file=sys.stderr)
             return 1
-        from pipelines.schedule import ScheduleError
+        from pipelines.orchestrate.schedule import ScheduleError
 
         if isinstance(exc, (ModelLoadError, ScheduleError, ValueError)):
             print(f"metadistill: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipelines.net import free_port, wait_http
+from pipelines.common.net import free_port, wait_http
 
 __all__ = ["free_port", "wait_http", "worst_relative_error"]
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.augment import make_augmenter
-from pipelines.config import load_config
+from pipelines.augment.policies import make_augmenter
+from pipelines.config.loader import load_config
 
 MEAN, STD = [0.3], [0.4]
 
@@ -49,15 +49,16 @@ def test_fixed_and_none():
 
 def test_teacher_cache_key_follows_the_policy(home):
     from pipelines import data as data_stage
-    from pipelines import stages
+    from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.fit import obtain_teacher, teacher_key
 
     cfg = load_config()
     prepared = data_stage.prepare(cfg.data)
-    keys = {stages.teacher_key(load_config(overrides=[f"data.augment_policy={p}"]), prepared)
+    keys = {teacher_key(load_config(overrides=[f"data.augment_policy={p}"]), prepared)
             for p in ("fixed", "none", "trivialaugment", "randaugment")}
     assert len(keys) == 4
     trained = load_config(overrides=["data.augment_policy=trivialaugment", "teacher.model.arch=mlp",
                                      "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150"])
-    outcome = stages.train_teacher(trained, data_stage.prepare(trained.data))
-    acc = stages.evaluate(outcome.model, prepared.x("test"), prepared.y("test"), 10).accuracy
+    outcome = obtain_teacher(trained, data_stage.prepare(trained.data))
+    acc = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), 10).accuracy
     assert acc > 0.6  # trained through TrivialAugmentWide's per-sample ops, and it learned

@@ -154,7 +154,7 @@ def test_bad_policy_is_refused_naming_the_field(spec, field):
 
 @pytest.mark.parametrize("depth,sampling", [(1, "exact"), (2, "uniform")])
 def test_learned_ops_are_seeded_per_example(depth, sampling):
-    from pipelines.augment import LearnedOps
+    from pipelines.augment.policies import LearnedOps
 
     policy = AugmentPolicy(("rotate", "brightness", "translate_x"), depth=depth, sampling=sampling)
     ops = LearnedOps(policy.to_json(), [0.3], [0.4])
@@ -169,7 +169,7 @@ def test_learned_ops_are_seeded_per_example(depth, sampling):
 def test_torchvision_export_runs(depth):
     from torchvision.transforms import v2
 
-    from pipelines.augment import to_torchvision
+    from pipelines.augment.policies import to_torchvision
 
     transform = to_torchvision(AugmentPolicy(depth=depth, sampling="uniform").to_json())
     assert isinstance(transform, v2.Compose if depth == 2 else v2.RandomChoice)
@@ -180,14 +180,15 @@ def test_torchvision_export_runs(depth):
 
 
 def _search_cfg(*extra):
-    from pipelines.config import load_config
+    from pipelines.config.loader import load_config
 
     return load_config(overrides=["data.augment_policy=learned", "data.augment_search.steps=40",
                                   "data.augment_search.batch_size=32", *extra])
 
 
 def test_search_writes_a_valid_policy_once_and_keys_the_teacher_by_it(home):
-    from pipelines import augment_search, stages
+    from pipelines.teacher.fit import teacher_key
+    from pipelines.augment import search as augment_search
     from pipelines import data as data_stage
 
     cfg = _search_cfg()
@@ -200,7 +201,7 @@ def test_search_writes_a_valid_policy_once_and_keys_the_teacher_by_it(home):
     assert again.cached and again.spec == first.spec
     other = _search_cfg("data.augment_search.seed=1")
     assert augment_search.learned_policy(other, prepared).spec != first.spec
-    assert stages.teacher_key(cfg, prepared) != stages.teacher_key(other, prepared)
+    assert teacher_key(cfg, prepared) != teacher_key(other, prepared)
     augment = augment_search.augmenter_for(cfg, prepared)
     x = prepared.x("train")[:8]
     assert augment(x, torch.arange(8)).shape == x.shape
@@ -229,7 +230,7 @@ def test_bad_policy_file_exits_2_naming_the_field(tmp_path, capsys):
 def test_the_flow_logs_the_search_the_policy_and_the_examples(home, prefect_server):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     cfg = _search_cfg("teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=100",
                       "student.train.steps=40", "student.methods=[scratch]", "student.seeds=[0]",
@@ -246,7 +247,8 @@ def test_the_flow_logs_the_search_the_policy_and_the_examples(home, prefect_serv
 
 
 def test_a_teacher_proxy_needs_a_teacher_trained_here(tmp_path):
-    from pipelines.config import ConfigError, load_config
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
 
     assert load_config(overrides=["data.augment_policy=learned", "data.augment_search.proxy=teacher"])
     with pytest.raises(ConfigError, match="proxy=teacher trains teacher.model from scratch"):

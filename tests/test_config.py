@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from pipelines.config import PRESETS, ConfigError, flatten, load_config
+from pipelines.config.presets import PRESETS
+from pipelines.config.errors import ConfigError
+from pipelines.config.loader import flatten, load_config
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -50,7 +50,7 @@ def test_second_order_maml_matches_finite_differences_on_cuda(steps):
 
 def test_second_order_teacher_gradient_under_bf16_tracks_float32():
     """The pilot's meta-gradient under bf16 autocast points where float32's does."""
-    from pipelines.training import autocast, precision
+    from pipelines.engine.device import autocast, precision
 
     student, teacher = _mlp([32, 64, 10], 0, torch.float32), _mlp([32, 128, 10], 1, torch.float32)
     g = torch.Generator().manual_seed(2)
@@ -88,8 +88,8 @@ def test_pilot_quiz_loss_finite_differences_on_cuda():
 
 
 def test_fixed_augmentation_is_the_same_numbers_on_cuda_and_cpu():
-    from pipelines.augment import FixedOps
-    from pipelines.config import AugmentConfig
+    from pipelines.augment.policies import FixedOps
+    from pipelines.config.data import AugmentConfig
 
     ops = FixedOps([AugmentConfig(name="random_crop", padding=4), AugmentConfig(name="horizontal_flip"),
                     AugmentConfig(name="color_jitter")], [0.5, 0.4, 0.3], [0.25, 0.2, 0.2])
@@ -99,7 +99,7 @@ def test_fixed_augmentation_is_the_same_numbers_on_cuda_and_cpu():
 
 def _digits(device):
     from pipelines import data as data_stage
-    from pipelines.config import load_config
+    from pipelines.config.loader import load_config
 
     cfg = load_config(overrides=["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}",
                                  "teacher.train.steps=200", "teacher.train.precision=bf16"])
@@ -109,35 +109,35 @@ def _digits(device):
 @pytest.mark.parametrize("share", [0.5, 0.0])  # 0.0: the data stays in pinned host memory
 def test_teacher_trains_on_cuda_from_device_or_pinned_data(home, share):
     from pipelines import data as data_stage
-    from pipelines import stages
-    from pipelines.evaluate import evaluate
+    from pipelines.teacher.fit import obtain_teacher
+    from pipelines.evaluate.metrics import evaluate
 
     cfg, _ = _digits(torch.device("cpu"))
     data = data_stage.place(data_stage.prepare(cfg.data), CUDA, share=share)
     assert data.x("train").is_cuda == (share > 0) and (share > 0 or data.x("train").is_pinned())
-    outcome = stages.train_teacher(cfg, data)
+    outcome = obtain_teacher(cfg, data)
     assert next(outcome.model.parameters()).is_cuda
     assert evaluate(outcome.model, data.x("test"), data.y("test"), 10).accuracy > 0.85
 
 
 def test_checkpoint_written_on_cuda_resumes_on_the_cpu(tmp_path):
-    from pipelines.checkpoint import Checkpointer
-    from pipelines.config import OptimConfig, TrainConfig
-    from pipelines.training import cross_entropy, train_classifier
+    from pipelines.engine.checkpoint import Checkpointer
+    from pipelines.config.training import OptimConfig, TrainConfig
+    from pipelines.engine.loop import supervised_loss, train_classifier
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 8, generator=g), torch.randint(0, 3, (256,), generator=g)
     cfg = TrainConfig(steps=20, batch_size=32, log_every=5, optimizer=OptimConfig(schedule="constant"))
     on_gpu = _mlp([8, 16, 3], 0, torch.float32)
-    train_classifier(on_gpu, x.to(CUDA), y.to(CUDA), cfg.model_copy(update={"steps": 10}), cross_entropy, seed=0,
+    train_classifier(on_gpu, x.to(CUDA), y.to(CUDA), cfg.model_copy(update={"steps": 10}), supervised_loss, seed=0,
                      checkpoint=Checkpointer(tmp_path, 10))
     state = torch.load(tmp_path / "train.pt", weights_only=True)
     assert all(not v.is_cuda for v in state["model"].values())
     on_cpu = _mlp([8, 16, 3], 5, torch.float32).cpu()  # other weights: the checkpoint must replace them
-    resumed = train_classifier(on_cpu, x, y, cfg, cross_entropy, seed=0, checkpoint=Checkpointer(tmp_path, 10))
+    resumed = train_classifier(on_cpu, x, y, cfg, supervised_loss, seed=0, checkpoint=Checkpointer(tmp_path, 10))
     assert [s for s, _ in resumed.curve["train_loss"]] == [5, 10, 15, 20]  # 11-20 ran here, on the CPU
     straight = _mlp([8, 16, 3], 0, torch.float32).cpu()
-    train_classifier(straight, x, y, cfg, cross_entropy, seed=0)
+    train_classifier(straight, x, y, cfg, supervised_loss, seed=0)
     for a, b in zip(on_cpu.parameters(), straight.parameters()):
         assert torch.allclose(a, b, atol=1e-4)
 

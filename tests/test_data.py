@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import ConfigError, DataConfig, load_config
-from pipelines.data import DataError, prepare, read_idx
+from pipelines.config.errors import ConfigError
+from pipelines.config.data import DataConfig
+from pipelines.config.loader import load_config
+from pipelines.data.errors import DataError
+from pipelines.data.prepare import prepare
+from pipelines.data.readers import read_idx
 
 
 def test_digits_splits_are_deterministic_disjoint_and_cached(home):
@@ -78,7 +82,7 @@ def test_corrupt_mnist_in_tree_fails_without_fallback(home, tmp_path, shared_dat
 
 
 def test_omniglot_npz_and_zip_readers(shared_data):
-    from pipelines.omniglot import load_characters
+    from pipelines.data.omniglot import load_characters
 
     x, names, _ = load_characters(shared_data, "evaluation")
     assert x.shape == (659, 20, 1, 28, 28) and len(names) == 659
@@ -104,7 +108,8 @@ def test_label_budget_leaves_an_unlabeled_transfer_split(home):
 def test_no_transfer_label_can_reach_training(home):
     """The transfer split's true labels can be anything: the prepared data (and so every
     training step) is bit-for-bit the same."""
-    from pipelines.data import RawData, make_splits
+    from pipelines.data.readers import RawData
+    from pipelines.data.splits import make_splits
 
     rng = np.random.default_rng(0)
     x = rng.random((400, 1, 4, 4), dtype=np.float32)
@@ -150,7 +155,7 @@ def test_image_size_resizes_the_shorter_side_and_crops_the_centre(tmp_path, home
     (digits 8x8): shorter side to the size, centre crop; the models see that shape."""
     from PIL import Image
 
-    from pipelines.data import prepare
+    from pipelines.data.prepare import prepare
 
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
@@ -194,7 +199,7 @@ def _folder_with_a_truncated_image(root):
 
 
 def test_bad_image_fails_naming_it_or_is_skipped_and_counted(tmp_path, home):
-    from pipelines.data import prepare
+    from pipelines.data.prepare import prepare
 
     bad = _folder_with_a_truncated_image(tmp_path / "imgs")
     settings = ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.test_fraction=0.25",
@@ -220,7 +225,8 @@ def test_class_layout_problems_exit_2_naming_the_class(tmp_path, home, layout, m
     (tmp_path / ("train" if layout == "empty class" else "test") / "bird").mkdir()
     if layout == "test-only class":
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "test" / "bird" / "0.png")
-    from pipelines.data import DataLayoutError, prepare
+    from pipelines.data.errors import DataLayoutError
+    from pipelines.data.prepare import prepare
 
     cfg = load_config(overrides=["data.name=imagefolder", f"data.root={tmp_path}", "student.train.batch_size=8",
                                  "teacher.train.batch_size=8"])

@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from models.weights import load_weights
-from pipelines.config import load_config
+from pipelines.config.loader import load_config
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def stage_home(tmp_path_factory):
     """A project home with the digits data prepared and a small teacher trained, as the
     flow leaves them before its student stages."""
     from pipelines import data as data_stage
-    from pipelines import stages
+    from pipelines.teacher.fit import obtain_teacher, teacher_folder
 
     home = tmp_path_factory.mktemp("dist-home")
     before = os.environ.get("METADISTILL_HOME")
@@ -43,8 +43,8 @@ def stage_home(tmp_path_factory):
     try:
         cfg = load_config(overrides=BASE)
         prepared = data_stage.prepare(cfg.data)
-        stages.train_teacher(cfg, prepared)
-        teacher = stages.teacher_folder(cfg, prepared)
+        obtain_teacher(cfg, prepared)
+        teacher = teacher_folder(cfg, prepared)
         for storage in STORAGES:  # prepared once here, not raced for by the ranks
             data_stage.prepare(load_config(overrides=BASE + storage).data)
     finally:
@@ -67,7 +67,7 @@ def _write_config(tmp_path: Path, overrides: list[str], name: str) -> Path:
 
 
 def _stage_args(config: Path, teacher: Path, method: str, out: Path) -> list[str]:
-    return ["-m", "pipelines.train", "--config", str(config), "--stage", "student", "--method", method,
+    return ["-m", "pipelines.orchestrate.worker", "--config", str(config), "--stage", "student", "--method", method,
             "--seed", "0", "--teacher", str(teacher), "--out", str(out)]
 
 
@@ -207,7 +207,7 @@ TINY_FLOW = BASE + ["teacher.train.steps=40", "student.train.steps=30", "student
 def test_pipeline_runs_every_stage_under_torchrun(home, prefect_server):
     """`--set dist.nproc=2`: the teacher and every student method train as 2 torchrun
     workers; rank 0 logs into each stage's child run; the best student is registered."""
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     summary = metadistill_flow(config=load_config(overrides=TINY_FLOW))
     assert set(summary["methods"]) == {"scratch", "kd", "maml_init", "meta_distill"}
@@ -230,8 +230,8 @@ def test_failing_torchrun_stage_fails_the_run_and_leaves_nothing(home, prefect_s
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter
 
-    from pipelines.flow import metadistill_flow
-    from pipelines.launch import StageFailed
+    from pipelines.orchestrate.flow import metadistill_flow
+    from pipelines.orchestrate.launch import StageFailed
 
     cfg = load_config(overrides=TINY_FLOW + ["dist.backend=nccl", "dist.max_restarts=0",
                                              "tracking.experiment=dist-fail"])
@@ -256,7 +256,7 @@ def test_failing_torchrun_stage_fails_the_run_and_leaves_nothing(home, prefect_s
 
 
 def test_torn_checkpoint_is_never_loaded(tmp_path):
-    from pipelines.checkpoint import Checkpointer
+    from pipelines.engine.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path, every=10)
     (tmp_path / "train.pt.tmp999").write_bytes(b"half a checkpoint")  # a writer killed mid-write
@@ -269,7 +269,7 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
 
 
 def test_stage_command_per_launcher(tmp_path):
-    from pipelines.launch import torchrun_command
+    from pipelines.orchestrate.launch import torchrun_command
 
     local = torchrun_command(load_config(overrides=["dist.nproc=2"]), tmp_path / "c.json", ["--stage", "teacher"])
     assert local[1:4] == ["-m", "torch.distributed.run", "--nnodes"] and "--nproc-per-node" in local

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from deploy.promotion import decide
-from pipelines.evaluate import evaluate, expected_calibration_error
+from pipelines.register.promotion import decide
+from pipelines.evaluate.metrics import evaluate, expected_calibration_error
 
 
 def test_ece_hand_computed():

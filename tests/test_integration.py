@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import load_config
+from pipelines.config.loader import load_config
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150",
         "teacher.train.log_every=25", "student.train.steps=60", "student.train.log_every=20",
@@ -31,7 +31,7 @@ def _children(client, parent_run_id, experiment_id):
 
 
 def test_pipeline_end_to_end(home, prefect_server):
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     summary = metadistill_flow(config=load_config(overrides=TINY))
     assert set(summary["methods"]) == METHODS
@@ -102,8 +102,8 @@ def test_pipeline_end_to_end(home, prefect_server):
 
 
 def test_failed_run_is_marked_failed_and_registers_nothing(home, prefect_server, monkeypatch):
-    from pipelines.data import DataError
-    from pipelines.flow import metadistill_flow
+    from pipelines.data.errors import DataError
+    from pipelines.orchestrate.flow import metadistill_flow
 
     monkeypatch.delenv("METADISTILL_DATA", raising=False)
     cfg = load_config("mnist", overrides=["tracking.experiment=it-fail", f"data.root={home / 'nothing'}"])
@@ -119,8 +119,8 @@ def test_failed_run_is_marked_failed_and_registers_nothing(home, prefect_server,
 
 
 def test_diverging_stage_fails_the_run_and_registers_nothing(home, prefect_server):
-    from pipelines.flow import metadistill_flow
-    from pipelines.training import TrainingDiverged
+    from pipelines.orchestrate.flow import metadistill_flow
+    from pipelines.engine.metrics import TrainingDiverged
 
     cfg = load_config(overrides=TINY + ["tracking.experiment=it-nan", "student.methods=[scratch, kd]",
                                         "kd.temperature=8", "student.train.optimizer.lr=1e12",
@@ -140,7 +140,7 @@ def test_concurrent_students_equal_the_sequential_sweep(home, prefect_server):
     runner (on the CPU, a core each), and every (method, seed) ends where it ends alone."""
     import torch
 
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     sweep = TINY + ["tracking.experiment=it-conc", "tracking.register_best=false", "student.seeds=[0, 1]",
                     "student.methods=[scratch, kd, kd_tuned, maml_init, meta_distill]"]

@@ -93,22 +93,23 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teache
                                    "[teacher, calibration, kd_params, weights]"])
 def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
     from pipelines import data as data_stage
-    from pipelines import stages
-    from pipelines.config import load_config
+    from pipelines.students.fit import run_student
+    from pipelines.teacher.fit import obtain_teacher
+    from pipelines.config.loader import load_config
 
     cfg = load_config(overrides=TINY + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0",
                                         "meta_distill.knob_lr=0"])
     prepared = data_stage.prepare(cfg.data)
     assert prepared.transfer() is not None  # the pilot and the student see transfer examples too
-    teacher = stages.train_teacher(cfg, prepared).model
-    kd = stages.train_student("kd", cfg, prepared, teacher, seed=3)
-    md = stages.train_student("meta_distill", cfg, prepared, teacher, seed=3)
+    teacher = obtain_teacher(cfg, prepared).model
+    kd = run_student("kd", cfg, prepared, teacher, seed=3)
+    md = run_student("meta_distill", cfg, prepared, teacher, seed=3)
     for (name, a), b in zip(kd.model.state_dict().items(), md.model.state_dict().values()):
         assert (a - b).abs().max() <= 1e-5, name
     # ...and with a learning rate what is learned does move, so the student differs.
     moved_cfg = load_config(overrides=TINY + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0.01",
                                               "meta_distill.knob_lr=0.05"])
-    moved = stages.train_student("meta_distill", moved_cfg, prepared, teacher, seed=3)
+    moved = run_student("meta_distill", moved_cfg, prepared, teacher, seed=3)
     assert any((a - b).abs().max() > 1e-5 for a, b in zip(kd.model.state_dict().values(),
                                                           moved.model.state_dict().values()))
     if "teacher" in learn:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.promotion import promote, rollback
+from pipelines.register.promotion import promote, rollback
 from deploy.registry import ModelLoadError, load_folder, load_registered
 from models import build_model
 from models.normalize import Normalized
@@ -40,7 +40,7 @@ def register_tiny(seed: int, test_acc: float, alias: str) -> str:
         save_weights(model, folder, SPEC)
         uri = tracking.log_student_model(run, Normalized(model, SPEC["mean"], SPEC["std"]).eval(),
                                          np.random.rand(2, 1, 8, 8).astype(np.float32), folder)
-        reg = tracking.register(uri, NAME, alias, {"test_acc": test_acc, "data_key": "k1", "source_run_id": run.run_id,
+        reg = tracking.register_model(uri, NAME, alias, {"test_acc": test_acc, "data_key": "k1", "source_run_id": run.run_id,
                                                    "method": "kd"})
     return reg.version
 

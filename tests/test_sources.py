@@ -26,8 +26,9 @@ from models.external import head_classes, replace_head
 from models.normalize import Adapted, adapt_input
 from models.registry import build_model
 from models.weights import save_weights
-from pipelines import sources
-from pipelines.config import ConfigError, load_config
+from pipelines.teacher import sources
+from pipelines.config.errors import ConfigError
+from pipelines.config.loader import load_config
 from tests.helpers import free_port
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=120",
@@ -215,7 +216,7 @@ def test_source_settings_are_checked_with_the_config(overrides, message):
 def test_registry_round_trip_reuses_the_teacher(home, prefect_server):
     """Run A trains and registers its teacher; run B takes it from the registry (and its
     student starts from A's registered student): no teacher training, same accuracy."""
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     a = metadistill_flow(config=load_config(overrides=[*TINY, "tracking.experiment=rt-a",
                                                        "tracking.register_teacher=true"]))
@@ -253,7 +254,7 @@ def _cifar_test_only(tmp_path, shared_data) -> Path:
 
 def test_torchvision_resnet18_finetuned_teaches_resnet8_registered_and_served(home, tmp_path, shared_data,
                                                                               prefect_server):
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     torch.manual_seed(0)  # "pretrained" weights built here: the point is the path, not ImageNet
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "resnet18.pth")
@@ -306,7 +307,7 @@ def test_torchvision_resnet18_finetuned_teaches_resnet8_registered_and_served(ho
 
 
 def test_brought_teacher_finetuned_and_student_init_under_torchrun(home, tmp_path, prefect_server):
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     teacher = _mlp_folder(tmp_path / "teacher", [64], classes=7)  # other classes: a new head is fine-tuned
     init = _mlp_folder(tmp_path / "init", [16], seed=1)
@@ -355,7 +356,8 @@ def test_timm_teacher_head_finetuned_by_the_teacher_stage(home, tmp_path):
     import timm
 
     from pipelines import data as data_stage
-    from pipelines import stages
+    from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.fit import cached_teacher, obtain_teacher
 
     torch.manual_seed(0)
     net = timm.create_model("resnet10t", num_classes=1000)
@@ -367,11 +369,11 @@ def test_timm_teacher_head_finetuned_by_the_teacher_stage(home, tmp_path):
     [source] = sources.preflight(cfg)
     assert source.kind == "timm" and source.spec["input_shape"] == [3, 32, 32]
     prepared = data_stage.prepare(cfg.data)
-    outcome = stages.train_teacher(cfg, prepared)
+    outcome = obtain_teacher(cfg, prepared)
     assert isinstance(outcome.model, Adapted) and outcome.result.curve["train_loss"]
     tuned = outcome.model.model.state_dict()
     body = [k for k in tuned if not k.startswith("fc.") and "running" not in k and "num_batches" not in k]
     assert body and all(torch.equal(tuned[k], net.state_dict()[k]) for k in body)
-    acc = stages.evaluate(outcome.model, prepared.x("test"), prepared.y("test"), 10).accuracy
+    acc = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), 10).accuracy
     assert acc > 0.3  # chance is 0.1: the new head learned on the random body's features
-    assert stages.cached_teacher(cfg, prepared).cached  # the fine-tuned teacher is cached by weights + settings
+    assert cached_teacher(cfg, prepared).cached  # the fine-tuned teacher is cached by weights + settings

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import ConfigError, DataConfig, load_config
-from pipelines.data import DataError, DataLayoutError, prepare, storage_for
-from pipelines.shards import ShardError, ShardImages
+from pipelines.config.errors import ConfigError
+from pipelines.config.data import DataConfig
+from pipelines.config.loader import load_config
+from pipelines.data.errors import DataError, DataLayoutError
+from pipelines.data.prepare import prepare, storage_for
+from pipelines.data.shards import ShardError, ShardImages
 
 SPLITS = ("train", "quiz", "val", "test", "transfer")
 
@@ -174,7 +177,7 @@ def test_training_on_stream_equals_training_on_the_same_tensors(home):
     """The loop's DataLoader stream and an in-memory copy of the same normalised split give
     the same model: the reader feeds exactly the plan's batches, transfer included."""
     from models.registry import build_model
-    from pipelines.training import Transfer, train_classifier
+    from pipelines.engine.loop import Transfer, train_classifier
 
     def loss(logits, x, y, index):  # the transfer rows count too
         labelled = y >= 0
@@ -196,7 +199,7 @@ def test_training_on_stream_equals_training_on_the_same_tensors(home):
 
 
 def test_fewshot_refuses_stream_storage():
-    from pipelines.fewshot import run_fewshot
+    from pipelines.orchestrate.fewshot import run_fewshot
 
     with pytest.raises(ConfigError, match="data.storage=stream applies to `metadistill run`"):
         run_fewshot(load_config(overrides=["data.storage=stream"]))
@@ -209,7 +212,7 @@ def test_flow_trains_every_stage_from_streamed_jpegs(home, tmp_path, prefect_ser
     from PIL import Image
     from mlflow.tracking import MlflowClient
 
-    from pipelines.flow import metadistill_flow
+    from pipelines.orchestrate.flow import metadistill_flow
 
     rng = np.random.default_rng(0)
     colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220]])

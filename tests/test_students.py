@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from pipelines import data as data_stage
-from pipelines import stages
-from pipelines.config import METHOD_NAMES, TEACHER_METHODS, load_config
-from pipelines.students import STUDENT_METHODS
-from pipelines.training import TrainingDiverged
+from pipelines.evaluate.compare import NoStudentLearned, at_chance, best_student
+from pipelines.students.fit import finish_student, run_student
+from pipelines.teacher.fit import obtain_teacher
+from pipelines.config.students import METHOD_NAMES, TEACHER_METHODS
+from pipelines.config.loader import load_config
+from pipelines.students.methods import STUDENT_METHODS
+from pipelines.engine.metrics import TrainingDiverged
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=80",
         "student.train.steps=30", "data.label_budget=500"]
@@ -19,7 +22,7 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teache
 def setting(home):
     cfg = load_config(overrides=TINY)
     prepared = data_stage.prepare(cfg.data)
-    return cfg, prepared, stages.train_teacher(cfg, prepared).model
+    return cfg, prepared, obtain_teacher(cfg, prepared).model
 
 
 def test_method_names_match_the_implementations():
@@ -31,7 +34,7 @@ def test_kd_tuned_searches_once_and_trains_the_best_validation_point(setting, ho
     cfg, prepared, teacher = setting
     cfg = load_config(overrides=TINY + ["kd.grid_alpha=[0.5, 1.0]", "kd.grid_temperature=[1, 8]"])
     logged = {}
-    first = stages.train_student("kd_tuned", cfg, prepared, teacher, seed=1,
+    first = run_student("kd_tuned", cfg, prepared, teacher, seed=1,
                                  on_log=lambda step, m: logged.update(m))
     records = list((home / "cache" / "kd_tuned").glob("*.json"))
     assert len(records) == 1
@@ -43,12 +46,12 @@ def test_kd_tuned_searches_once_and_trains_the_best_validation_point(setting, ho
     # Its compute includes the grid's; a second seed reuses the search.
     assert first.result.seconds > grid["grid_seconds"]
     modified = records[0].stat().st_mtime_ns
-    stages.train_student("kd_tuned", cfg, prepared, teacher, seed=2)
+    run_student("kd_tuned", cfg, prepared, teacher, seed=2)
     assert records[0].stat().st_mtime_ns == modified
     # The chosen point trained for a seed is exactly kd at that point.
     point = grid["point"]
     at_point = load_config(overrides=TINY + [f"kd.alpha={point['alpha']}", f"kd.temperature={point['temperature']}"])
-    plain = stages.train_student("kd", at_point, prepared, teacher, seed=1)
+    plain = run_student("kd", at_point, prepared, teacher, seed=1)
     for a, b in zip(first.model.state_dict().values(), plain.model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -57,12 +60,12 @@ def test_label_finetune_runs_for_teacher_methods_only(setting):
     cfg, prepared, teacher = setting
     tuned_cfg = load_config(overrides=TINY + ["student.finetune_steps=10"])
     for method in ("kd", "meta_distill"):
-        plain = stages.train_student(method, cfg, prepared, teacher, seed=0)
-        tuned = stages.train_student(method, tuned_cfg, prepared, teacher, seed=0)
+        plain = run_student(method, cfg, prepared, teacher, seed=0)
+        tuned = run_student(method, tuned_cfg, prepared, teacher, seed=0)
         assert "finetune_train_loss" in tuned.result.curve and "finetune_train_loss" not in plain.result.curve
         assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
                                                          tuned.model.state_dict().values()))
-    scratch = [stages.train_student("scratch", c, prepared, teacher, seed=0) for c in (cfg, tuned_cfg)]
+    scratch = [run_student("scratch", c, prepared, teacher, seed=0) for c in (cfg, tuned_cfg)]
     for a, b in zip(scratch[0].model.state_dict().values(), scratch[1].model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -72,22 +75,22 @@ def test_a_diverging_student_fails_naming_stage_method_seed_and_step(setting):
     wild = load_config(overrides=TINY + ["student.train.optimizer.lr=1e12", "student.train.grad_clip=null",
                                          "kd.temperature=8"])
     with pytest.raises(TrainingDiverged, match=r"student kd seed 7: the training loss is (nan|inf) at step \d+"):
-        stages.train_student("kd", wild, prepared, teacher, seed=7)
+        run_student("kd", wild, prepared, teacher, seed=7)
     wild_teacher = load_config(overrides=TINY + ["teacher.train.optimizer.lr=1e12", "teacher.train.grad_clip=null"])
     with pytest.raises(TrainingDiverged, match=r"teacher: the training loss is (nan|inf) at step \d+"):
-        stages.train_teacher(wild_teacher, prepared)
+        obtain_teacher(wild_teacher, prepared)
 
 
 def test_a_student_at_chance_is_never_chosen(setting):
     cfg, prepared, teacher = setting
-    good = stages.train_student("scratch", cfg, prepared, teacher, seed=0)
-    blank = stages.train_student("scratch", cfg, prepared, teacher, seed=1)
+    good = run_student("scratch", cfg, prepared, teacher, seed=0)
+    blank = run_student("scratch", cfg, prepared, teacher, seed=1)
     with torch.no_grad():
         for p in blank.model.parameters():
             p.zero_()
-    blank = stages.finish_student("scratch", 1, blank.model, blank.result, prepared)
+    blank = finish_student("scratch", 1, blank.model, blank.result, prepared)
     blank.val_acc = 1.0  # even the best validation score cannot make it the choice
-    assert stages.at_chance(blank) and not stages.at_chance(good)
-    assert stages.best_student([blank, good]) is good
-    with pytest.raises(stages.NoStudentLearned, match="every student is at chance.*scratch seed 1"):
-        stages.best_student([blank])
+    assert at_chance(blank) and not at_chance(good)
+    assert best_student([blank, good]) is good
+    with pytest.raises(NoStudentLearned, match="every student is at chance.*scratch seed 1"):
+        best_student([blank])

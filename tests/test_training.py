@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from models.registry import build_model
-from pipelines.checkpoint import Checkpointer
-from pipelines.config import TrainConfig
-from pipelines.training import UNLABELED, TrainingDiverged, Transfer, train_classifier
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.config.training import TrainConfig
+from meta.distill import UNLABELED
+from pipelines.engine.metrics import TrainingDiverged
+from pipelines.engine.loop import Transfer, train_classifier
 
 
 def _data(n=96, transfer=50):
@@ -96,7 +98,7 @@ def test_bf16_autocast_covers_forward_and_loss_only_so_clipped_training_learns(m
     float32 (under autocast the clip norm overflowed and zeroed every step)."""
     import contextlib
 
-    from pipelines import training
+    from pipelines.engine import loop as training
 
     monkeypatch.setattr(training, "autocast", lambda device, mode: torch.autocast("cpu", dtype=torch.bfloat16)
                         if mode == "bf16" else contextlib.nullcontext())
@@ -109,5 +111,5 @@ def test_bf16_autocast_covers_forward_and_loss_only_so_clipped_training_learns(m
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
         cfg = TrainConfig(steps=100, batch_size=64, log_every=100, grad_clip=1.0, precision=mode)
-        losses[mode] = train_classifier(model, x, y, cfg, training.cross_entropy, seed=0).curve["train_loss"][-1][1]
+        losses[mode] = train_classifier(model, x, y, cfg, training.supervised_loss, seed=0).curve["train_loss"][-1][1]
     assert losses["fp32"] < 0.5 and abs(losses["bf16"] - losses["fp32"]) < 0.1, losses

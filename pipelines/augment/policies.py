@@ -1,0 +1,220 @@
+"""Training-time augmentation from the config: ``data.augment_policy`` is ``fixed`` (the
+``data.augment`` list), ``none``, or one of torchvision's search-free policies
+``trivialaugment`` (TrivialAugmentWide) and ``randaugment``.
+
+Every image gets its own random parameters from its own seed (drawn by the training loop
+for the whole global batch), so a rank's shard is augmented exactly as one process would.
+The fixed ops run batched on the batch's device (CPU or GPU): their parameters come from a
+counter-based hash of (seed, op, draw), the same numbers on every device and process.  The
+search-free policies run torchvision per image, seeded the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from pipelines.config.data import AugmentConfig, DataConfig
+from pipelines.common.rng import global_rng
+
+_MASK = 0x7FFFFFFF
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    # 31-bit values times 31-bit constants stay inside int64: no overflow on any device.
+    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & _MASK
+    h = ((h ^ (h >> 12)) * 0x297A2D39) & _MASK
+    return h ^ (h >> 15)
+
+
+def uniform(seeds: torch.Tensor, draw: int) -> torch.Tensor:
+    """A float32 in [0, 1) per seed for draw number ``draw``: deterministic on any device."""
+    h = _mix(_mix(seeds.long() & _MASK) ^ ((draw * 0x9E3779B1 + 0x165667B1) & _MASK))
+    return h.float() / 2**31
+
+
+class FixedOps:
+    """The ``data.augment`` list as batched tensor ops on normalised images (N, C, H, W)."""
+
+    def __init__(self, configs: list[AugmentConfig], mean: list[float], std: list[float]):
+        self.configs = configs
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        seeds = seeds.to(x.device, non_blocking=True)
+        for i, cfg in enumerate(self.configs):
+            draws = lambda j, i=i: uniform(seeds, 8 * i + j)  # noqa: E731
+            x = getattr(self, cfg.name)(x, cfg, draws)
+        return x
+
+    @staticmethod
+    def random_crop(x: torch.Tensor, cfg: AugmentConfig, draws) -> torch.Tensor:
+        """Zero padding (the mean colour, in normalised units), then a crop at a random offset."""
+        p = cfg.padding
+        if p == 0:
+            return x
+        n, c, h, w = x.shape
+        padded = F.pad(x, (p, p, p, p))
+        dy = (draws(0) * (2 * p + 1)).long().clamp(max=2 * p)
+        dx = (draws(1) * (2 * p + 1)).long().clamp(max=2 * p)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
+        picked_rows = padded.gather(2, rows[..., :1].expand(n, c, h, w + 2 * p))
+        return picked_rows.gather(3, cols)
+
+    @staticmethod
+    def horizontal_flip(x: torch.Tensor, cfg: AugmentConfig, draws) -> torch.Tensor:
+        return torch.where((draws(0) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
+
+    @staticmethod
+    def random_affine(x: torch.Tensor, cfg: AugmentConfig, draws) -> torch.Tensor:
+        """Rotation by up to ``degrees`` and a shift by up to ``translate`` of the size,
+        nearest-neighbour, zero fill (as torchvision's RandomAffine)."""
+        angle = (draws(0) * 2 - 1) * math.radians(cfg.degrees)
+        tx, ty = (draws(1) * 2 - 1) * cfg.translate * 2, (draws(2) * 2 - 1) * cfg.translate * 2
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    def color_jitter(self, x: torch.Tensor, cfg: AugmentConfig, draws) -> torch.Tensor:
+        """Brightness, then contrast, each by a factor in [1 - strength, 1 + strength], on
+        pixels in [0, 1] (clamped), renormalised."""
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        s = cfg.strength
+        brightness = (1 + (draws(0) * 2 - 1) * s).view(-1, 1, 1, 1).to(x.dtype)
+        contrast = (1 + (draws(1) * 2 - 1) * s).view(-1, 1, 1, 1).to(x.dtype)
+        pixels = ((x * std + mean) * brightness).clamp(0, 1)
+        grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
+        pixels = ((pixels - grey) * contrast + grey).clamp(0, 1)
+        return (pixels - mean) / std
+
+
+class LearnedOps:
+    """A learned policy (``meta.augment``), batched: for each of the policy's ``depth``
+    layers, each image draws one op from the policy's probabilities, a sign and (under
+    uniform sampling) a strength, from its seed, and gets that op at sign x strength x the
+    policy's magnitude.  Every op runs on the whole batch and each image keeps its own op's
+    result (no data-dependent shapes, so no host sync on CUDA)."""
+
+    def __init__(self, spec: dict, mean: list[float], std: list[float]):
+        from meta.augment import AugmentPolicy
+
+        policy = AugmentPolicy.from_json(spec)
+        self.ops, self.depth, self.uniform = policy.ops, policy.depth, policy.sampling == "uniform"
+        with torch.no_grad():
+            self.cumulative = policy.probabilities().cumsum(0)
+            self.magnitudes = policy.magnitudes()
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        from meta.augment import apply_op
+
+        seeds = seeds.to(x.device, non_blocking=True)
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        cumulative, magnitudes = self.cumulative.to(x.device), self.magnitudes.to(x.device, x.dtype)
+        pixels = (x * std + mean).clamp(0, 1)
+        for layer in range(self.depth):
+            choice = torch.searchsorted(cumulative, uniform(seeds, 3 * layer).contiguous()).clamp(max=len(self.ops) - 1)
+            share = torch.where(uniform(seeds, 3 * layer + 1) < 0.5, -1.0, 1.0).to(x.dtype)  # of the magnitude
+            if self.uniform:
+                share = share * uniform(seeds, 3 * layer + 2).to(x.dtype)
+            out = pixels
+            for k, op in enumerate(self.ops):
+                out = torch.where((choice == k).view(-1, 1, 1, 1), apply_op(op, pixels, share * magnitudes[k]), out)
+            pixels = out
+        return (pixels - mean) / std
+
+
+class InPixels(torch.nn.Module):
+    """A search-free policy (TrivialAugmentWide, RandAugment) applied to the image in 8-bit
+    pixels, the range its colour ops are defined on: the normalised tensor is mapped back
+    to [0, 255], augmented, and normalised again."""
+
+    def __init__(self, policy: v2.Transform, mean: list[float], std: list[float]):
+        super().__init__()
+        self.policy = policy
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(img.device), self.std.to(img.device)
+        pixels = ((img * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+        return (self.policy(pixels).float() / 255 - mean) / std
+
+
+class PerImage:
+    """A torchvision transform applied image by image, each under its own seed."""
+
+    def __init__(self, transform: v2.Transform):
+        self.transform = transform
+
+    def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        # v2 transforms draw from the global RNG: seed it per image so runs repeat exactly.
+        out = []
+        with global_rng(), torch.random.fork_rng(devices=[]):
+            for img, seed in zip(x, seeds.tolist()):
+                torch.random.default_generator.manual_seed(seed)
+                out.append(self.transform(img))
+        return torch.stack(out)
+
+
+Augmenter = FixedOps | PerImage | LearnedOps
+
+
+def build_augmenter(name: str, configs: list[AugmentConfig], mean: list[float],
+                    std: list[float], learned: dict | None = None) -> Augmenter | None:
+    """``data.augment_policy``'s augmentation of a batch, or None for no augmentation;
+    ``learned`` is the learned policy's JSON (policy ``learned``)."""
+    if name == "fixed":
+        return FixedOps(configs, mean, std) if configs else None
+    if name == "learned":
+        if learned is None:
+            raise ValueError("data.augment_policy=learned needs its policy: run the prepare-augmentation stage "
+                             "(pipelines.augment_search.learned_policy) or set data.augment_policy_file")
+        return LearnedOps(learned, mean, std)
+    if name == "trivialaugment":
+        return PerImage(InPixels(v2.TrivialAugmentWide(), mean, std))
+    if name == "randaugment":
+        return PerImage(InPixels(v2.RandAugment(), mean, std))
+    return None
+
+
+def make_augmenter(cfg: DataConfig, data, learned: dict | None = None) -> Augmenter | None:
+    """The training augmentation of ``cfg.augment_policy`` for the prepared ``data`` (None:
+    none); ``learned``: the policy JSON when the policy is ``learned``."""
+    return build_augmenter(cfg.augment_policy, cfg.augment, data.mean, data.std, learned)
+
+
+def to_torchvision(spec: dict) -> v2.Transform:
+    """A learned policy as a torchvision v2 transform on [0, 1] image tensors, for other
+    training stacks: ``depth`` ops per image in turn, each with the policy's probabilities,
+    magnitudes as symmetric ranges drawn uniformly (as ``sampling="uniform"`` does; an
+    ``exact`` policy applies exactly +-magnitude, and sharpness is applied at 1 +
+    magnitude, torchvision having no random sharpness range)."""
+
+    from meta.augment import AugmentPolicy
+
+    policy = AugmentPolicy.from_json(spec)
+    probs, mags = policy.probabilities().tolist(), policy.magnitudes().tolist()
+
+    def op(name: str, m: float) -> v2.Transform:
+        if name == "rotate":
+            return v2.RandomAffine(degrees=m)
+        if name in ("shear_x", "shear_y"):
+            deg = math.degrees(math.atan(m))
+            return v2.RandomAffine(degrees=0, shear=(-deg, deg, 0, 0) if name == "shear_x" else (0, 0, -deg, deg))
+        if name in ("translate_x", "translate_y"):
+            return v2.RandomAffine(degrees=0, translate=(m, 0) if name == "translate_x" else (0, m))
+        if name == "scale":
+            return v2.RandomAffine(degrees=0, scale=(1 / (1 + m), 1 + m))
+        if name == "brightness":
+            return v2.ColorJitter(brightness=m)
+        if name == "contrast":
+            return v2.ColorJitter(contrast=m)
+        return v2.RandomAdjustSharpness(1 + m, p=1.0)
+
+    layer = lambda: v2.RandomChoice([op(n, m) for n, m in zip(policy.ops, mags)], p=probs)  # noqa: E731
+    return layer() if policy.depth == 1 else v2.Compose([layer() for _ in range(policy.depth)])

@@ -1,0 +1,215 @@
+"""The prepare-augmentation stage's body: the learned policy's online search, its cache,
+and the training augmentation of every policy (no Prefect, no MLflow here).
+
+The search (``data.augment_policy=learned``) trains a proxy network (the student's
+architecture, or the teacher's) on the policy's augmented batches (hard ops); every
+``interval`` steps the policy takes one Adam step on its hypergradient
+(``meta.augment.policy_hypergrad``: the quiz cross-entropy after ``unroll_steps`` unrolled
+SGD steps of the proxy on softly augmented batches).  The result is cached under the home by data key,
+search settings and proxy architecture, so the teacher, the students and torchrun workers
+share one search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from meta.augment import AugmentPolicy, draw_noise, policy_hypergrad
+from meta.functional import params_of
+from models.registry import build_model
+from pipelines.augment.policies import Augmenter, make_augmenter
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.config.data import read_policy_file
+from pipelines.common.home import cache_dir
+from pipelines.common.progress import progress_bar
+from pipelines.common.rng import global_rng
+from pipelines.engine.loop import LogFn
+from pipelines.engine.metrics import check_finite
+from pipelines.engine.device import rows
+
+SEARCH_VERSION = 2  # 2: depth, uniform sampling, teacher proxy
+
+
+@dataclass
+class SearchResult:
+    spec: dict
+    history: dict[str, list] = field(default_factory=dict)  # step, probabilities, magnitudes, quiz_loss
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def search_key(cfg: PipelineConfig, data) -> str:
+    blob = json.dumps({"v": SEARCH_VERSION, "data": data.key,
+                       "search": cfg.data.augment_search.model_dump(mode="json"),
+                       "proxy": proxy_model(cfg).model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def proxy_model(cfg: PipelineConfig):
+    """The search's proxy network: the student's or the teacher's architecture."""
+    return cfg.student.model if cfg.data.augment_search.proxy == "student" else cfg.teacher.model
+
+
+def starting_policy(cfg: PipelineConfig) -> AugmentPolicy:
+    """Where the search starts: equal probabilities, ``init_magnitude`` of each range."""
+    s = cfg.data.augment_search
+    return AugmentPolicy(s.ops, s.init_magnitude, s.depth, s.sampling)
+
+
+def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+    """The learned policy: from ``data.augment_policy_file``, the cache, or a new search."""
+    if cfg.data.augment_policy_file is not None:
+        return SearchResult(read_policy_file(cfg.data.augment_policy_file.expanduser()), cached=True)
+    path = cache_dir("augment") / f"{search_key(cfg, data)}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return SearchResult(saved["policy"], saved["history"], saved["seconds"], cached=True)
+    result = search(cfg, data, on_log)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"policy": result.spec, "history": result.history, "seconds": result.seconds}))
+    os.replace(tmp, path)
+    return result
+
+
+def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+    s, device = cfg.data.augment_search, data.device
+    generator = torch.Generator().manual_seed(s.seed)
+    with global_rng(s.seed):
+        proxy_cfg = proxy_model(cfg)
+        proxy = build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(device)
+        policy = starting_policy(cfg).to(device)
+    model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
+    policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
+    stats = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
+    start = time.perf_counter()
+    proxy.train()
+    with progress_bar("augmentation search", total=s.steps) as advance:
+        for step in range(1, s.steps + 1):
+            idx = torch.randint(len(data.y("train")), (s.batch_size,), generator=generator)
+            pixels, labels = _train_pixels(data, idx, stats)
+            if step % s.interval == 0:
+                grads, quiz_loss = _hypergrad(proxy, policy, pixels, labels, data, generator, stats, s)
+                check_finite(quiz_loss, "augmentation search", step, "quiz loss")
+                policy_opt.zero_grad(set_to_none=True)
+                for name, p in policy.named_parameters():
+                    p.grad = grads[name]
+                policy_opt.step()
+                if step % (10 * s.interval) == 0 or step == s.steps:
+                    _record(history, step, policy, quiz_loss, on_log)
+            with torch.no_grad():
+                augmented = policy(pixels, draw_noise(policy, s.batch_size, generator, device), hard=True)
+            loss = F.cross_entropy(proxy(_normalize(augmented, stats)), labels)
+            model_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            model_opt.step()
+            advance()
+    return SearchResult(policy.to_json(), history, time.perf_counter() - start)
+
+
+def _normalize(pixels: torch.Tensor, stats) -> torch.Tensor:
+    """[0, 1] pixels as the proxy's inputs; ``stats``: the data's (mean, std)."""
+    return (pixels - stats[0]) / stats[1]
+
+
+def _train_pixels(data, idx: torch.Tensor, stats):
+    """Training rows ``idx`` as [0, 1] pixels (what the policy augments), and their labels."""
+    mean, std = stats
+    pixels = (rows(data.x("train"), idx, data.device) * std + mean).clamp(0, 1)
+    return pixels, rows(data.y("train"), idx, data.device)
+
+
+def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: torch.Generator, stats, s):
+    """The policy's hypergradient: unrolled steps on this step's batch and ``s.unroll_steps - 1``
+    fresh ones, scored on a quiz batch (with one step, the random stream of search version 2)."""
+    if s.unroll_steps > 1:
+        idx = torch.randint(len(data.y("train")), (s.batch_size * (s.unroll_steps - 1),), generator=generator)
+        more, more_labels = _train_pixels(data, idx, stats)
+        pixels, labels = torch.cat([pixels, more]), torch.cat([labels, more_labels])
+    q = torch.randint(len(data.y("quiz")), (s.batch_size,), generator=generator)
+    noise = draw_noise(policy, len(labels), generator, data.device)
+    quiz = (rows(data.x("quiz"), q, data.device), rows(data.y("quiz"), q, data.device))
+    return policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels, quiz, noise, s.model_lr,
+                            partial(_normalize, stats=stats), s.tau, s.unroll_steps)
+
+
+def _record(history: dict, step: int, policy: AugmentPolicy, quiz_loss: float, on_log: LogFn | None) -> None:
+    probs, mags = policy.probabilities().tolist(), policy.magnitudes().tolist()
+    history["step"].append(step)
+    history["probabilities"].append(probs)
+    history["magnitudes"].append(mags)
+    history["quiz_loss"].append(quiz_loss)
+    if on_log is not None:
+        on_log(step, {"augment_quiz_loss": quiz_loss, **{f"augment_p_{op}": p for op, p in zip(policy.ops, probs)},
+                      **{f"augment_m_{op}": m for op, m in zip(policy.ops, mags)}})
+
+
+def augmenter_for(cfg: PipelineConfig, data) -> Augmenter | None:
+    """The training augmentation of ``cfg`` for ``data`` (a learned policy read from its
+    cache, or searched first when nothing ran the stage)."""
+    learned = learned_policy(cfg, data).spec if cfg.data.augment_policy == "learned" else None
+    return make_augmenter(cfg.data, data, learned)
+
+
+def policy_fingerprint(cfg: PipelineConfig, data) -> dict:
+    """What a cache key (teacher, kd_tuned grid) needs to know of the augmentation."""
+    augment = cfg.data.model_dump(mode="json")["augment"]
+    if cfg.data.augment_policy == "fixed":  # keys of "fixed" (the default) stay as they were
+        return augment
+    fingerprint = {"policy": cfg.data.augment_policy, "fixed": augment}
+    if cfg.data.augment_policy == "learned":
+        fingerprint["learned"] = learned_policy(cfg, data).spec
+    return fingerprint
+
+
+def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: int = 7):
+    """A figure: one row per class (at most 10), its first training image, then ``draws``
+    augmentations of it (seeds 0..draws-1): what the policy does, for a person to see."""
+    from matplotlib.figure import Figure
+
+    y = data.y("train").cpu()
+    classes = sorted(set(y.tolist()))[:10]
+    fig = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(classes)))
+    axes = fig.subplots(len(classes), draws + 1, squeeze=False)
+    mean = torch.tensor(data.mean).view(-1, 1, 1)
+    std = torch.tensor(data.std).view(-1, 1, 1)
+    for row, c in enumerate(classes):
+        image = data.x("train")[int((y == c).nonzero()[0])].cpu()
+        batch = image.expand(draws, *image.shape).clone()
+        augmented = augmenter(batch, torch.arange(draws)).cpu() if augmenter is not None else batch
+        for col, img in enumerate([image, *augmented]):
+            pixels = (img * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+            axes[row][col].imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=1)
+            axes[row][col].axis("off")
+        axes[row][0].set_title(str(data.class_names[c]), fontsize=6)
+    fig.suptitle(f"augment_policy={cfg.data.augment_policy}: original, then {draws} draws", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: dict, ops: list[str]):
+    """Op probabilities and magnitudes (as a share of each op's range) over the search."""
+    from matplotlib.figure import Figure
+
+    from meta.augment import MAX_MAGNITUDE
+
+    fig = Figure(figsize=(10, 3.4))
+    ax_p, ax_m = fig.subplots(1, 2)
+    for k, op in enumerate(ops):
+        ax_p.plot(history["step"], [p[k] for p in history["probabilities"]], label=op)
+        ax_m.plot(history["step"], [m[k] / MAX_MAGNITUDE[op] for m in history["magnitudes"]], label=op)
+    ax_p.set_title("op probability")
+    ax_m.set_title("magnitude / its range")
+    for ax in (ax_p, ax_m):
+        ax.set_xlabel("search step")
+    ax_m.legend(fontsize=6)
+    fig.tight_layout()
+    return fig

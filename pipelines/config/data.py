@@ -1,0 +1,136 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+from pydantic import Field, field_validator, model_validator
+from meta.augment import OPS as AUGMENT_OPS
+from pipelines.config.errors import Strict
+
+
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "omniglot",
+                      "imagefolder"]
+
+
+class AugmentConfig(Strict):
+    """One ``torchvision.transforms.v2`` transform, by name, applied to training batches."""
+
+    name: Literal["random_crop", "horizontal_flip", "random_affine", "color_jitter"]
+    padding: int = Field(2, ge=0, description="random_crop: zero padding on each side")
+    degrees: float = Field(10.0, ge=0, description="random_affine: max rotation")
+    translate: float = Field(0.1, ge=0, le=0.5, description="random_affine: max shift fraction")
+    strength: float = Field(0.2, ge=0, le=1, description="color_jitter: brightness/contrast")
+
+
+class AugmentSearchConfig(Strict):
+    """``data.augment_policy=learned``: the online hypergradient search of ``meta.augment``.
+    A proxy network (``proxy``: ``student.model``'s architecture or ``teacher.model``'s)
+    trains on the policy's augmented batches; every ``interval`` steps the policy takes one
+    Adam step on the quiz cross-entropy after ``unroll_steps`` unrolled SGD steps of the proxy.  The
+    defaults (two ops per image, uniform strengths, starting at 0.8 of each range, policy
+    step 0.01) are the best of a screen on MNIST-1000 (docs/benchmarks/augment_screen.md)."""
+
+    steps: int = Field(400, gt=0, description="training steps of the proxy network")
+    batch_size: int = Field(64, gt=0)
+    interval: int = Field(2, ge=1, description="a policy update every this many proxy steps")
+    policy_lr: float = Field(0.01, gt=0, description="Adam step size of the op logits and magnitudes")
+    model_lr: float = Field(0.05, gt=0, description="SGD step size of the proxy, and of the unrolled steps")
+    unroll_steps: int = Field(1, ge=1, le=50, description="unrolled SGD steps of the hypergradient, each on a "
+                                                          "batch of its own: a longer look-ahead, at that many "
+                                                          "times the cost")
+    tau: float = Field(1.0, gt=0, description="Gumbel-softmax temperature of the relaxed op choice")
+    init_magnitude: float = Field(0.8, gt=0, lt=1, description="starting magnitudes, as a share of each op's range")
+    ops: list[str] = Field(default_factory=lambda: list(AUGMENT_OPS),
+                           description="the ops searched over: " + ", ".join(AUGMENT_OPS))
+    depth: int = Field(2, ge=1, le=3, description="ops applied to each image in turn")
+    sampling: Literal["exact", "uniform"] = Field(
+        "uniform", description="an op's magnitude: exactly the learned one (random sign), or drawn uniformly "
+                             "in [0, learned] (random sign), as TrivialAugment draws its magnitudes")
+    proxy: Literal["student", "teacher"] = Field("student", description="the architecture of the proxy network")
+    seed: int = 0
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        unknown = [op for op in ops if op not in AUGMENT_OPS]
+        if unknown or not ops or len(set(ops)) != len(ops):
+            raise ValueError(f"data.augment_search.ops must be distinct ops out of {', '.join(AUGMENT_OPS)}; "
+                             f"got {ops}")
+        return ops
+
+
+class DataConfig(Strict):
+    name: DatasetName = "digits"
+    root: Path | None = Field(None, description="data folder; default $METADISTILL_DATA")
+    download: bool = Field(False, description="let torchvision download CIFAR (needs internet)")
+    quiz_fraction: float = Field(0.1, gt=0, lt=1, description="held-out part of train for meta-objectives")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1,
+                                 description="test share carved out where the set has no test split")
+    train_fraction: float = Field(1.0, gt=0, le=1, description="keep this share of the train split")
+    label_budget: int | None = Field(None, gt=0, description="keep at most this many train labels")
+    split_seed: int = 0
+    transfer: bool = Field(True, description="keep the training pool's examples left out by label_budget / "
+                                              "train_fraction as an unlabeled transfer split (labels dropped)")
+    transfer_root: Path | None = Field(None, description="a folder of unlabeled images (any depth, no class "
+                                                          "folders) added to the transfer split")
+    transfer_limit: int | None = Field(None, gt=0, description="keep at most this many transfer examples")
+    augment: list[AugmentConfig] = Field(default_factory=list)
+    augment_policy: Literal["fixed", "none", "trivialaugment", "randaugment", "learned"] = Field(
+        "fixed", description="fixed: the data.augment list; none; trivialaugment (TrivialAugmentWide) or "
+                             "randaugment: torchvision's search-free policies, on 8-bit pixels; learned: "
+                             "searched by the prepare-augmentation stage (data.augment_search), or read "
+                             "from data.augment_policy_file")
+    augment_search: AugmentSearchConfig = Field(default_factory=AugmentSearchConfig)
+    augment_policy_file: Path | None = Field(None, description="a learned policy's JSON (as the search writes "
+                                                                "it) to use instead of searching")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="an unreadable image: fail naming it, "
+                                                                    "or skip it (the count is logged)")
+    image_size: int | None = Field(None, ge=4, le=1024, description=(
+        "side of the square images every source is brought to: the shorter side is resized to it "
+        "(bilinear, antialiased when shrinking), then the centre is cropped; default: the set's own "
+        "(digits 8, MNIST/Fashion-MNIST/Omniglot 28, CIFAR 32, image folders 32)"))
+    storage: Literal["auto", "memory", "stream"] = Field("auto", description=(
+        "memory: every split decoded into one float32 tensor in RAM (fast for small sets); stream: "
+        "the splits written once as WebDataset-style tar shards, read through DataLoader workers "
+        "that decode each batch (bounded memory); auto: stream for image folders and the CIFAR "
+        "JPEG zips whose float32 tensors would take over data.memory_limit_gb, else memory"))
+    memory_limit_gb: float = Field(4.0, gt=0, description="storage=auto: the largest prepared size kept in RAM")
+    workers: int | None = Field(None, ge=0, description="storage=stream: DataLoader worker processes per "
+                                                        "training process (0: decode in the training "
+                                                        "process); default: min(4, CPU cores - 1)")
+    shard_mb: int = Field(256, ge=1, description="storage=stream: target size of one tar shard")
+
+    @model_validator(mode="after")
+    def _policy_file(self) -> DataConfig:
+        if self.augment_policy_file is None:
+            return self
+        if self.augment_policy != "learned":
+            raise ValueError(f"data.augment_policy_file is set but data.augment_policy is "
+                             f"{self.augment_policy!r}; set data.augment_policy=learned")
+        read_policy_file(Path(self.augment_policy_file).expanduser())
+        return self
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.quiz_fraction + self.val_fraction >= 0.9:
+            raise ValueError(f"data.quiz_fraction + data.val_fraction = "
+                             f"{self.quiz_fraction + self.val_fraction:.2f} leaves under 10% "
+                             f"of train for training; keep their sum below 0.9")
+        return self
+
+
+def read_policy_file(path: Path) -> dict:
+    """A learned policy's JSON, checked field by field (``meta.augment.AugmentPolicy``)."""
+    from meta.augment import AugmentPolicy, PolicyError
+
+    try:
+        spec = json.loads(path.read_text())
+        AugmentPolicy.from_json(spec)
+    except FileNotFoundError:
+        raise ValueError(f"data.augment_policy_file: {path} does not exist") from None
+    except (json.JSONDecodeError, PolicyError) as exc:
+        raise ValueError(f"data.augment_policy_file {path}: {exc}") from None
+    return spec

@@ -1,0 +1,121 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from models.external import split_name
+from models.registry import build_model, count_parameters
+from pipelines.config.data import DataConfig
+from pipelines.config.errors import Strict
+from pipelines.config.fewshot import FewShotConfig
+from pipelines.config.runtime import DistConfig, TrackingConfig
+from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, StudentConfig
+from pipelines.config.teacher import TeacherConfig, teacher_input_shape
+from pipelines.config.training import ModelConfig
+
+
+AUGMENTATIONS = ("random_crop", "horizontal_flip", "random_affine", "color_jitter")
+
+
+class PipelineConfig(Strict):
+    preset: str = "digits"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    maml: MamlConfig = Field(default_factory=MamlConfig)
+    meta_distill: MetaDistillConfig = Field(default_factory=MetaDistillConfig)
+    fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        shape, classes = dataset_shape(self.data)
+        for role in ("teacher", "student"):
+            batch = getattr(self, role).train.batch_size
+            if batch > MIN_TRAIN_SIZE.get(self.data.name, batch) and self.data.label_budget is None:
+                raise ValueError(f"{role}.train.batch_size={batch} exceeds the train split of {self.data.name}")
+        if self.data.label_budget is not None and self.data.label_budget < self.student.train.batch_size:
+            raise ValueError(f"data.label_budget={self.data.label_budget} is smaller than "
+                             f"student.train.batch_size={self.student.train.batch_size}")
+        if self.dist.nproc is not None:
+            _check_splits(self, self.dist.nproc * self.dist.nnodes)
+        if self.data.augment_policy == "learned" and self.data.augment_search.proxy == "teacher" \
+                and self.teacher.brought():
+            raise ValueError(f"data.augment_search.proxy=teacher trains teacher.model from scratch on the data, but "
+                             f"teacher.source={self.teacher.source} brings a pretrained one: use proxy=student")
+        if (self.student.concurrency or 1) > 1:
+            if self.dist.launcher not in ("auto", "inprocess") or self.dist.nnodes * (self.dist.nproc or 1) > 1:
+                raise ValueError(f"student.concurrency={self.student.concurrency} trains students side by side in "
+                                 f"the flow's process; a torchrun stage already uses all its processes: leave "
+                                 f"student.concurrency unset with dist.launcher={self.dist.launcher}, "
+                                 f"dist.nproc={self.dist.nproc}, dist.nnodes={self.dist.nnodes}")
+            if float(self.student.model.kwargs.get("dropout", 0) or 0) > 0:
+                raise ValueError("student.concurrency > 1 needs students without dropout: dropout draws from the "
+                                 "process's one global generator, so concurrent students would not repeat")
+        if self.maml.ways is not None and self.maml.ways > classes:
+            raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
+        student = _param_count(self.student.model, shape, classes, "student")
+        maml = [m for m in self.student.methods if "maml_init" in m]
+        if maml and split_name(self.student.model.arch) is not None:
+            raise ValueError(f"student.methods {maml} meta-train under torch.func, which needs networks without "
+                             f"BatchNorm running statistics; {self.student.model.arch} has them: use one of "
+                             f"this project's architectures for maml_init")
+        if self.teacher.source in ("registry", "file"):
+            return self  # its architecture is in its spec: checked when the source is resolved
+        teacher = _param_count(self.teacher.model, teacher_input_shape(self.teacher, shape), classes, "teacher")
+        if self.student.must_be_smaller and student > teacher:
+            raise ValueError(f"student.model has {student:,} parameters, more than teacher.model's "
+                             f"{teacher:,}; shrink it or set student.must_be_smaller=false")
+        return self
+
+
+def _check_splits(cfg: PipelineConfig, world: int) -> None:
+    """Data parallelism cuts every global batch into equal shards, one per process."""
+    sizes = {"teacher.train.batch_size": cfg.teacher.train.batch_size,
+             "student.train.batch_size": cfg.student.train.batch_size,
+             "the transfer batch (kd.transfer_ratio * student.train.batch_size)":
+                 cfg.kd.transfer_batch(cfg.student.train.batch_size),
+             "maml.meta_batch": cfg.maml.meta_batch, "meta_distill.quiz_batch_size": cfg.meta_distill.quiz_batch_size}
+    for key, n in sizes.items():
+        if n % world:
+            raise ValueError(f"{key}={n} does not split evenly over {world} processes "
+                             f"(dist.nnodes * dist.nproc): use a multiple of {world}")
+
+
+def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """(C, H, W) and class count of the prepared data, known before any data is read."""
+    (channels, height, width), classes = DATASET_SHAPES[data.name]
+    size = data.image_size
+    return ((channels, size, size) if size else (channels, height, width)), classes
+
+
+# (C, H, W) and class count per data set, used to check models before any data is read.
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "omniglot": ((1, 28, 28), 964),
+    "imagefolder": ((3, 32, 32), 10),
+}
+
+
+MIN_TRAIN_SIZE = {"digits": 800, "mnist": 40000, "fashion-mnist": 40000, "cifar10": 5000,
+                  "cifar100": 30000, "omniglot": 10000}  # an image folder's size is known once read
+
+
+def _param_count(cfg: ModelConfig, shape, classes, role: str) -> int:
+    try:
+        model = build_model(cfg.arch, shape, classes, **cfg.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{role}.model ({cfg.arch} with {cfg.kwargs}) cannot be built for inputs "
+                         f"{'x'.join(map(str, shape))}: {exc}") from exc
+    if split_name(cfg.arch) is not None:  # other libraries' networks may need a minimum size
+        import torch
+
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *shape))
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{role}.model {cfg.arch} cannot take {'x'.join(map(str, shape))} inputs (set "
+                             f"data.image_size): {str(exc).splitlines()[0][:200]}") from exc
+    return count_parameters(model)

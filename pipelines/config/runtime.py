@@ -1,0 +1,69 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+from pydantic import Field, model_validator
+from pipelines.config.errors import Strict
+
+
+class TrackingConfig(Strict):
+    experiment: str = Field("metadistill-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    register_best: bool = Field(True, description="register the best student in the model registry")
+    register_teacher: bool = Field(False, description="register this run's teacher as <experiment>-teacher "
+                                                      "(models:/<experiment>-teacher/latest)")
+
+
+class DistConfig(Strict):
+    """Training stages as torchrun workers: data-parallel over ``nnodes * nproc`` processes."""
+
+    launcher: Literal["auto", "inprocess", "torchrun", "srun"] = Field(
+        "auto", description="auto: torchrun when nnodes * nproc > 1, else inside the flow's process; "
+                            "srun: torchrun on every node of the Slurm allocation")
+    nproc: int | None = Field(None, ge=1, description="processes per node; default: one per GPU when training on "
+                                                      "CUDA, else 1")
+    nnodes: int = Field(1, ge=1, description="nodes; each runs the same torchrun line (see docs/distributed.md)")
+    rdzv_endpoint: str = Field("127.0.0.1:0", pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d+$",
+                               description="c10d rendezvous HOST:PORT; port 0: a free local port (one node only)")
+    max_restarts: int = Field(3, ge=0, description="torchrun restarts all workers after a failure, this often")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where training runs: auto is CUDA when present (each worker on cuda:LOCAL_RANK), "
+                            "else the CPU; cuda on a machine without it exits 2 before any work")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl when training on CUDA, else gloo")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per process; default: cores / nproc")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints of a torchrun stage")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> DistConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint.endswith(":0"):
+            raise ValueError(f"dist.nnodes={self.nnodes} needs dist.rdzv_endpoint=HOST:PORT that every node "
+                             f"can reach; port 0 only works on one node")
+        return self
+
+    @model_validator(mode="after")
+    def _backend(self) -> DistConfig:
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ValueError("dist.backend=nccl needs CUDA tensors, but dist.device=cpu: use dist.backend=gloo "
+                             "or auto, or dist.device=cuda")
+        return self
+
+    def uses_cuda(self) -> bool:
+        import torch
+
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
+    def procs_per_node(self) -> int:
+        import torch
+
+        return self.nproc or (max(1, torch.cuda.device_count()) if self.uses_cuda() else 1)
+
+    def threads_per_process(self, local_processes: int) -> int:
+        """Intra-op threads of each of ``local_processes`` processes on this node."""
+        return self.threads or max(1, (os.cpu_count() or 1) // local_processes)
+
+    def uses_torchrun(self) -> bool:
+        if self.launcher != "auto":
+            return self.launcher != "inprocess"
+        return self.nnodes * self.procs_per_node() > 1

@@ -1,0 +1,77 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from pydantic import Field, model_validator
+from pipelines.config.errors import Strict
+from pipelines.config.sources import TeacherSource, check_source, library_prefix
+from pipelines.config.training import ModelConfig, OptimConfig, TrainConfig
+
+
+class FinetuneConfig(TrainConfig):
+    """Adapting a teacher brought from elsewhere to this data set."""
+
+    mode: Literal["none", "head", "all"] = Field(
+        "none", description="none: use it as it is (its classes must be the data's); head: a new head for the "
+                            "data's classes, trained alone; all: a new head, then the whole network trains")
+    steps: int = Field(500, gt=0)
+    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01))
+
+
+class TeacherConfig(Strict):
+    source: TeacherSource = Field("train", description="train: trained here (teacher.model, teacher.train); "
+                                                       "registry / file: a model you bring (teacher.uri); "
+                                                       "torchvision / timm: teacher.model.arch from that "
+                                                       "library with teacher.weights")
+    uri: str | None = Field(None, description="registry: models:/NAME@ALIAS | models:/NAME/VERSION | "
+                                              "models:/NAME/latest; file: safetensors file or folder + spec.json")
+    weights: str | None = Field(None, description="torchvision/timm: local .safetensors or .pth (plain tensors), "
+                                                  "or named weights (torchvision: DEFAULT, IMAGENET1K_V1...; "
+                                                  "timm: pretrained) where the machine has internet")
+    image_size: int | None = Field(None, ge=8, description="torchvision/timm: the resolution the teacher sees "
+                                                           "(default: the data's); inputs are resized to it")
+    mean: list[float] | None = Field(None, description="torchvision/timm: the teacher's input normalisation "
+                                                       "(default: ImageNet's, or the data's without weights)")
+    std: list[float] | None = Field(None, description="see mean")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000))
+    seed: int = Field(0, description="training / the new head's initialisation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefix(cls, data: Any) -> Any:
+        return library_prefix(data, "source")
+
+    @model_validator(mode="after")
+    def _source(self) -> TeacherConfig:
+        location = self.weights if self.source in ("torchvision", "timm") else self.uri
+        key = "weights" if self.source in ("torchvision", "timm") else "uri"
+        check_source("teacher", self.source, location, f"teacher.{key}", self.model.arch)
+        other = "uri" if key == "weights" else "weights"
+        if getattr(self, other) is not None:
+            raise ValueError(f"teacher.{other} does not apply to teacher.source={self.source!r} (use teacher.{key})")
+        if self.source not in ("torchvision", "timm"):
+            for name in ("image_size", "mean", "std"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"teacher.{name} applies to torchvision/timm teachers; a {self.source!r} "
+                                     f"teacher's input follows its spec")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set teacher.mean and teacher.std together")
+        if self.source == "train" and self.finetune.mode != "none":
+            raise ValueError("teacher.finetune applies to a teacher you bring (teacher.source registry, file, "
+                             "torchvision or timm); a trained teacher trains with teacher.train")
+        return self
+
+    def brought(self) -> bool:
+        return self.source != "train"
+
+
+def teacher_input_shape(teacher: TeacherConfig, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """What a teacher built here sees: the data's shape, or for torchvision/timm networks
+    RGB at ``teacher.image_size`` (grey data is repeated to three channels)."""
+    if teacher.source not in ("torchvision", "timm"):
+        return tuple(data_shape)
+    size = teacher.image_size
+    return (3, size or data_shape[1], size or data_shape[2])

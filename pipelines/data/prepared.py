@@ -1,0 +1,65 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+import torch
+
+
+SPLITS = ("train", "quiz", "val", "test")  # labelled; "transfer" has inputs only
+
+
+@dataclass
+class Prepared:
+    tensors: dict[str, torch.Tensor]  # {split}_x float32 (N,C,H,W) normalised, {split}_y int64; transfer_x
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    key: str
+    source: str
+    cached: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")  # where training on it runs (see `place`)
+    storage: str = "memory"  # or "stream": the x splits are lazy `pipelines.shards.ShardImages`
+
+    def x(self, split: str) -> torch.Tensor:
+        return self.tensors[f"{split}_x"]
+
+    def y(self, split: str) -> torch.Tensor:
+        return self.tensors[f"{split}_y"]
+
+    def transfer(self) -> torch.Tensor | None:
+        """The unlabeled transfer inputs, or None when there are none."""
+        x = self.tensors.get("transfer_x")
+        return x if x is not None and len(x) else None
+
+
+def place(data: Prepared, device: torch.device, share: float = 0.5) -> Prepared:
+    """``data`` for training on ``device``.  Its tensors move there once when they take at
+    most ``share`` of the device's free memory; else they stay on the host in pinned
+    memory, and the training loops copy each batch over without blocking."""
+    if device.type == "cpu" or data.device == device or data.storage == "stream":  # copied as decoded
+        return dataclasses.replace(data, device=device)
+    nbytes = sum(t.numel() * t.element_size() for t in data.tensors.values())
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= share * free:
+        tensors = {k: t.to(device) for k, t in data.tensors.items()}
+    else:
+        tensors = {k: t.pin_memory() for k, t in data.tensors.items()}
+    return dataclasses.replace(data, tensors=tensors, device=device)
+
+
+def split_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    counts = {s: len(tensors[f"{s}_y"]) for s in SPLITS}
+    counts["transfer"] = len(tensors["transfer_x"]) if "transfer_x" in tensors else 0
+    return counts
+
+
+def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
+    """Everything needed to rebuild a model and feed it raw [0, 1] images."""
+    return {"arch": arch, "kwargs": kwargs, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "class_names": data.class_names,
+            "mean": data.mean, "std": data.std, "data_key": data.key}

@@ -1,0 +1,257 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+from pipelines.config.data import DataConfig
+from pipelines.common.home import sha256_of
+from pipelines.data.decode import IMAGE_SUFFIXES, decode_images, resize_array
+from pipelines.data.errors import DataError, DataLayoutError
+
+
+@dataclass
+class RawData:
+    """Images in [0, 1] as float32 (N,C,H,W); ``test`` is None when the source has none."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray] | None
+    class_names: list[str]
+    source: str
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out (data.on_bad_image=skip)
+
+
+def resolve_root(cfg: DataConfig) -> Path | None:
+    if cfg.root is not None:
+        return Path(cfg.root).expanduser()
+    env = os.environ.get("METADISTILL_DATA")
+    return Path(env).expanduser() if env else None
+
+
+def need_root(cfg: DataConfig, layout: str) -> Path:
+    root = resolve_root(cfg)
+    if root is None:
+        raise DataError(f"data set {cfg.name!r} needs a data folder: pass --set data.root=PATH or set "
+                        f"METADISTILL_DATA; expected layout: {layout}")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder; expected layout: {layout}")
+    return root
+
+
+def sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        sha256_of(path, digest)
+    return digest.hexdigest()
+
+
+def _load_digits() -> RawData:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    return RawData((x, bunch.target.astype(np.int64)), None, [str(i) for i in range(10)],
+                   "sklearn.datasets.load_digits")
+
+
+_IDX_FOLDERS = {"mnist": ("MNIST", "mnist/MNIST"), "fashion-mnist": ("FashionMNIST", "fashion_mnist/FashionMNIST")}
+
+
+_IDX_CLASSES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+}
+
+
+# MD5 of the decompressed official files, for error messages.
+_IDX_MD5 = {
+    ("mnist", "train-images-idx3-ubyte"): "6bbc9ace898e44ae57da46a324031adb",
+    ("fashion-mnist", "train-images-idx3-ubyte"): "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+}
+
+
+def _find_idx(root: Path, name: str, stem: str) -> Path:
+    layout = f"<root>/{_IDX_FOLDERS[name][0]}/raw/{stem}[.gz]"
+    for folder in _IDX_FOLDERS[name]:
+        for candidate in (root / folder / "raw" / stem, root / folder / "raw" / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise DataError(f"{name}: file {stem}[.gz] not found under {root}; expected layout: {layout}")
+
+
+def read_idx(path: Path, expected_dims: int, what: str) -> np.ndarray:
+    """Parse an IDX file (gzipped or plain): big-endian header, unsigned bytes."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc}); the file is corrupt or truncated") from exc
+    if len(raw) < 4 + 4 * expected_dims:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX {what} file")
+    zero, dtype, dims = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or dims != expected_dims:
+        raise DataError(f"{path}: not an IDX {what} file (header {raw[:4].hex()}, expected "
+                        f"0000 08 {expected_dims:02x}: unsigned bytes, {expected_dims} dimensions)")
+    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
+    body = raw[4 + 4 * dims:]
+    if len(body) != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} = {int(np.prod(shape))} bytes but the file holds "
+                        f"{len(body)}; it is truncated or corrupt")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _load_idx_set(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    root = need_root(cfg, f"<root>/{_IDX_FOLDERS[cfg.name][0]}/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]")
+    files = {stem: _find_idx(root, cfg.name, stem) for stem in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    arrays = {}
+    for stem, path in files.items():
+        dims = 3 if "images" in stem else 1
+        arrays[stem] = read_idx(path, dims, "images" if dims == 3 else "labels")
+    for split in ("train", "t10k"):
+        n_img, n_lab = len(arrays[f"{split}-images-idx3-ubyte"]), len(arrays[f"{split}-labels-idx1-ubyte"])
+        if n_img != n_lab:
+            md5 = _IDX_MD5.get((cfg.name, f"{split}-images-idx3-ubyte"))
+            raise DataError(f"{files[f'{split}-images-idx3-ubyte']}: {n_img} images but {n_lab} labels"
+                            + (f"; the official decompressed file has MD5 {md5}" if md5 else ""))
+
+    def pair(split):
+        x = arrays[f"{split}-images-idx3-ubyte"].astype(np.float32)[:, None] / 255.0
+        return x, arrays[f"{split}-labels-idx1-ubyte"].astype(np.int64)
+
+    return RawData(pair("train"), pair("t10k"), _IDX_CLASSES[cfg.name], str(root)), list(files.values())
+
+
+def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    root = need_root(cfg, "<root>/cifar10/cifar10_test_jpg.zip (test/<class>/*.jpg) or torchvision's "
+                           "<root>/cifar-10-batches-py / cifar-100-python")
+    jpg_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
+                    if p.is_file()), None)
+    if cfg.name == "cifar10" and jpg_zip is not None:
+        test = read_image_zip(jpg_zip, "RGB", cfg.image_size, cfg.on_bad_image)
+        train_zip = jpg_zip.with_name("cifar10_train_jpg.zip")
+        if not train_zip.is_file():  # the test zip alone: the small, carved-split setting
+            return test, [jpg_zip]
+        train = read_image_zip(train_zip, "RGB", cfg.image_size, cfg.on_bad_image)
+        if train.class_names != test.class_names:
+            raise DataError(f"{train_zip}: classes {train.class_names} differ from {jpg_zip}'s {test.class_names}")
+        return (RawData(train.train, test.train, test.class_names, f"{train_zip} + {jpg_zip}",
+                        train.skipped + test.skipped), [train_zip, jpg_zip])
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise DataError(f"{cfg.name}: {exc} under {root}; set data.download=true to fetch it "
+                        f"(needs internet) or point data.root at a folder that has it") from exc
+    to_x = lambda d: d.data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # noqa: E731
+    folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
+    return (RawData((to_x(train), np.asarray(train.targets)), (to_x(test), np.asarray(test.targets)),
+                    list(train.classes), str(root)), sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def read_image_zip(path: Path, mode: str, size: int | None, on_bad: str = "fail") -> RawData:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n for n in zf.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
+            classes = sorted({n.split("/")[-2] for n in names})
+            items = [(f"{path}:{n}", zf.read(n)) for n in names]
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{path}: not a readable zip ({exc})") from exc
+    if not items:
+        raise DataError(f"{path}: no images inside; expected <split>/<class>/<image>.jpg")
+    x, kept, skipped = decode_images(items, mode, size, on_bad)
+    labels = np.array([classes.index(names[i].split("/")[-2]) for i in kept], dtype=np.int64)
+    return RawData((x, labels), None, classes, str(path), skipped)
+
+
+def _load_imagefolder(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    root = need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
+
+    skipped: list[str] = []
+
+    def read(folder: Path, classes: list[str] | None = None):
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if classes is not None and (only_here := sorted(set(found) - set(classes))):
+            raise DataLayoutError(f"{folder}: class(es) {', '.join(only_here)} appear only here, not in the "
+                                  f"training folder: a model trained there cannot predict them")
+        classes = classes or found
+        files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
+                 if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DataError(f"{folder}: no images found; expected <class>/<image>.png|jpg")
+        empty = [c for i, c in enumerate(classes) if (folder / c).is_dir() and not any(f[1] == i for f in files)]
+        if empty:
+            raise DataLayoutError(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
+                                  f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
+        x, kept, left_out = decode_images([(str(p), p.read_bytes()) for p, _ in files], "RGB",
+                                           cfg.image_size or 32, cfg.on_bad_image)
+        skipped.extend(left_out)
+        return (x, np.array([files[i][1] for i in kept], dtype=np.int64)), classes, [p for p, _ in files]
+
+    if (root / "train").is_dir():
+        train, classes, f1 = read(root / "train")
+        test, _, f2 = read(root / "test", classes) if (root / "test").is_dir() else (None, None, [])
+        return RawData(train, test, classes, str(root), skipped), f1 + f2
+    train, classes, files = read(root)
+    return RawData(train, None, classes, str(root), skipped), files
+
+
+def _load_omniglot(cfg: DataConfig) -> tuple[RawData, list[Path]]:
+    """Background characters of Omniglot as a 964-way classification set, 28x28."""
+    root = need_root(cfg, "<root>/omniglot_npz/images_background.npz or "
+                           "<root>/omniglot/omniglot-py/images_background*.zip")
+    from pipelines.data.omniglot import load_background
+
+    x, y, names, files = load_background(root)
+    return RawData((x, y), None, names, str(root)), files
+
+
+def load_raw(cfg: DataConfig) -> tuple[RawData, str]:
+    """The raw data set and a fingerprint of its source bytes."""
+    if cfg.name == "digits":
+        raw = _load_digits()
+        return _at_size(raw, cfg.image_size), hashlib.sha256(raw.train[0].tobytes() + raw.train[1].tobytes()).hexdigest()
+    loader = {"mnist": _load_idx_set, "fashion-mnist": _load_idx_set, "cifar10": _load_cifar,
+              "cifar100": _load_cifar, "imagefolder": _load_imagefolder, "omniglot": _load_omniglot}[cfg.name]
+    raw, files = loader(cfg)
+    return _at_size(raw, cfg.image_size), sha256_files(files)
+
+
+def _at_size(raw: RawData, size: int | None) -> RawData:
+    """Sources read as arrays (IDX files, CIFAR pickles, Omniglot) brought to ``data.image_size``."""
+    if size is None or raw.train[0].shape[2:] == (size, size):
+        return raw
+    resize = lambda pair: None if pair is None else (resize_array(pair[0], size), pair[1])  # noqa: E731
+    return RawData(resize(raw.train), resize(raw.test), raw.class_names, raw.source, raw.skipped)
+
+
+def list_transfer_root(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"data.transfer_root {root} is not a folder; expected a folder of images "
+                        f"({', '.join(IMAGE_SUFFIXES)}) at any depth")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"data.transfer_root {root}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_transfer_root(files: list[Path], shape: tuple[int, ...], on_bad: str) -> tuple[np.ndarray, list[str]]:
+    """The user's unlabeled images, decoded to the data set's channels and size, and the
+    paths of those left out as unreadable."""
+    channels, height, width = shape
+    if height != width:
+        raise DataError(f"data.transfer_root: the data set's images are {height}x{width}; only square sizes "
+                        f"are supported for transfer images")
+    x, _, skipped = decode_images([(str(p), p.read_bytes()) for p in files], "L" if channels == 1 else "RGB",
+                                   height, on_bad)
+    return x, skipped

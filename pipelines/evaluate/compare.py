@@ -1,0 +1,55 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import numpy as np
+from pipelines.students.fit import StudentOutcome
+
+
+def summarise(outcomes: list[StudentOutcome]) -> list[dict]:
+    """One row per method: mean and std over seeds of the test metrics, train seconds."""
+    rows = []
+    for method in dict.fromkeys(o.method for o in outcomes):
+        runs = [o for o in outcomes if o.method == method]
+        accs = np.array([o.evaluation.accuracy for o in runs])
+        rows.append({"method": method, "test_acc": float(accs.mean()),
+                     "test_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                     "test_loss": float(np.mean([o.evaluation.loss for o in runs])),
+                     "test_ece": float(np.mean([o.evaluation.ece for o in runs])),
+                     "train_seconds": float(np.mean([o.result.seconds for o in runs])),
+                     "seeds": len(runs)})
+    return rows
+
+
+class NoStudentLearned(RuntimeError):
+    """Every candidate is at chance: nothing may be chosen or registered."""
+
+
+def at_chance(outcome: StudentOutcome) -> bool:
+    """Test accuracy under 1.5x chance (25% of 10 classes would pass, 15% would not)."""
+    classes = len(outcome.evaluation.per_class_accuracy)
+    return outcome.evaluation.accuracy < 1.5 / classes
+
+
+def best_student(outcomes: list[StudentOutcome]) -> StudentOutcome:
+    """Chosen on validation accuracy (ties: first wins), so the test split stays an
+    unbiased estimate for the promotion gate; a student at chance is never chosen."""
+    learned = [o for o in outcomes if not at_chance(o)]
+    if not learned:
+        raise NoStudentLearned("every student is at chance on the test split ("
+                               + ", ".join(f"{o.method} seed {o.seed}: {o.evaluation.accuracy:.3f}" for o in outcomes)
+                               + "); nothing is registered")
+    return max(learned, key=lambda o: o.val_acc)
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    lines = ["| method | test acc (mean ± std) | test loss | ECE | train s | seeds |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} | "
+              f"{r['test_loss']:.4f} | {r['test_ece']:.4f} | {r['train_seconds']:.1f} | {r['seeds']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(rows: list[dict]) -> str:
+    keys = ["method", "test_acc", "test_acc_std", "test_loss", "test_ece", "train_seconds", "seeds"]
+    return "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n"

@@ -1,0 +1,364 @@
+"""The ``metadistill`` Prefect flow: prepare data -> prepare augmentation -> train teacher
+-> train students -> evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``.
+
+No ``from __future__ import annotations`` here: Prefect builds the parameter model from
+the real annotations when a deployment loads this flow from its entrypoint."""
+
+import contextlib
+import copy
+import json
+import shutil
+import time
+
+import torch
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipelines.register.student import lineage_tags, register_student
+from models.normalize import unwrap
+from pipelines import data as data_stage
+from pipelines import tracking
+from pipelines.data.prepared import model_spec
+from pipelines.evaluate.compare import best_student, comparison_csv, comparison_markdown, summarise
+from pipelines.orchestrate.worker import load_stage_output
+from pipelines.students.fit import finish_student, run_student
+from pipelines.teacher.fit import TeacherOutcome, cached_teacher, load_teacher, obtain_teacher, save_teacher, teacher_folder, teacher_key, teacher_spec
+from pipelines.augment import search as augment_search
+from pipelines.engine import distributed
+from pipelines.orchestrate import launch
+from pipelines.tracking import plots
+from pipelines.teacher import sources
+from models.weights import save_weights
+from pipelines.config.data import DataConfig
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.config.loader import flatten
+from pipelines.data.prepared import Prepared
+from pipelines.evaluate.metrics import evaluate
+from pipelines.common.home import project_home
+from pipelines.students.fit import StudentOutcome
+from pipelines.tracking.runs import RunLogger
+
+
+def _retry_on_io(task, task_run, state) -> bool:
+    """Retry transient I/O failures only; missing or corrupt data fails at once."""
+    try:
+        state.result()
+    except data_stage.DataError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _tags() -> dict[str, str]:
+    return {"prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": str(flow_run.get_name() or "")}
+
+
+def _log_curve(run: RunLogger, curve: dict, title: str) -> None:
+    fig = plots.learning_curve(curve, title)
+    run.log_figure(fig, "learning_curve.png")
+    plots.close(fig)
+
+
+@task(name="prepare-data", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
+def prepare_data(cfg: DataConfig, parent: RunLogger, timings: dict) -> Prepared:
+    with tracking.child_run(parent, "data", _tags()) as run:
+        start = time.perf_counter()
+        prepared = data_stage.prepare(cfg)
+        timings["data"] = time.perf_counter() - start
+        run.log_params({f"data.{k}": v for k, v in cfg.model_dump(mode="json").items()})
+        run.log_metrics({f"n_{k}": v for k, v in prepared.counts.items()}, step=0)
+        run.set_tags({"data.key": prepared.key, "data.cached": prepared.cached, "data.storage": prepared.storage})
+        labelled = {k: v for k, v in prepared.counts.items() if k not in ("transfer", "skipped_images")}
+        for r in (run, parent):
+            r.log_dataset(cfg.name, prepared.key, prepared.source, "training", labelled)
+            if prepared.counts["transfer"]:  # inputs only: the labels were dropped at preparation
+                source = prepared.source + (f" + {cfg.transfer_root}" if cfg.transfer_root else "")
+                r.log_dataset(f"{cfg.name}-transfer", prepared.key, source, "transfer",
+                              {"transfer": prepared.counts["transfer"]})
+    get_run_logger().info("data %s: %s (cached=%s)", cfg.name, prepared.counts, prepared.cached)
+    return prepared
+
+
+@task(name="prepare-augmentation", cache_policy=NO_CACHE)
+def prepare_augmentation(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict) -> None:
+    """The training augmentation, in its own child run: the learned policy's search (or its
+    cached result), the policy JSON and its curves, and a grid of augmented examples."""
+    with tracking.child_run(parent, "augmentation", _tags()) as run:
+        start = time.perf_counter()
+        policy = cfg.data.augment_policy
+        run.log_params({"data.augment_policy": policy, "data.augment": cfg.data.model_dump(mode="json")["augment"]})
+        if policy == "learned":
+            run.log_params({f"data.augment_search.{k}": v
+                            for k, v in cfg.data.augment_search.model_dump(mode="json").items()})
+            result = augment_search.learned_policy(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+            run.log_text(json.dumps(result.spec, indent=2), "augment_policy.json")
+            run.log_metrics({"augment_search_seconds": result.seconds}, step=0)
+            run.set_tags({"augment.cached": result.cached})
+            if result.history.get("step"):
+                fig = augment_search.history_figure(result.history, [op["name"] for op in result.spec["ops"]])
+                run.log_figure(fig, "augment_policy_search.png")
+                plots.close(fig)
+            get_run_logger().info("learned augmentation policy (cached=%s): %s", result.cached,
+                                  ", ".join(f"{op['name']} p={op['probability']:.2f} m={op['magnitude']:.3g}"
+                                            for op in result.spec["ops"]))
+        fig = augment_search.example_grid(cfg, prepared, augment_search.augmenter_for(cfg, prepared))
+        run.log_figure(fig, "augmented_examples.png")
+        plots.close(fig)
+        timings["augmentation"] = time.perf_counter() - start
+
+
+def _teacher_run_name(cfg: PipelineConfig) -> str:
+    if not cfg.teacher.brought():
+        return "teacher"
+    return "teacher-finetune" if cfg.teacher.finetune.mode != "none" else f"teacher-{cfg.teacher.source}"
+
+
+@task(name="train-teacher", cache_policy=NO_CACHE)
+def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
+    """Train the teacher, or bring it (``teacher.source``) and fine-tune it; its own child run."""
+    with tracking.child_run(parent, _teacher_run_name(cfg), _tags()) as run:
+        run.log_params({f"teacher.{k}": v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
+        source = sources.teacher_source(cfg, prepared.input_shape)
+        if source is not None:
+            for target in (run, parent):
+                target.set_tags(source.lineage())
+        steps = cfg.teacher.finetune.steps if cfg.teacher.brought() else cfg.teacher.train.steps
+        trains = not cfg.teacher.brought() or cfg.teacher.finetune.mode != "none"
+        if cfg.dist.uses_torchrun() and trains:
+            outcome = cached_teacher(cfg, prepared) or _teacher_under_torchrun(cfg, prepared, run, source)
+        else:
+            outcome = obtain_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+        start = time.perf_counter()
+        ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
+        timings["teacher"] = outcome.seconds + time.perf_counter() - start
+        run.log_metrics({**ev.metrics(), "teacher_seconds": outcome.seconds}, step=steps)
+        run.set_tags({"teacher.cached": outcome.cached, "teacher.key": outcome.key})
+        if outcome.result is not None:
+            _log_curve(run, outcome.result.curve, _teacher_run_name(cfg))
+        if cfg.tracking.register_teacher:
+            _register_teacher(cfg, prepared, run, ev.accuracy, outcome.key)
+    get_run_logger().info("teacher %s: test acc %.4f (cached=%s)", teacher_spec(cfg, prepared)["arch"],
+                          ev.accuracy, outcome.cached)
+    return outcome.model, ev
+
+
+def _register_teacher(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, accuracy: float, key: str) -> None:
+    """This run's teacher as a new version of ``<experiment>-teacher`` (weights + spec, with
+    its test accuracy on this split), for ``teacher.source=registry`` in later runs."""
+    name, spec = f"{cfg.tracking.experiment}-teacher", teacher_spec(cfg, prepared)
+    lineage = {k.replace("teacher.", "teacher_"): v for k, v in spec.get("lineage", {}).items()}
+    reg = tracking.register_weights(run, teacher_folder(cfg, prepared), name,
+                                    {"test_acc": f"{accuracy:.6f}", "data_key": prepared.key, "teacher_key": key,
+                                     "arch": spec["arch"], **lineage},
+                                    description="Teachers trained or adapted by metadistill")
+    run.set_tags({"registered_teacher": name, "registered_teacher_version": reg.version})
+    get_run_logger().info("registered teacher %s v%s (models:/%s/latest)", name, reg.version, name)
+
+
+@task(name="train-student", cache_policy=NO_CACHE)
+def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str, seed: int,
+                  parent: RunLogger, timings: dict) -> StudentOutcome:
+    tags = {**_tags(), "method": method, "seed": str(seed)}
+    with on_own_stream(prepared.device), tracking.child_run(parent, f"student/{method}/seed{seed}", tags) as run:
+        run.log_params({"method": method, "seed": seed, "device": str(prepared.device)})
+        init = sources.student_source(cfg, prepared.input_shape)
+        if init is not None:
+            sources.check_init(init, "student.model", cfg.student.model.arch, cfg.student.model.kwargs,
+                               prepared.input_shape)
+            run.set_tags(init.lineage())
+        if cfg.dist.uses_torchrun():
+            model, result, learned_teacher = _torchrun(
+                cfg, run, prepared, ["--stage", "student", "--method", method, "--seed", str(seed),
+                                     "--teacher", str(teacher_folder(cfg, prepared)),
+                                     *(["--init", str(init.folder)] if init else [])])
+            outcome = finish_student(method, seed, model, result, prepared, learned_teacher)
+        else:
+            outcome = run_student(method, cfg, prepared, teacher, seed,
+                                           on_log=lambda step, m: run.log_metrics(m, step), init=init)
+        run.log_metrics({**outcome.evaluation.metrics(), "val_acc_final": outcome.val_acc},
+                        step=cfg.student.train.steps)
+        _log_curve(run, outcome.result.curve, f"{method} (seed {seed})")
+        if outcome.learned_teacher is not None:
+            _log_learned_teacher(run, outcome.learned_teacher, cfg, prepared)
+        outcome.run_id = run.run_id
+    get_run_logger().info("student %s seed %d: test acc %.4f", method, seed, outcome.evaluation.accuracy)
+    return outcome
+
+
+@contextlib.contextmanager
+def on_own_stream(device: torch.device):
+    """On CUDA, this thread's work goes to a stream of its own on ``device``, so students
+    sharing a GPU overlap their kernels; it starts after the work queued so far (the data,
+    the teacher) and is finished when the block ends (the flow reads the results)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_device(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        stream.synchronize()
+
+
+def student_concurrency(cfg: PipelineConfig, device: torch.device) -> int:
+    """``student.concurrency``, or its default: one student per GPU when training on CUDA in
+    this process, else one at a time (a torchrun stage already uses all its processes)."""
+    if cfg.student.concurrency is not None:
+        return cfg.student.concurrency
+    if cfg.dist.uses_torchrun() or device.type != "cuda":
+        return 1
+    return torch.cuda.device_count()
+
+
+def student_sweep(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunLogger,
+                  timings: dict) -> tuple[list[StudentOutcome], float]:
+    """Every (method, seed) student, ``student_concurrency`` at a time through a Prefect
+    thread-pool task runner: job i on GPU i mod #GPUs with its own copy of the data and
+    teacher, or on the CPU with its share of the cores.  Every draw is seeded per student,
+    so the outcomes equal the sequential sweep's, seed for seed.  Returns them and the
+    sweep's wall seconds."""
+    jobs = [(method, seed) for method in cfg.student.methods for seed in cfg.student.seeds]
+    workers = min(student_concurrency(cfg, prepared.device), len(jobs))
+    start = time.perf_counter()
+    if workers == 1:
+        outcomes = [train_student(cfg, prepared, teacher, method, seed, parent, timings) for method, seed in jobs]
+    else:
+        gpus = torch.cuda.device_count() if prepared.device.type == "cuda" else 0
+        devices = [torch.device("cuda", i) for i in range(gpus)] or [prepared.device]
+        copies = {d: (prepared, teacher) if d == prepared.device else
+                  (data_stage.place(prepared, d), copy.deepcopy(teacher).to(d)) for d in devices[:workers]}
+        threads = torch.get_num_threads()
+        if not gpus:
+            torch.set_num_threads(max(1, threads // workers))  # each student its share of the cores
+        try:
+            with ThreadPoolTaskRunner(max_workers=workers) as runner:
+                futures = [runner.submit(train_student, {
+                    "cfg": cfg, "prepared": copies[devices[i % len(copies)]][0],
+                    "teacher": copies[devices[i % len(copies)]][1], "method": method, "seed": seed,
+                    "parent": parent, "timings": timings}) for i, (method, seed) in enumerate(jobs)]
+                outcomes = [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
+    timings["students"] = sum(o.result.seconds for o in outcomes)  # compute, as for the other stages
+    wall = time.perf_counter() - start
+    parent.log_metrics({"student_concurrency": workers, "students_wall_seconds": wall}, step=0)
+    return outcomes, wall
+
+
+def _torchrun(cfg: PipelineConfig, run: RunLogger, prepared: Prepared, stage_args: list[str]):
+    """Run a stage as torchrun workers, rank 0 logging into ``run``; returns what rank 0
+    left (model, curves, learned teacher).  The work folder is removed on success and
+    kept, with its checkpoints, when the stage fails."""
+    workdir = project_home() / "cache" / "stages" / run.run_id
+    run.set_tags({"dist.world_size": cfg.dist.nnodes * cfg.dist.procs_per_node(), "dist.workdir": str(workdir)})
+    launch.run_torchrun(cfg, workdir, [*stage_args, "--run-id", run.run_id], get_run_logger().info)
+    output = load_stage_output(workdir, prepared)
+    shutil.rmtree(workdir)
+    return output
+
+
+def _teacher_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger,
+                            source: sources.WeightsSource | None) -> TeacherOutcome:
+    start = time.perf_counter()
+    model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "teacher",
+                                                      *(["--source", str(source.folder)] if source else [])])
+    save_teacher(model, cfg, prepared)
+    model = load_teacher(teacher_folder(cfg, prepared), prepared)
+    return TeacherOutcome(model, result, teacher_key(cfg, prepared), time.perf_counter() - start)
+
+
+def cfg_methods(outcomes: list[StudentOutcome]) -> list[str]:
+    return list(dict.fromkeys(o.method for o in outcomes))
+
+
+def _log_learned_teacher(run: RunLogger, teacher, cfg: PipelineConfig, prepared: Prepared) -> None:
+    """The teacher after meta-training: its test metrics and its weights (safetensors)."""
+    ev = evaluate(teacher, prepared.x("test"), prepared.y("test"), prepared.num_classes)
+    run.log_metrics({f"learned_teacher_{k}": v for k, v in ev.metrics().items() if "class" not in k},
+                    step=cfg.student.train.steps)
+    folder = project_home() / "cache" / "staging" / f"{run.run_id}-teacher"
+    save_weights(unwrap(teacher), folder, teacher_spec(cfg, prepared))
+    run.log_artifact(folder / "model.safetensors", "learned_teacher")
+    run.log_artifact(folder / "spec.json", "learned_teacher")
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunLogger) -> list[dict]:
+    rows = summarise(outcomes)
+    with tracking.child_run(parent, "evaluate", _tags()) as run:
+        for method in cfg_methods(outcomes):
+            best = max((o for o in outcomes if o.method == method), key=lambda o: o.val_acc)
+            fig = plots.confusion_matrix(best.evaluation.confusion, class_names,
+                                         f"{method} (seed {best.seed}, best on validation)")
+            run.log_figure(fig, f"confusion_matrix_{method}.png")
+            plots.close(fig)
+        for target in (run, parent):
+            target.log_text(comparison_markdown(rows), "comparison.md")
+            target.log_text(comparison_csv(rows), "comparison.csv")
+        fig = plots.comparison_bars(rows, "test accuracy by method (mean ± std over seeds)")
+        run.log_figure(fig, "comparison.png")
+        parent.log_figure(fig, "comparison.png")
+        plots.close(fig)
+        metrics = {}
+        for r in rows:
+            metrics.update({f"{r['method']}_test_acc_mean": r["test_acc"], f"{r['method']}_test_acc_std": r["test_acc_std"],
+                            f"{r['method']}_test_loss": r["test_loss"]})
+        run.log_metrics(metrics, step=0)
+        parent.log_metrics(metrics, step=0)
+    return rows
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, parent: RunLogger) -> dict | None:
+    model_name = f"{cfg.tracking.experiment}-student"
+    with tracking.child_run(parent, "register", _tags()) as run:
+        spec = model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
+        champion = tracking.current_champion(model_name)
+        lineage = lineage_tags(cfg.teacher.source, teacher_key(cfg, prepared),
+                               [sources.teacher_source(cfg, prepared.input_shape),
+                                sources.student_source(cfg, prepared.input_shape)], champion)
+        reg, decision = register_student(run, parent.run_id, model_name, best, prepared, spec, lineage, champion)
+        run.set_tags({"registered_model": model_name, "registered_version": reg.version, "alias": reg.alias})
+    get_run_logger().info("registered %s v%s as %s: %s", model_name, reg.version, reg.alias, decision.reason)
+    return {"name": reg.name, "version": reg.version, "alias": reg.alias}
+
+
+@flow(name="metadistill", log_prints=True)
+def metadistill_flow(config: PipelineConfig) -> dict:
+    """Prepare data, train the teacher and every student method over seeds, compare them
+    on the test split, and register the best student."""
+    cfg = config
+    timings: dict[str, float] = {}
+    run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.pipeline_run(cfg.tracking.experiment, run_name, {**_tags(), "preset": cfg.preset}) as parent:
+        parent.log_params(flatten(cfg))
+        parent.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        prepared = data_stage.place(prepare_data(cfg.data, parent, timings), distributed.device(cfg.dist.device))
+        parent.set_tags({"dist.device": str(prepared.device)})
+        prepare_augmentation(cfg, prepared, parent, timings)
+        teacher, teacher_eval = train_teacher(cfg, prepared, parent, timings)
+        outcomes, students_wall = student_sweep(cfg, prepared, teacher, parent, timings)
+        rows = compare(outcomes, prepared.class_names, parent)
+        registered = None
+        if cfg.tracking.register_best:
+            registered = register(cfg, prepared, best_student(outcomes), parent)
+        parent.log_metrics({"teacher_test_acc": teacher_eval.accuracy}, step=0)
+    return {"mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
+            "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds")}
+                        for r in rows},
+            "students": [{"method": o.method, "seed": o.seed, "test_acc": o.evaluation.accuracy,
+                          "test_loss": o.evaluation.loss, "val_acc": o.val_acc, "train_seconds": o.result.seconds}
+                         for o in outcomes],
+            "device": str(prepared.device), "student_concurrency": student_concurrency(cfg, prepared.device),
+            "students_wall_seconds": students_wall,
+            "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
+            "timings": timings, "data_cached": prepared.cached}

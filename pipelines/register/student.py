@@ -1,0 +1,89 @@
+"""Registering the chosen student: plain functions, so the rules can be tested without
+Prefect.  The flow's ``register`` task opens the child run and calls :func:`register_student`.
+
+The gate compares the candidate with the current champion on the candidate's own test
+split (:func:`champion_accuracy`); a version that fails to become champion is deleted, so
+no half-registered model is left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from models.normalize import Normalized
+from models.weights import load_weights, save_weights
+from pipelines import tracking
+from pipelines.common.home import project_home
+from pipelines.data.prepared import Prepared
+from pipelines.evaluate.compare import StudentOutcome
+from pipelines.evaluate.metrics import evaluate
+from pipelines.register.promotion import Decision, decide, promote
+from pipelines.tracking.runs import RunLogger
+
+
+def champion_accuracy(champion: dict | None, prepared: Prepared) -> float | None:
+    """The champion's accuracy on *this* test split: its recorded number when it was
+    measured on the same split, else a fresh evaluation of its weights."""
+    if champion is None:
+        return None
+    if champion.get("data_key") == prepared.key and "test_acc" in champion:
+        return float(champion["test_acc"])
+    folder = tracking.download_artifacts(champion["source_run_id"], "weights")
+    model, spec = load_weights(folder)
+    if tuple(spec["input_shape"]) != tuple(prepared.input_shape) or spec["num_classes"] != prepared.num_classes:
+        raise ValueError(f"champion v{champion['version']} takes inputs {spec['input_shape']} with "
+                         f"{spec['num_classes']} classes; this run's data has {list(prepared.input_shape)} "
+                         f"and {prepared.num_classes}: use another experiment name")
+    return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+
+
+def lineage_tags(teacher_source: str, teacher_key: str, sources: list, champion: dict | None) -> dict[str, str]:
+    """Which teacher (and which starting weights, ``sources``) made this student.  The gate
+    compares test accuracies on one split whatever the teacher; the tags say when it changed."""
+    tags = {"teacher_source": teacher_source, "teacher_key": teacher_key}
+    for source in sources:
+        if source is not None:
+            tags.update({k.replace(".", "_"): v for k, v in source.lineage().items()})
+    if champion is not None and champion.get("teacher_key"):
+        tags["teacher_vs_champion"] = ("same teacher" if champion["teacher_key"] == teacher_key
+                                       else f"teacher changed (champion's: {champion['teacher_key']})")
+    return tags
+
+
+def deployable(best: StudentOutcome, prepared: Prepared) -> tuple[Normalized, np.ndarray]:
+    """The student as served (raw [0, 1] pixels in, normalisation inside, on the CPU
+    whatever device trained it) and two raw test images as its input example."""
+    mean = np.asarray(prepared.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(prepared.std, dtype=np.float32)[None, :, None, None]
+    example = (prepared.x("test")[:2].cpu().numpy() * std + mean).astype(np.float32)
+    return Normalized(copy.deepcopy(best.model).cpu(), prepared.mean, prepared.std).eval(), example
+
+
+def register_student(run: RunLogger, parent_run_id: str, model_name: str, best: StudentOutcome, prepared: Prepared,
+                     spec: dict, lineage: dict[str, str], champion: dict | None) -> tuple[tracking.Registration, Decision]:
+    """Log ``best`` as an MLflow model in ``run``, register it as a new version of
+    ``model_name`` and promote it when it beats ``champion`` (the version that held the alias
+    when the run looked); returns the new version and why."""
+    weights = project_home() / "cache" / "staging" / run.run_id
+    save_weights(best.model, weights, {**spec, "method": best.method, "seed": best.seed,
+                                       "test_acc": best.evaluation.accuracy})
+    model_uri = tracking.log_student_model(run, *deployable(best, prepared), weights)
+    decision = decide(best.evaluation.accuracy, champion_accuracy(champion, prepared),
+                      champion["version"] if champion else None)
+    tags = {"method": best.method, "seed": best.seed, "test_acc": f"{best.evaluation.accuracy:.6f}",
+            "data_key": prepared.key, "source_run_id": run.run_id, "student_run_id": best.run_id,
+            "pipeline_run_id": parent_run_id, "promotion_reason": decision.reason}
+    if decision.delta is not None:
+        tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
+    tags.update(lineage)
+    reg = tracking.register_model(model_uri, model_name, "challenger", tags)
+    if decision.alias == "champion":  # the same code path as `metadistill promote`
+        try:
+            promote(model_name, reg.version, decision.reason, actor="pipeline")
+        except BaseException:
+            tracking.delete_version(model_name, reg.version)  # no half-registered model
+            raise
+        reg.alias = "champion"
+    return reg, decision

@@ -1,0 +1,90 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+import torch
+from torch import nn
+from models.registry import build_model
+from pipelines.augment.search import augmenter_for
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.common.rng import global_rng
+from pipelines.teacher.sources import WeightsSource, start_from
+from pipelines.engine.loop import LogFn, TrainResult, Transfer, supervised_loss, train_classifier
+if TYPE_CHECKING:
+    from pipelines.config.pipeline import PipelineConfig
+    from pipelines.data.prepared import Prepared
+
+
+@dataclass
+class StudentContext:
+    cfg: PipelineConfig
+    data: Prepared
+    teacher: nn.Module
+    seed: int
+    on_log: LogFn | None = None
+    desc: str = "student"
+    learned_teacher: nn.Module | None = None  # set by methods that train the teacher too
+    checkpoint: Checkpointer | None = None  # set by torchrun workers, for elastic recovery
+    init: WeightsSource | None = None  # student.init: the weights every method starts from
+    rng_after_init: torch.Tensor | None = None  # the global generator's state right after new_student
+
+    def new_student(self) -> nn.Module:
+        with global_rng(self.seed):
+            if self.init is not None:
+                model = start_from(self.init, self.data.num_classes, self.seed)[0]
+            else:
+                model_cfg = self.cfg.student.model
+                model = build_model(model_cfg.arch, self.data.input_shape, self.data.num_classes, **model_cfg.kwargs)
+            self.rng_after_init = torch.get_rng_state()
+        return model.to(self.data.device)
+
+    def augmenter(self):
+        if not self.cfg.student.train.augment:
+            return None
+        return augmenter_for(self.cfg, self.data)
+
+    def transfer(self) -> Transfer | None:
+        """The unlabeled examples drawn beside each labelled batch (teacher-based methods)."""
+        x, per_step = self.data.transfer(), self.cfg.kd.transfer_batch(self.cfg.student.train.batch_size)
+        return Transfer(x, per_step) if x is not None and per_step > 0 else None
+
+    def fit(self, model: nn.Module, loss_fn, transfer: Transfer | None = None) -> TrainResult:
+        return train_classifier(
+            model, self.data.x("train"), self.data.y("train"), self.cfg.student.train, loss_fn,
+            seed=self.seed, augment=self.augmenter(),
+            val=(self.data.x("val"), self.data.y("val")), on_log=self.on_log, desc=self.desc,
+            checkpoint=self.checkpoint, transfer=transfer, device=self.data.device)
+
+    def teach(self, model: nn.Module, loss_fn) -> TrainResult:
+        """Training of every teacher-based method: labelled and transfer examples under
+        ``loss_fn``, then the same label fine-tune (``student.finetune_steps``)."""
+        result = self.fit(model, loss_fn, self.transfer())
+        if self.cfg.student.finetune_steps:
+            self.finetune(model, result)
+        return result
+
+    def finetune(self, model: nn.Module, result: TrainResult) -> None:
+        """Cross-entropy steps on the labels at a constant rate; curves and seconds are
+        added to ``result``, with steps counted on from the main training's."""
+        train = self.cfg.student.train
+        optimizer = train.optimizer.model_copy(update={"lr": self.cfg.student.finetune_lr, "schedule": "constant"})
+        cfg = train.model_copy(update={"steps": self.cfg.student.finetune_steps, "optimizer": optimizer})
+        on_log = (lambda step, m: self.on_log(train.steps + step, m)) if self.on_log else None
+        tuned = train_classifier(model, self.data.x("train"), self.data.y("train"), cfg, supervised_loss,
+                                 seed=self.seed + 1, augment=self.augmenter(),
+                                 val=(self.data.x("val"), self.data.y("val")), on_log=on_log,
+                                 desc=f"{self.desc} finetune", checkpoint=self.checkpoint, phase="finetune",
+                                 device=self.data.device)
+        result.curve.update({f"finetune_{k}": [(train.steps + s, v) for s, v in c] for k, c in tuned.curve.items()})
+        result.seconds += tuned.seconds
+
+
+StudentMethod = Callable[[StudentContext], tuple[nn.Module, TrainResult]]
+
+
+def train_scratch(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
+    student = ctx.new_student()
+    return student, ctx.fit(student, supervised_loss)

@@ -1,0 +1,51 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import nn
+from pipelines.teacher import sources
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.data.prepared import Prepared
+from pipelines.evaluate.metrics import Evaluation, evaluate
+from pipelines.students.methods import STUDENT_METHODS
+from pipelines.students.context import StudentContext
+from pipelines.engine.loop import LogFn, TrainResult
+from pipelines.engine.metrics import accuracy
+
+
+@dataclass
+class StudentOutcome:
+    method: str
+    seed: int
+    model: nn.Module
+    result: TrainResult
+    evaluation: Evaluation
+    val_acc: float
+    run_id: str = ""
+    learned_teacher: nn.Module | None = None
+
+
+def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
+                on_log: LogFn | None = None, checkpoint: Checkpointer | None = None,
+                init: sources.WeightsSource | None = None) -> tuple[nn.Module, TrainResult, nn.Module | None]:
+    """Train one student (from ``init``'s weights when given); returns it, its curves, and
+    the learned teacher (if any)."""
+    ctx = StudentContext(cfg=cfg, data=data, teacher=teacher, seed=seed, on_log=on_log,
+                         desc=f"student {method} seed {seed}", checkpoint=checkpoint, init=init)
+    model, result = STUDENT_METHODS[method](ctx)
+    return model, result, ctx.learned_teacher
+
+
+def finish_student(method: str, seed: int, model: nn.Module, result: TrainResult, data: Prepared,
+                   learned_teacher: nn.Module | None = None) -> StudentOutcome:
+    evaluation = evaluate(model, data.x("test"), data.y("test"), data.num_classes)
+    val_acc = accuracy(model, data.x("val"), data.y("val")) if len(data.y("val")) else 0.0
+    return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=learned_teacher)
+
+
+def run_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
+                  on_log: LogFn | None = None, init: sources.WeightsSource | None = None) -> StudentOutcome:
+    model, result, learned_teacher = fit_student(method, cfg, data, teacher, seed, on_log, init=init)
+    return finish_student(method, seed, model, result, data, learned_teacher)

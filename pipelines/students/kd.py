@@ -1,0 +1,150 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from typing import TYPE_CHECKING
+import torch
+from torch import nn
+from meta.distill import distillation_loss
+from pipelines.engine import distributed
+from pipelines.augment.search import policy_fingerprint
+from pipelines.config.students import KDConfig
+from pipelines.common.home import cache_dir
+from pipelines.engine.loop import TrainResult
+from pipelines.engine.metrics import validation_accuracy
+from pipelines.engine.device import in_batches, inference_batch
+if TYPE_CHECKING:
+    pass
+from pipelines.students.context import StudentContext
+
+
+class FrozenTeacher:
+    """The frozen teacher's logits for a batch.  When the student's inputs are not
+    augmented, they are computed once for the whole training pool (train rows, then
+    transfer rows) and looked up by row: a teacher forward per step costs 10-30x the small
+    student's step.  The table is kept for the last (teacher, data) pair of each device, so
+    the seeds and methods of a sweep share it."""
+
+    _tables: dict[str, torch.Tensor] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, ctx: StudentContext):
+        self.teacher, self.table = ctx.teacher.eval(), None
+        if ctx.augmenter() is None:
+            key = f"{_teacher_fingerprint(ctx.teacher)}/{ctx.data.key}/{ctx.data.device}"
+            with FrozenTeacher._lock:  # concurrent students of one sweep compute it once
+                if key not in FrozenTeacher._tables:
+                    # One table per device (concurrent students may train on several GPUs).
+                    FrozenTeacher._tables = {k: v for k, v in FrozenTeacher._tables.items()
+                                             if k.rsplit("/", 1)[1] != str(ctx.data.device)}
+                    FrozenTeacher._tables[key] = self._logits_of_pool(ctx)
+                    if ctx.data.device.type == "cuda":  # other threads' streams read it next
+                        torch.cuda.current_stream(ctx.data.device).synchronize()
+                self.table = FrozenTeacher._tables[key]
+
+    def _logits_of_pool(self, ctx: StudentContext) -> torch.Tensor:
+        pool = [ctx.data.x("train"), ctx.data.transfer()]
+        with torch.no_grad():
+            return torch.cat([self.teacher(images) for x in pool if x is not None
+                              for images in in_batches(x, inference_batch(x), ctx.data.device)])
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[index]
+        with torch.no_grad():
+            return self.teacher(x)
+
+
+def kd_loss(teacher: FrozenTeacher, kd: KDConfig):
+    """Hinton's loss against a frozen teacher; unlabeled examples get the soft term only."""
+
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(logits, teacher(x, index), y, kd.temperature, kd.alpha, kd.soft_loss)
+
+    return loss
+
+
+def train_kd(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
+    student = ctx.new_student()
+    return student, ctx.teach(student, kd_loss(FrozenTeacher(ctx), ctx.cfg.kd))
+
+
+def with_kd(ctx: StudentContext, point: dict, **changes) -> StudentContext:
+    """``ctx`` with ``kd`` settings replaced by ``point`` (alpha, temperature, transfer_ratio)."""
+    cfg = ctx.cfg.model_copy(update={"kd": ctx.cfg.kd.model_copy(update=point)})
+    return dataclasses.replace(ctx, cfg=cfg, **changes)
+
+
+def _teacher_fingerprint(teacher: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def kd_grid(ctx: StudentContext) -> dict:
+    """``kd_tuned``'s search, once per setting: every (alpha, temperature[, transfer
+    ratio]) point of the grid trains a ``kd`` student with seed ``kd.grid_seed`` and is
+    scored on the validation split.  Cached under the project home by data, teacher,
+    student and grid, so the seeds of a sweep (and torchrun workers) share one search.
+    Returns ``{"point", "grid_seconds", "table"}``."""
+    kd, student_cfg = ctx.cfg.kd, ctx.cfg.student
+    key = hashlib.sha256(json.dumps({
+        "v": 2, "data": ctx.data.key, "teacher": _teacher_fingerprint(ctx.teacher),
+        "student": student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
+        "init": ctx.init.sha256 if ctx.init else None,
+        "kd": kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
+        "augment": policy_fingerprint(ctx.cfg, ctx.data)}, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir("kd_tuned") / f"{key}.json"
+    with _GRID_LOCK:  # concurrent kd_tuned students of a sweep search once, the others read the cache
+        if path.is_file():
+            return json.loads(path.read_text())
+        return _search_grid(ctx, path)
+
+
+_GRID_LOCK = threading.Lock()
+
+
+def _search_grid(ctx: StudentContext, path) -> dict:
+    kd = ctx.cfg.kd
+    table = []
+    for ratio in kd.grid_transfer_ratio or [kd.transfer_ratio]:
+        for alpha in kd.grid_alpha:
+            for temperature in kd.grid_temperature:
+                point = {"alpha": alpha, "temperature": temperature, "transfer_ratio": ratio}
+                sub = with_kd(ctx, point, seed=kd.grid_seed, on_log=None, checkpoint=None,
+                              desc=f"{ctx.desc} grid alpha={alpha} T={temperature} ratio={ratio}")
+                student = sub.new_student()
+                result = sub.teach(student, kd_loss(FrozenTeacher(sub), sub.cfg.kd))
+                table.append({**point, "val_acc": validation_accuracy(student, ctx.data.x("val"), ctx.data.y("val")),
+                              "seconds": result.seconds})
+    best = max(table, key=lambda row: row["val_acc"])  # ties: the first point of the grid
+    record = {"point": {k: best[k] for k in ("alpha", "temperature", "transfer_ratio")},
+              "grid_seconds": sum(row["seconds"] for row in table), "table": table}
+    if distributed.world().is_main:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+    return record
+
+
+def train_kd_tuned(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
+    """``kd`` at the grid point that scored best on the validation split; its compute is
+    the whole grid's plus its own."""
+    grid = kd_grid(ctx)
+    tuned = with_kd(ctx, grid["point"])
+    student = tuned.new_student()
+    result = tuned.teach(student, kd_loss(FrozenTeacher(tuned), tuned.cfg.kd))
+    result.seconds += grid["grid_seconds"]
+    if ctx.on_log is not None:
+        ctx.on_log(0, {f"kd_tuned_{k}": float(v) for k, v in grid["point"].items()}
+                   | {"kd_tuned_grid_seconds": grid["grid_seconds"]}
+                   | {f"kd_grid_val_acc_a{r['alpha']}_t{r['temperature']}_r{r['transfer_ratio']}": r["val_acc"]
+                      for r in grid["table"]})
+    return student, result

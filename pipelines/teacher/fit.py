@@ -1,0 +1,124 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from torch import nn
+from models.registry import build_model
+from pipelines.augment.search import augmenter_for, policy_fingerprint
+from models.normalize import unwrap
+from models.weights import load_weights, save_weights
+from pipelines.teacher import sources
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.data.prepared import Prepared
+from pipelines.common.home import cache_dir
+from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
+from pipelines.data.prepared import model_spec
+
+
+TEACHER_CACHE_VERSION = 3  # 2: per-sample augmentation seeds; 3: fixed ops batched, hash-seeded
+
+
+@dataclass
+class TeacherOutcome:
+    model: nn.Module
+    result: TrainResult | None  # None when loaded from cache or used as brought
+    key: str
+    seconds: float
+    cached: bool = False
+
+
+def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
+    teacher = cfg.teacher.model_dump(mode="json", include={"model", "train", "seed"})
+    if cfg.teacher.brought():  # the weights themselves, not the reference (an alias may move)
+        source = sources.teacher_source(cfg, data.input_shape)
+        teacher = {"sha256": source.sha256, "spec": source.spec, "seed": cfg.teacher.seed,
+                   "finetune": cfg.teacher.finetune.model_dump(mode="json")}
+    augment = policy_fingerprint(cfg, data)
+    blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": augment, "teacher": teacher},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def teacher_spec(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource | None = None) -> dict:
+    """The spec the teacher's weights are saved with (a brought teacher keeps its own input)."""
+    if cfg.teacher.brought():
+        return sources.brought_spec(source or sources.teacher_source(cfg, data.input_shape), data.num_classes,
+                                    data.class_names, data.key)
+    return model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data)
+
+
+def load_teacher(folder: Path, data: Prepared) -> nn.Module:
+    """A saved teacher, fed from the prepared data (resized/renormalised if its spec says so)."""
+    model, spec = load_weights(folder)
+    return sources.fed_by_data(model, spec, data).to(data.device)
+
+
+def teacher_folder(cfg: PipelineConfig, data: Prepared) -> Path:
+    return cache_dir("teacher") / teacher_key(cfg, data)
+
+
+def cached_teacher(cfg: PipelineConfig, data: Prepared) -> TeacherOutcome | None:
+    start = time.perf_counter()
+    folder = teacher_folder(cfg, data)
+    if not (folder / "model.safetensors").is_file():
+        return None
+    return TeacherOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, cached=True)
+
+
+def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None,
+                checkpoint: Checkpointer | None = None,
+                source: sources.WeightsSource | None = None) -> tuple[nn.Module, TrainResult | None]:
+    """Train the teacher (``teacher.source=train``), or adapt the one brought from ``source``."""
+    if cfg.teacher.brought():
+        return fit_brought_teacher(cfg, data, source or sources.teacher_source(cfg, data.input_shape), on_log,
+                                   checkpoint)
+    torch.manual_seed(cfg.teacher.seed)
+    model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes,
+                        **cfg.teacher.model.kwargs).to(data.device)
+    result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
+                              supervised_loss, seed=cfg.teacher.seed,
+                              augment=augmenter_for(cfg, data) if cfg.teacher.train.augment else None,
+                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint,
+                              device=data.device)
+    return model, result
+
+
+def fit_brought_teacher(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource, on_log: LogFn | None = None,
+                        checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult | None]:
+    """The brought teacher fed from this data; with ``teacher.finetune``, a new head for the
+    data's classes and ``finetune.steps`` of cross-entropy on the head or the whole network."""
+    sources.check_teacher(source, cfg, data.input_shape, data.num_classes)
+    ft = cfg.teacher.finetune
+    base, head = sources.start_from(source, data.num_classes, cfg.teacher.seed)
+    model = sources.fed_by_data(base, source.spec, data).to(data.device)
+    if ft.mode == "none":
+        return model.eval(), None
+    for name, p in base.named_parameters():
+        p.requires_grad_(ft.mode == "all" or name in head)
+    result = train_classifier(model, data.x("train"), data.y("train"), ft, supervised_loss, seed=cfg.teacher.seed,
+                              augment=augmenter_for(cfg, data) if ft.augment else None,
+                              val=(data.x("val"), data.y("val")), on_log=on_log, desc=f"teacher finetune ({ft.mode})",
+                              checkpoint=checkpoint, device=data.device)
+    base.requires_grad_(True)
+    return model, result
+
+
+def save_teacher(model: nn.Module, cfg: PipelineConfig, data: Prepared) -> None:
+    save_weights(unwrap(model), teacher_folder(cfg, data), teacher_spec(cfg, data))
+
+
+def obtain_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
+    """Train the teacher, or reuse the cached one trained on the same inputs."""
+    if (cached := cached_teacher(cfg, data)) is not None:
+        return cached
+    start = time.perf_counter()
+    model, result = fit_teacher(cfg, data, on_log)
+    save_teacher(model, cfg, data)  # also a brought one as it is: torchrun workers read this folder
+    return TeacherOutcome(model, result, teacher_key(cfg, data), time.perf_counter() - start)

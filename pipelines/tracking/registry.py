@@ -1,0 +1,122 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pipelines.tracking.runs import RunLogger, client
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    alias: str
+    reason: str
+
+
+def current_champion(model_name: str) -> dict | None:
+    """The champion version's tags (with its version), or None when there is none."""
+    c = client()
+    try:
+        version = c.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    return {"version": str(version.version), **version.tags}
+
+
+def model_version_by_alias(model_name: str, alias: str) -> dict | None:
+    """``{"version", "run_id", "tags", "aliases"}`` of the version holding ``alias``, or None."""
+    try:
+        v = client().get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+def model_version(model_name: str, version: str) -> dict:
+    v = client().get_model_version(model_name, version)
+    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+class VersionNotFound(LookupError):
+    """A registry reference that does not resolve; the message says what exists."""
+
+
+def resolve_version(model_name: str, alias: str | None = None, version: str | None = None) -> dict:
+    """The version ``model_name@alias``, ``model_name/version`` or (``version="latest"``) the
+    newest one, as :func:`model_version` returns it; :class:`VersionNotFound` otherwise."""
+    c = client()
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException:
+        names = [m.name for m in c.search_registered_models(max_results=50)]
+        raise VersionNotFound(f"no registered model {model_name!r}; registered: {', '.join(names) or 'none'}") from None
+    if alias is not None:
+        found = model_version_by_alias(model_name, alias)
+        if found is None:
+            aliases = sorted(c.get_registered_model(model_name).aliases)
+            raise VersionNotFound(f"registered model {model_name!r} has no alias {alias!r}; "
+                                  f"its aliases: {', '.join(aliases) or 'none'}")
+        return found
+    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{model_name}'"))
+    if version == "latest":
+        if not versions:
+            raise VersionNotFound(f"registered model {model_name!r} has no versions")
+        version = str(versions[-1])
+    if int(version) not in versions:
+        raise VersionNotFound(f"registered model {model_name!r} has no version {version}; "
+                              f"its versions: {', '.join(map(str, versions)) or 'none'}")
+    return model_version(model_name, version)
+
+
+def register_weights(run: RunLogger, weights_dir: Path, model_name: str, tags: dict[str, str],
+                     description: str) -> Registration:
+    """Log ``weights_dir`` (spec.json + model.safetensors) under the run's ``weights`` and
+    register it as a new version of ``model_name`` (no MLflow model flavour: the
+    pipeline reads these two files back, nothing else)."""
+    client().log_artifacts(run.run_id, str(weights_dir), "weights")
+    return register_model(f"runs:/{run.run_id}/weights", model_name, None, {**tags, "source_run_id": run.run_id},
+                    description=description, run_id=run.run_id)
+
+
+def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name, version, k, str(v))
+    c.set_registered_model_alias(model_name, alias, version)
+
+
+def register_model(model_uri: str, model_name: str, alias: str | None, tags: dict[str, str],
+             description: str = "Students trained by metadistill", run_id: str | None = None) -> Registration:
+    """Create a version, tag it and set its alias (if any); on any failure the version is
+    deleted, so no half-registered model is left behind."""
+    c = client()
+    with contextlib.suppress(MlflowException):
+        c.create_registered_model(model_name, description=description)
+    version = c.create_model_version(model_name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    try:
+        _wait_ready(c, model_name, version.version)
+        if alias is not None:
+            c.set_registered_model_alias(model_name, alias, version.version)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            c.delete_model_version(model_name, version.version)
+        raise
+    return Registration(model_name, str(version.version), alias or "", tags.get("promotion_reason", ""))
+
+
+def delete_version(model_name: str, version: str) -> None:
+    client().delete_model_version(model_name, version)
+
+
+def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while c.get_model_version(name, version).status == "PENDING_REGISTRATION":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"model version {name}/{version} still pending after {timeout:.0f}s")
+        time.sleep(0.2)
