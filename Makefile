@@ -9,7 +9,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install install-dev system-deps run test bench
+.PHONY: install install-dev system-deps run lint test bench
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
@@ -26,8 +26,13 @@ system-deps:
 	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
 	  else echo "install chromium and chromium-driver (Debian packages) for the browser test" >&2; exit 1; fi; fi
 
-test: install-dev system-deps
+# Lint and the import contracts (pyproject.toml: [tool.ruff], [tool.importlinter]).
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install-dev
-	$(BIN)/python benchmarks/pipeline_overhead.py --json results/pipeline_overhead.json
+	$(BIN)/python -m benchmarks.pipeline_overhead --json results/pipeline_overhead.json

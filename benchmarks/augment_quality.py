@@ -1,6 +1,6 @@
 """Teacher test accuracy under each augmentation policy, over paired seeds, in one run.
 
-    python benchmarks/augment_quality.py [--preset P] [--set k=v ...]
+    python -m benchmarks.augment_quality [--preset P] [--set k=v ...]
         [--policies learned,trivialaugment,randaugment,fixed,none,unsearched] [--seeds 5] --json F
 
 Seed s trains one teacher per policy with ``teacher.seed=s`` (same data, same budget);
@@ -16,26 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main() -> int:
     import numpy as np
-    from scipy import stats
 
-    from benchmarks.common import write_json
-    from pipelines.teacher.fit import fit_teacher
-    from pipelines.augment import search as augment_search
-    from pipelines.engine import distributed
+    from benchmarks.common import paired_stats, write_json
     from pipelines import data as data_stage
+    from pipelines.augment import search as augment_search
     from pipelines.config.loader import load_config
+    from pipelines.engine import distributed
     from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.fit import fit_teacher, teacher_inputs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
@@ -64,7 +60,8 @@ def main() -> int:
                 search_seconds.append(searched.seconds)
                 learned_seed0 = learned_seed0 or searched.spec
             start = time.perf_counter()
-            model, _ = fit_teacher(cfg, data)
+            source, augment = teacher_inputs(cfg, data)
+            model, _ = fit_teacher(cfg.teacher, data, augment, source=source)
             seconds[policy].append(time.perf_counter() - start)
             acc[policy].append(evaluate(model, data.x("test"), data.y("test"), data.num_classes).accuracy)
             print(f"seed {seed} {policy}: test acc {acc[policy][-1]:.4f} ({seconds[policy][-1]:.0f} s)", flush=True)
@@ -78,10 +75,9 @@ def main() -> int:
             if p == "learned":
                 continue
             diff = np.array(acc["learned"]) - np.array(acc[p])
-            half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))) \
-                if len(diff) > 1 else float("nan")
-            p_value = float(stats.ttest_rel(acc["learned"], acc[p]).pvalue) if len(diff) > 1 else float("nan")
-            result["vs_learned"][p] = {"diff": float(diff.mean()), "ci95": half, "p": p_value}
+            paired = paired_stats(diff) if len(diff) > 1 else {"ci95": [float("nan")] * 2, "p": float("nan")}
+            result["vs_learned"][p] = {"diff": float(diff.mean()), "ci95": paired["ci95"][1] - float(diff.mean()),
+                                       "p": paired["p"]}
         teacher_seconds = float(np.mean([s for p in policies for s in seconds[p]]))
         result["learned_policy_seed0"] = learned_seed0
         result["search_seconds"] = float(np.mean(search_seconds))

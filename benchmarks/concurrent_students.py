@@ -3,7 +3,7 @@
 time (Prefect's thread-pool task runner; on one GPU they share it, on the CPU they split
 the cores), compared on the sweep's wall seconds and student by student on test accuracy.
 
-    python benchmarks/concurrent_students.py [--concurrency 3] [--set k=v ...] --json PATH
+    python -m benchmarks.concurrent_students [--concurrency 3] [--set k=v ...] --json PATH
 
 The teacher is trained (or read from the cache) by a first run that is not timed.
 """
@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def run(overrides: list[str], summary: Path) -> dict:

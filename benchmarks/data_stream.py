@@ -19,7 +19,7 @@
      shuffled (its default PIL loader), uint8 batches.
 
     pip install -e '.[bench]'   # webdataset
-    python benchmarks/data_stream.py --folder /tmp/jpegs --json docs/benchmarks/data_stream.json
+    python -m benchmarks.data_stream --folder /tmp/jpegs --json docs/benchmarks/data_stream.json
 """
 
 from __future__ import annotations
@@ -34,9 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import write_json
 
 
 def _write_chunk(args: tuple[Path, int, int, int, int]) -> None:
@@ -158,7 +156,6 @@ def pipeline_reader(images, batch: int, steps: int):
 def webdataset_reader(images, batch: int, workers: int):
     import torch
     import webdataset as wds
-
     from torchvision.io import ImageReadMode, decode_image
 
     urls = [str(images.folder / name) for name in images.shards]

@@ -3,7 +3,7 @@
 global batch is twice as large), for plain student training (``kd``) and for
 meta-distillation (``meta_distill``, whose teacher meta-gradient is all-reduced by hand).
 
-    python benchmarks/ddp_scaling.py [--steps N] [--repeats R] --json PATH
+    python -m benchmarks.ddp_scaling [--steps N] [--repeats R] --json PATH
 
 Throughput is global training examples per second of the training loop (no validation split, so
 no evaluation in it; process start, data loading, rendezvous excluded); efficiency = throughput_2 / (2 * throughput_1).
@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Big enough that a step is compute (tens of ms), not all_reduce latency (gloo's is
 # about 1 ms here, even for one float).
@@ -63,8 +62,8 @@ def main() -> int:
     from benchmarks.common import write_json
     from models.registry import build_model, count_parameters
     from pipelines import data as data_stage
-    from pipelines.teacher.fit import obtain_teacher, teacher_folder
     from pipelines.config.loader import load_config
+    from pipelines.teacher.fit import obtain_teacher, teacher_folder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)

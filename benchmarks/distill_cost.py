@@ -1,7 +1,7 @@
 """Wall seconds per student step of ``meta_distill`` against ``kd`` on the same networks,
 measured in one run (same data, same teacher, same student budget).
 
-    python benchmarks/distill_cost.py [--preset digits] [--set k=v ...] --json PATH
+    python -m benchmarks.distill_cost [--preset digits] [--set k=v ...] --json PATH
 
 Target: ratio <= 2.0 at the default teacher-update interval.
 """
@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
     from benchmarks.common import write_json
-
     from pipelines import data as data_stage
+    from pipelines.config.loader import load_config
+    from pipelines.engine import distributed
     from pipelines.students.fit import run_student
     from pipelines.teacher.fit import obtain_teacher
-    from pipelines.engine import distributed
-    from pipelines.config.loader import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")

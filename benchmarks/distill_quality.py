@@ -1,6 +1,6 @@
 """Paired-seed comparison of student methods against ``kd`` and ``kd_tuned``.
 
-    python benchmarks/distill_quality.py [--preset NAME] [--set k=v ...] [--seeds N] \
+    python -m benchmarks.distill_quality [--preset NAME] [--set k=v ...] [--seeds N] \
         [--methods a,b,...] --json PATH
 
 Every method trains the same student network with the same budget for each seed; a seed
@@ -19,43 +19,23 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def paired_stats(diffs: np.ndarray) -> dict:
-    """Mean paired difference, its 95% t-interval, the t-test's and Wilcoxon's p-values."""
-    from scipy import stats
-
-    n = len(diffs)
-    mean = float(diffs.mean())
-    if n < 2 or np.allclose(diffs, diffs[0]):
-        p = 1.0 if np.allclose(diffs, 0) else 0.0
-        return {"diff": mean, "ci95": [mean, mean], "p": p, "p_wilcoxon": p}
-    sem = diffs.std(ddof=1) / np.sqrt(n)
-    half = float(stats.t.ppf(0.975, n - 1) * sem)
-    nonzero = diffs[~np.isclose(diffs, 0)]
-    p_wilcoxon = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
-    return {"diff": mean, "ci95": [mean - half, mean + half], "p": float(stats.ttest_1samp(diffs, 0.0).pvalue),
-            "p_wilcoxon": p_wilcoxon}
-
 
 def main() -> int:
+    from benchmarks.common import paired_stats, write_json
     from pipelines import data as data_stage
     from pipelines import tracking
-    from pipelines.evaluate.metrics import evaluate
-    from pipelines.students.fit import run_student
-    from pipelines.teacher.fit import obtain_teacher, teacher_spec
-    from pipelines.tracking import plots
-    from pipelines.teacher import sources
-    from benchmarks.common import write_json
     from pipelines.config.errors import ConfigError
     from pipelines.config.loader import load_config
-    from pipelines.students.kd import kd_grid
+    from pipelines.evaluate.metrics import evaluate
     from pipelines.students.context import StudentContext
+    from pipelines.students.fit import run_student
+    from pipelines.students.kd import kd_grid
+    from pipelines.teacher import sources
+    from pipelines.teacher.fit import obtain_teacher, teacher_spec
+    from pipelines.tracking import plots
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
@@ -98,14 +78,15 @@ def main() -> int:
         "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(cfg, prepared)["arch"],
         "splits": prepared.counts,
         "train_examples": prepared.counts["train"], "transfer_examples": prepared.counts["transfer"],
-        "student_steps": cfg.student.train.steps, "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
+        "student_steps": cfg.student.train.steps,
+        "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
         "methods": {m: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist(),
                         "compute_seconds": float(np.mean(seconds[m]))} for m, a in accs.items()},
         "vs_kd": {m: paired_stats(a - accs["kd"]) for m, a in accs.items() if m != "kd"},
         "wall_seconds": time.perf_counter() - start,
     }
     if "kd_tuned" in accs:
-        grid = kd_grid(StudentContext(cfg=cfg, data=prepared, teacher=teacher.model, seed=cfg.kd.grid_seed))
+        grid = kd_grid(StudentContext.from_config(cfg, prepared, teacher.model, cfg.kd.grid_seed))
         result["kd_tuned_grid"] = grid  # cached by the runs above: no retraining
         result["vs_kd_tuned"] = {m: paired_stats(a - accs["kd_tuned"]) for m, a in accs.items() if m != "kd_tuned"}
         if "meta_distill" in accs:

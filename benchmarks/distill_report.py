@@ -1,6 +1,6 @@
 """Markdown tables from ``distill_quality.py`` JSON files, so the docs quote the JSON.
 
-    python benchmarks/distill_report.py docs/benchmarks/distill_quality_{mnist,fashion_mnist,cifar10}.json
+    python -m benchmarks.distill_report docs/benchmarks/distill_quality_{mnist,fashion_mnist,cifar10}.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Side-by-side variants of student methods over paired seeds: the search behind the
 learning-to-teach defaults (docs/distill_ablation.md).
 
-    python benchmarks/distill_variants.py --preset mnist --seeds 3 \
+    python -m benchmarks.distill_variants --preset mnist --seeds 3 \
         --variant kd=kd \
         --variant "kd_T1=kd:kd.temperature=1" \
         --variant "md_kdp=meta_distill:meta_distill.learn=[kd_params],meta_distill.knob_lr=0.03" \
@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def split_overrides(text: str) -> list[str]:
@@ -49,11 +46,11 @@ def main() -> int:
     from benchmarks.common import write_json
     from benchmarks.distill_quality import paired_stats
     from pipelines import data as data_stage
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
     from pipelines.evaluate.metrics import evaluate
     from pipelines.students.fit import run_student
     from pipelines.teacher.fit import obtain_teacher
-    from pipelines.config.errors import ConfigError
-    from pipelines.config.loader import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")

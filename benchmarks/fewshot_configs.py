@@ -2,7 +2,7 @@
 process (start several side by side on a GPU); the accuracy on 200 of the 600 fixed
 evaluation tasks is logged every 500 steps, all 600 at the end (3 and 10 test steps).
 
-    python benchmarks/fewshot_configs.py --name C --channels 32 --norm batch --queries 1 \
+    python -m benchmarks.fewshot_configs --name C --channels 32 --norm batch --queries 1 \
         --steps 5000 --device cuda --json results/fewshot_C.json
 
 Step counts carry over between machines, so a GPU can rank recipes for the step budget
@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meta.functional import forward, params_of  # noqa: E402
 from meta.maml import InnerLoop, adapt, meta_batch_loss  # noqa: E402

@@ -39,12 +39,12 @@ part() {
     torchrun) "${MD[@]}" run --set dist.device=cuda --set dist.launcher=torchrun --set dist.nproc=1 \
                 --set 'student.methods=[kd,maml_init,meta_distill]' --set 'student.seeds=[0]' \
                 --set tracking.register_best=false --summary "$OUT_DIR/torchrun_nccl.json" ;;
-    concurrent) "$PY" benchmarks/concurrent_students.py "${SWEEP[@]}" --json "$OUT_DIR/concurrent_students.json" ;;
-    throughput) "$PY" benchmarks/gpu_throughput.py --device cuda --settings fp32,tf32,bf16,bf16+cl,bf16+cl+compile \
+    concurrent) "$PY" -m benchmarks.concurrent_students "${SWEEP[@]}" --json "$OUT_DIR/concurrent_students.json" ;;
+    throughput) "$PY" -m benchmarks.gpu_throughput --device cuda --settings fp32,tf32,bf16,bf16+cl,bf16+cl+compile \
                   --json "$OUT_DIR/gpu_throughput.json" ;;
-    meta_engine) "$PY" benchmarks/meta_engine.py --device cuda --seconds 6 --rounds 3 \
+    meta_engine) "$PY" -m benchmarks.meta_engine --device cuda --seconds 6 --rounds 3 \
                    --only engine_vmap,engine_loop,func_vmap,func_loop --json "$OUT_DIR/meta_engine_cuda.json" ;;
-    distill) "$PY" benchmarks/distill_cost.py --set dist.device=cuda --repeats 2 --json "$OUT_DIR/distill_cost_cuda.json" ;;
+    distill) "$PY" -m benchmarks.distill_cost --set dist.device=cuda --repeats 2 --json "$OUT_DIR/distill_cost_cuda.json" ;;
     *) echo "unknown part $1" >&2; return 2 ;;
   esac
 }

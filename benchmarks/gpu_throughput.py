@@ -2,7 +2,7 @@
 side by side in one run: resnet20 on 32x32x3 inputs, batch 512, the same precision,
 memory layout and compile setting for both.
 
-    python benchmarks/gpu_throughput.py --json PATH [--device cuda] [--steps 300] [--compile]
+    python -m benchmarks.gpu_throughput --json PATH [--device cuda] [--steps 300] [--compile]
         [--settings fp32,tf32,bf16,bf16+cl,bf16+cl+compile]
 
 The pipeline side is ``pipelines.training.train_classifier`` as every stage calls it
@@ -26,9 +26,6 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -52,7 +49,8 @@ def _model(device: torch.device, channels_last: bool):
 
 def _data(device: torch.device):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(N_IMAGES, 3, 32, 32, generator=g).to(device), torch.randint(0, CLASSES, (N_IMAGES,), generator=g).to(device)
+    x = torch.randn(N_IMAGES, 3, 32, 32, generator=g)
+    return x.to(device), torch.randint(0, CLASSES, (N_IMAGES,), generator=g).to(device)
 
 
 def _cfg(args, steps: int):

@@ -1,7 +1,7 @@
 """Meta-training throughput of this engine against the libraries MAML code uses, on one
 workload, in one run, plus the machine's fp32 matmul peak and the engine's FLOP rate.
 
-    python benchmarks/meta_engine.py --json results/meta_engine.json
+    python -m benchmarks.meta_engine --json results/meta_engine.json
 
 Workload (defaults): conv4 (GroupNorm) on 1x28x28, 5-way 1-shot, 15 queries, 5 inner SGD
 steps (lr 0.4), exact second-order MAML, meta-batch 32.  Every contender runs the same
@@ -21,12 +21,9 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meta.functional import params_of  # noqa: E402
 from meta.maml import InnerLoop, meta_batch_loss  # noqa: E402

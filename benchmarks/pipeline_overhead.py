@@ -2,7 +2,7 @@
 orchestration + tracking overhead (Prefect server and task runs, MLflow logging), for a
 first run in a fresh project home and a second identical run (cached data and teacher).
 
-    python benchmarks/pipeline_overhead.py --json results/pipeline_overhead.json
+    python -m benchmarks.pipeline_overhead --json results/pipeline_overhead.json
 
 Targets on the 2-core reference machine: first run <= 180 s including start-up,
 orchestration + tracking <= 15% of wall time, second run <= 60% of the first.
@@ -18,9 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_once(home: Path, summary: Path, extra: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """Serving throughput: `metadistill serve` against `mlflow models serve`, same registered
 student, same load generator, one server after the other, in one run.
 
-    python benchmarks/serving.py --json results/serving.json [--home PATH] [--seconds 30]
+    python -m benchmarks.serving --json results/serving.json [--home PATH] [--seconds 30]
 
 Load: wrk (Debian package) with 16 keep-alive connections on 4 threads, one image per
 POST.  The generator's own ceiling is shown against the server's trivial /health route,
@@ -24,12 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODEL = "metadistill-digits-student"
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipelines.common.net import free_port, wait_http
+
+MODEL = "metadistill-digits-student"
 
 
 def wrk(url: str, seconds: int, body: str | None, connections: int = 16, threads: int = 4) -> dict:

@@ -3,7 +3,7 @@ and fine-tuned (``teacher.source=torchvision`` + ``teacher.finetune``), on one s
 one run: every teacher's test accuracy and compute seconds, and per teacher the same
 student methods over paired seeds.
 
-    python benchmarks/teacher_sources.py [--preset cifar10] [--set k=v ...] [--seeds 10] \
+    python -m benchmarks.teacher_sources [--preset cifar10] [--set k=v ...] [--seeds 10] \
         [--methods kd] [--pretrain-steps 1500] [--finetune-steps 1500] [--no-scratch] --json PATH
 
 No ImageNet weights reach this machine, so the "pretrained" resnet18 is made here without a
@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def rotation_pretrain(x, data_mean, data_std, steps: int, out: Path, seed: int = 0) -> float:
@@ -78,19 +76,20 @@ def rotation_pretrain(x, data_mean, data_std, steps: int, out: Path, seed: int =
 
 
 def main() -> int:
-    from benchmarks.common import write_json
-    from benchmarks.distill_quality import paired_stats
-    from pipelines import data as data_stage
-    from pipelines.evaluate.metrics import evaluate
-    from pipelines.students.fit import run_student
-    from pipelines.teacher.fit import obtain_teacher, teacher_spec
-    from pipelines.teacher import sources
-    from pipelines.config.errors import ConfigError
-    from pipelines.config.loader import load_config
-    from pipelines.common.home import cache_dir
     import torch
     import torchvision
     from safetensors.torch import save_file
+
+    from benchmarks.common import write_json
+    from benchmarks.distill_quality import paired_stats
+    from pipelines import data as data_stage
+    from pipelines.common.home import cache_dir
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
+    from pipelines.evaluate.metrics import evaluate
+    from pipelines.students.fit import run_student
+    from pipelines.teacher import sources
+    from pipelines.teacher.fit import obtain_teacher, teacher_spec
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cifar10")

@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                "MLFLOW_TRACKING_URI and PREFECT_API_URL are respected when set.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _pipeline_commands(sub)
+    _schedule_commands(sub)
+    _registry_commands(sub)
+    return parser
+
+
+def _pipeline_commands(sub) -> None:
+    """``run``, ``fewshot`` and ``config``: the commands that take a configuration."""
     run = sub.add_parser("run", help="run the pipeline once and print the method comparison",
                          description="Run the metadistill Prefect flow: prepare data, train the teacher, "
                                      "train every student method over seeds, evaluate, register the best.")
@@ -52,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(few)
     few.add_argument("--summary", metavar="PATH", help="write the results as JSON to PATH")
 
+    show = sub.add_parser("config", help="print the resolved configuration (validated) and exit",
+                          description="Resolve preset + --config + --set, validate, print as YAML.")
+    _add_config_args(show)
+
+
+
+def _schedule_commands(sub) -> None:
+    """``schedule``, ``trigger`` and ``server``: Prefect deployments and their server."""
     sch = sub.add_parser("schedule", help="create/update a scheduled deployment of the pipeline and serve it",
                          description="Create or update the Prefect deployment metadistill/NAME with a cron or "
                                      "interval schedule and this configuration, then serve it from this process "
@@ -75,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     psrv.add_argument("--host", default="127.0.0.1")
     psrv.add_argument("--port", type=int, default=4200)
 
+
+
+def _registry_commands(sub) -> None:
+    """``serve``, ``promote``, ``rollback``, ``export`` and ``ui``: the registered students."""
     srv = sub.add_parser("serve", help="serve a registered student over HTTP",
                          description="Serve NAME@ALIAS (weights only, no unpickling): POST /predict, POST "
                                      "/invocations (MLflow protocol), GET /health, /ready, /metadata. "
@@ -109,15 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--alias", default="champion")
     exp.add_argument("--out", required=True, help="output file")
 
-    show = sub.add_parser("config", help="print the resolved configuration (validated) and exit",
-                          description="Resolve preset + --config + --set, validate, print as YAML.")
-    _add_config_args(show)
-
     ui = sub.add_parser("ui", help="start the MLflow UI over the project's store on 127.0.0.1",
                         description="Serve the MLflow UI over the project's tracking store and registry.")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    return parser
 
 
 def _load(args):
@@ -293,8 +308,8 @@ def cmd_config(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from pipelines.tracking.ui import experiment_links, serve_ui
     from pipelines.tracking.runs import tracking_uri
+    from pipelines.tracking.ui import experiment_links, serve_ui
 
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base} over {tracking_uri()}", file=sys.stderr)

@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from pipelines.config.presets import PRESETS
 from pipelines.config.errors import ConfigError
 from pipelines.config.loader import flatten, load_config
+from pipelines.config.presets import PRESETS
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -109,8 +109,8 @@ def _digits(device):
 @pytest.mark.parametrize("share", [0.5, 0.0])  # 0.0: the data stays in pinned host memory
 def test_teacher_trains_on_cuda_from_device_or_pinned_data(home, share):
     from pipelines import data as data_stage
-    from pipelines.teacher.fit import obtain_teacher
     from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.fit import obtain_teacher
 
     cfg, _ = _digits(torch.device("cpu"))
     data = data_stage.place(data_stage.prepare(cfg.data), CUDA, share=share)
@@ -121,8 +121,8 @@ def test_teacher_trains_on_cuda_from_device_or_pinned_data(home, share):
 
 
 def test_checkpoint_written_on_cuda_resumes_on_the_cpu(tmp_path):
-    from pipelines.engine.checkpoint import Checkpointer
     from pipelines.config.training import OptimConfig, TrainConfig
+    from pipelines.engine.checkpoint import Checkpointer
     from pipelines.engine.loop import supervised_loss, train_classifier
 
     g = torch.Generator().manual_seed(0)

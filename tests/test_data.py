@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config.errors import ConfigError
 from pipelines.config.data import DataConfig
+from pipelines.config.errors import ConfigError
 from pipelines.config.loader import load_config
 from pipelines.data.errors import DataError
 from pipelines.data.prepare import prepare
@@ -74,7 +74,8 @@ def test_corrupt_mnist_in_tree_fails_without_fallback(home, tmp_path, shared_dat
     raw.mkdir(parents=True)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         (raw / name).write_bytes((shared_data / "mnist/MNIST/raw" / name).read_bytes())
-    (raw / "train-images-idx3-ubyte.gz").write_bytes((shared_data / "mnist/MNIST/raw/train-images-idx3-ubyte.gz").read_bytes()[:5000])
+    truncated = (shared_data / "mnist/MNIST/raw/train-images-idx3-ubyte.gz").read_bytes()[:5000]
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(truncated)
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         prepare(DataConfig(name="mnist", root=tmp_path))
     cache = home / "cache" / "data"

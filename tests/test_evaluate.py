@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.register.promotion import decide
 from pipelines.evaluate.metrics import evaluate, expected_calibration_error
+from pipelines.register.promotion import decide
 
 
 def test_ece_hand_computed():

@@ -119,8 +119,8 @@ def test_failed_run_is_marked_failed_and_registers_nothing(home, prefect_server,
 
 
 def test_diverging_stage_fails_the_run_and_registers_nothing(home, prefect_server):
-    from pipelines.orchestrate.flow import metadistill_flow
     from pipelines.engine.metrics import TrainingDiverged
+    from pipelines.orchestrate.flow import metadistill_flow
 
     cfg = load_config(overrides=TINY + ["tracking.experiment=it-nan", "student.methods=[scratch, kd]",
                                         "kd.temperature=8", "student.train.optimizer.lr=1e12",

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meta.functional import params_of
+from meta.maml import InnerLoop, first_order_meta_grad, meta_batch_loss, query_loss, reptile_target, reptile_update
 from tests.helpers import worst_relative_error
-from meta.maml import (InnerLoop, first_order_meta_grad, meta_batch_loss, query_loss, reptile_target,
-                       reptile_update)
 
 
 def tiny_mlp(seed=0):

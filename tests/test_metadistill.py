@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from meta.functional import params_of
+from meta.metadistill import Pilot, first_order_teacher_grad, pilot_quiz_loss, teacher_meta_grad
 from tests.helpers import worst_relative_error
-from meta.metadistill import (Pilot, first_order_teacher_grad, pilot_quiz_loss, teacher_meta_grad)
 
 
 def nets(seed=0):
@@ -93,9 +93,9 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teache
                                    "[teacher, calibration, kd_params, weights]"])
 def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
     from pipelines import data as data_stage
+    from pipelines.config.loader import load_config
     from pipelines.students.fit import run_student
     from pipelines.teacher.fit import obtain_teacher
-    from pipelines.config.loader import load_config
 
     cfg = load_config(overrides=TINY + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0",
                                         "meta_distill.knob_lr=0"])

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.register.promotion import promote, rollback
 from deploy.registry import ModelLoadError, load_folder, load_registered
 from models import build_model
 from models.normalize import Normalized
-from pipelines import tracking
 from models.weights import save_weights
+from pipelines import tracking
+from pipelines.common.home import project_home
+from pipelines.register.promotion import promote, rollback
 from tests.helpers import free_port
 
 NAME = "serve-test-student"
@@ -36,7 +37,7 @@ def register_tiny(seed: int, test_acc: float, alias: str) -> str:
     torch.manual_seed(seed)
     model = build_model("mlp", (1, 8, 8), 10, hidden=[16]).eval()
     with tracking.pipeline_run("serve-test", f"tiny-{seed}", {}) as run:
-        folder = tracking.project_home() / "staging" / run.run_id
+        folder = project_home() / "staging" / run.run_id
         save_weights(model, folder, SPEC)
         uri = tracking.log_student_model(run, Normalized(model, SPEC["mean"], SPEC["std"]).eval(),
                                          np.random.rand(2, 1, 8, 8).astype(np.float32), folder)

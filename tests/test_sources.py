@@ -26,9 +26,9 @@ from models.external import head_classes, replace_head
 from models.normalize import Adapted, adapt_input
 from models.registry import build_model
 from models.weights import save_weights
-from pipelines.teacher import sources
 from pipelines.config.errors import ConfigError
 from pipelines.config.loader import load_config
+from pipelines.teacher import sources
 from tests.helpers import free_port
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=120",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config.errors import ConfigError
 from pipelines.config.data import DataConfig
+from pipelines.config.errors import ConfigError
 from pipelines.config.loader import load_config
 from pipelines.data.errors import DataError, DataLayoutError
 from pipelines.data.prepare import prepare, storage_for
@@ -177,7 +177,8 @@ def test_training_on_stream_equals_training_on_the_same_tensors(home):
     """The loop's DataLoader stream and an in-memory copy of the same normalised split give
     the same model: the reader feeds exactly the plan's batches, transfer included."""
     from models.registry import build_model
-    from pipelines.engine.loop import Transfer, train_classifier
+    from pipelines.engine.batches import Transfer
+    from pipelines.engine.loop import train_classifier
 
     def loss(logits, x, y, index):  # the transfer rows count too
         labelled = y >= 0
@@ -209,8 +210,8 @@ def test_flow_trains_every_stage_from_streamed_jpegs(home, tmp_path, prefect_ser
     """The whole flow on a folder of JPEGs with one unreadable file, streamed: the data
     child run says so and counts the skipped file, every student learned (MAML's tasks
     drawn from lazy per-class rows), one is registered."""
-    from PIL import Image
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     from pipelines.orchestrate.flow import metadistill_flow
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pipelines import data as data_stage
+from pipelines.config.loader import load_config
+from pipelines.config.students import METHOD_NAMES, TEACHER_METHODS
+from pipelines.engine.metrics import TrainingDiverged
 from pipelines.evaluate.compare import NoStudentLearned, at_chance, best_student
 from pipelines.students.fit import finish_student, run_student
-from pipelines.teacher.fit import obtain_teacher
-from pipelines.config.students import METHOD_NAMES, TEACHER_METHODS
-from pipelines.config.loader import load_config
 from pipelines.students.methods import STUDENT_METHODS
-from pipelines.engine.metrics import TrainingDiverged
+from pipelines.teacher.fit import obtain_teacher
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=80",
         "student.train.steps=30", "data.label_budget=500"]

@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.registry import build_model
-from pipelines.engine.checkpoint import Checkpointer
-from pipelines.config.training import TrainConfig
 from meta.distill import UNLABELED
+from models.registry import build_model
+from pipelines.config.training import TrainConfig
+from pipelines.engine.batches import Transfer
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.engine.loop import train_classifier
 from pipelines.engine.metrics import TrainingDiverged
-from pipelines.engine.loop import Transfer, train_classifier
 
 
 def _data(n=96, transfer=50):
@@ -47,7 +48,7 @@ def test_transfer_examples_arrive_unlabeled_beside_the_same_labelled_batches():
 def test_a_nan_loss_fails_the_stage_naming_it_and_the_step():
     x, y, _ = _data()
 
-    def poisoned(logits, x, y, index, calls=[0]):
+    def poisoned(logits, x, y, index, calls=[0]):  # noqa: B006 - a counter shared across calls
         calls[0] += 1
         return F.cross_entropy(logits, y) * (float("nan") if calls[0] == 3 else 1.0)
 
@@ -62,7 +63,7 @@ def test_resume_with_transfer_repeats_the_uninterrupted_run(tmp_path):
     whole = _model()
     train_classifier(whole, x, y, cfg, _spy([]), seed=2, transfer=Transfer(tx, 8))
 
-    def dies_at_13(logits, x, y, index, calls=[0]):
+    def dies_at_13(logits, x, y, index, calls=[0]):  # noqa: B006 - a counter shared across calls
         calls[0] += 1
         if calls[0] == 13:
             raise RuntimeError("killed")

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from pipelines.config.data import AugmentConfig, DataConfig
 from pipelines.common.rng import global_rng
+from pipelines.config.data import AugmentConfig, DataConfig
+from pipelines.data.prepared import Normalization
 
 _MASK = 0x7FFFFFFF
 
@@ -40,8 +41,7 @@ class FixedOps:
     """The ``data.augment`` list as batched tensor ops on normalised images (N, C, H, W)."""
 
     def __init__(self, configs: list[AugmentConfig], mean: list[float], std: list[float]):
-        self.configs = configs
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.configs, self.normalization = configs, Normalization(mean, std)
 
     def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         seeds = seeds.to(x.device, non_blocking=True)
@@ -83,14 +83,13 @@ class FixedOps:
     def color_jitter(self, x: torch.Tensor, cfg: AugmentConfig, draws) -> torch.Tensor:
         """Brightness, then contrast, each by a factor in [1 - strength, 1 + strength], on
         pixels in [0, 1] (clamped), renormalised."""
-        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
         s = cfg.strength
         brightness = (1 + (draws(0) * 2 - 1) * s).view(-1, 1, 1, 1).to(x.dtype)
         contrast = (1 + (draws(1) * 2 - 1) * s).view(-1, 1, 1, 1).to(x.dtype)
-        pixels = ((x * std + mean) * brightness).clamp(0, 1)
+        pixels = (self.normalization.to_pixels(x, clamp=False) * brightness).clamp(0, 1)
         grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
         pixels = ((pixels - grey) * contrast + grey).clamp(0, 1)
-        return (pixels - mean) / std
+        return self.normalization.from_pixels(pixels)
 
 
 class LearnedOps:
@@ -108,15 +107,14 @@ class LearnedOps:
         with torch.no_grad():
             self.cumulative = policy.probabilities().cumsum(0)
             self.magnitudes = policy.magnitudes()
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.normalization = Normalization(mean, std)
 
     def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         from meta.augment import apply_op
 
         seeds = seeds.to(x.device, non_blocking=True)
-        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
         cumulative, magnitudes = self.cumulative.to(x.device), self.magnitudes.to(x.device, x.dtype)
-        pixels = (x * std + mean).clamp(0, 1)
+        pixels = self.normalization.to_pixels(x)
         for layer in range(self.depth):
             choice = torch.searchsorted(cumulative, uniform(seeds, 3 * layer).contiguous()).clamp(max=len(self.ops) - 1)
             share = torch.where(uniform(seeds, 3 * layer + 1) < 0.5, -1.0, 1.0).to(x.dtype)  # of the magnitude
@@ -126,7 +124,7 @@ class LearnedOps:
             for k, op in enumerate(self.ops):
                 out = torch.where((choice == k).view(-1, 1, 1, 1), apply_op(op, pixels, share * magnitudes[k]), out)
             pixels = out
-        return (pixels - mean) / std
+        return self.normalization.from_pixels(pixels)
 
 
 class InPixels(torch.nn.Module):
@@ -136,13 +134,11 @@ class InPixels(torch.nn.Module):
 
     def __init__(self, policy: v2.Transform, mean: list[float], std: list[float]):
         super().__init__()
-        self.policy = policy
-        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        self.policy, self.normalization = policy, Normalization(mean, std)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(img.device), self.std.to(img.device)
-        pixels = ((img * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-        return (self.policy(pixels).float() / 255 - mean) / std
+        pixels = (self.normalization.to_pixels(img) * 255).round().to(torch.uint8)
+        return self.normalization.from_pixels(self.policy(pixels).float() / 255)
 
 
 class PerImage:

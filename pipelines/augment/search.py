@@ -12,12 +12,9 @@ share one search.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +23,15 @@ from meta.augment import AugmentPolicy, draw_noise, policy_hypergrad
 from meta.functional import params_of
 from models.registry import build_model
 from pipelines.augment.policies import Augmenter, make_augmenter
-from pipelines.config.pipeline import PipelineConfig
-from pipelines.config.data import read_policy_file
-from pipelines.common.home import cache_dir
+from pipelines.common.home import cache_dir, cache_key, write_json
 from pipelines.common.progress import progress_bar
 from pipelines.common.rng import global_rng
+from pipelines.config.data import read_policy_file
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.data.prepared import Normalization
+from pipelines.engine.device import rows
 from pipelines.engine.loop import LogFn
 from pipelines.engine.metrics import check_finite
-from pipelines.engine.device import rows
 
 SEARCH_VERSION = 2  # 2: depth, uniform sampling, teacher proxy
 
@@ -47,10 +45,8 @@ class SearchResult:
 
 
 def search_key(cfg: PipelineConfig, data) -> str:
-    blob = json.dumps({"v": SEARCH_VERSION, "data": data.key,
-                       "search": cfg.data.augment_search.model_dump(mode="json"),
-                       "proxy": proxy_model(cfg).model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return cache_key(SEARCH_VERSION, data=data.key, search=cfg.data.augment_search.model_dump(mode="json"),
+                     proxy=proxy_model(cfg).model_dump(mode="json"))
 
 
 def proxy_model(cfg: PipelineConfig):
@@ -73,9 +69,7 @@ def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> Se
         saved = json.loads(path.read_text())
         return SearchResult(saved["policy"], saved["history"], saved["seconds"], cached=True)
     result = search(cfg, data, on_log)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"policy": result.spec, "history": result.history, "seconds": result.seconds}))
-    os.replace(tmp, path)
+    write_json(path, {"policy": result.spec, "history": result.history, "seconds": result.seconds})
     return result
 
 
@@ -88,7 +82,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
         policy = starting_policy(cfg).to(device)
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
-    stats = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    stats = Normalization(data.mean, data.std).to(device)
     history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
     start = time.perf_counter()
     proxy.train()
@@ -107,7 +101,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
                     _record(history, step, policy, quiz_loss, on_log)
             with torch.no_grad():
                 augmented = policy(pixels, draw_noise(policy, s.batch_size, generator, device), hard=True)
-            loss = F.cross_entropy(proxy(_normalize(augmented, stats)), labels)
+            loss = F.cross_entropy(proxy(stats.from_pixels(augmented)), labels)
             model_opt.zero_grad(set_to_none=True)
             loss.backward()
             model_opt.step()
@@ -115,15 +109,9 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     return SearchResult(policy.to_json(), history, time.perf_counter() - start)
 
 
-def _normalize(pixels: torch.Tensor, stats) -> torch.Tensor:
-    """[0, 1] pixels as the proxy's inputs; ``stats``: the data's (mean, std)."""
-    return (pixels - stats[0]) / stats[1]
-
-
 def _train_pixels(data, idx: torch.Tensor, stats):
     """Training rows ``idx`` as [0, 1] pixels (what the policy augments), and their labels."""
-    mean, std = stats
-    pixels = (rows(data.x("train"), idx, data.device) * std + mean).clamp(0, 1)
+    pixels = stats.to_pixels(rows(data.x("train"), idx, data.device))
     return pixels, rows(data.y("train"), idx, data.device)
 
 
@@ -138,7 +126,7 @@ def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: to
     noise = draw_noise(policy, len(labels), generator, data.device)
     quiz = (rows(data.x("quiz"), q, data.device), rows(data.y("quiz"), q, data.device))
     return policy_hypergrad(proxy, params_of(proxy), policy, pixels, labels, quiz, noise, s.model_lr,
-                            partial(_normalize, stats=stats), s.tau, s.unroll_steps)
+                            stats.from_pixels, s.tau, s.unroll_steps)
 
 
 def _record(history: dict, step: int, policy: AugmentPolicy, quiz_loss: float, on_log: LogFn | None) -> None:
@@ -160,13 +148,18 @@ def augmenter_for(cfg: PipelineConfig, data) -> Augmenter | None:
 
 
 def policy_fingerprint(cfg: PipelineConfig, data) -> dict:
-    """What a cache key (teacher, kd_tuned grid) needs to know of the augmentation."""
+    """What a cache key (teacher, kd_tuned grid) needs to know of the augmentation: a pure
+    function of the config and the data's key.  A searched policy is named by its search's
+    key (what the search is a function of), so computing a key never runs the search."""
     augment = cfg.data.model_dump(mode="json")["augment"]
     if cfg.data.augment_policy == "fixed":  # keys of "fixed" (the default) stay as they were
         return augment
     fingerprint = {"policy": cfg.data.augment_policy, "fixed": augment}
     if cfg.data.augment_policy == "learned":
-        fingerprint["learned"] = learned_policy(cfg, data).spec
+        if cfg.data.augment_policy_file is not None:
+            fingerprint["learned"] = read_policy_file(cfg.data.augment_policy_file.expanduser())
+        else:
+            fingerprint["learned_search"] = search_key(cfg, data)
     return fingerprint
 
 
@@ -179,14 +172,13 @@ def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: 
     classes = sorted(set(y.tolist()))[:10]
     fig = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(classes)))
     axes = fig.subplots(len(classes), draws + 1, squeeze=False)
-    mean = torch.tensor(data.mean).view(-1, 1, 1)
-    std = torch.tensor(data.std).view(-1, 1, 1)
+    normalization = Normalization(data.mean, data.std)
     for row, c in enumerate(classes):
         image = data.x("train")[int((y == c).nonzero()[0])].cpu()
         batch = image.expand(draws, *image.shape).clone()
         augmented = augmenter(batch, torch.arange(draws)).cpu() if augmenter is not None else batch
         for col, img in enumerate([image, *augmented]):
-            pixels = (img * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+            pixels = normalization.to_pixels(img).permute(1, 2, 0).squeeze(-1).numpy()
             axes[row][col].imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=1)
             axes[row][col].axis("off")
         axes[row][0].set_title(str(data.class_names[c]), fontsize=6)

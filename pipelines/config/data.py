@@ -1,14 +1,15 @@
-"""TODO docstring."""
+"""``data.*``: the data set, its splits, storage and augmentation (and its search)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
+
 from meta.augment import OPS as AUGMENT_OPS
 from pipelines.config.errors import Strict
-
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "omniglot",
                       "imagefolder"]

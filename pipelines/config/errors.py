@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""What every schema shares: the error raised for a bad configuration (exit 2) and the
+strict base model (unknown keys are errors).
+"""
 
 from __future__ import annotations
 

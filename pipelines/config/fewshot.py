@@ -1,9 +1,11 @@
-"""TODO docstring."""
+"""``fewshot.*``: the ``metadistill fewshot`` command's settings."""
 
 from __future__ import annotations
 
 from typing import Any
+
 from pydantic import Field, model_validator
+
 from pipelines.config.errors import Strict
 from pipelines.config.sources import InitSource, check_source, library_prefix
 from pipelines.config.students import MamlConfig

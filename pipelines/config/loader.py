@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Preset, then ``--config FILE``, then ``--set`` items, validated as one tree; and the
+dotted-key view of a config that MLflow logs.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import json
 import tomllib
 from pathlib import Path
 from typing import Any
+
 import yaml
 from pydantic import BaseModel, ValidationError
+
 from pipelines.config.errors import ConfigError
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.config.presets import PRESETS

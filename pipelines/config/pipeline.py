@@ -1,8 +1,11 @@
-"""TODO docstring."""
+"""The whole tree (``PipelineConfig``), its cross-field checks, and the data set shapes
+they check models against before any data is read.
+"""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
+
 from models.external import split_name
 from models.registry import build_model, count_parameters
 from pipelines.config.data import DataConfig
@@ -12,7 +15,6 @@ from pipelines.config.runtime import DistConfig, TrackingConfig
 from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, StudentConfig
 from pipelines.config.teacher import TeacherConfig, teacher_input_shape
 from pipelines.config.training import ModelConfig
-
 
 AUGMENTATIONS = ("random_crop", "horizontal_flip", "random_affine", "color_jitter")
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The named presets: each a partial config tree merged over the defaults."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""TODO docstring."""
+"""``tracking.*`` and ``dist.*``: where runs are recorded and how training processes start."""
 
 from __future__ import annotations
 
 import os
 from typing import Literal
+
 from pydantic import Field, model_validator
+
 from pipelines.config.errors import Strict
 
 

@@ -1,10 +1,11 @@
-"""TODO docstring."""
+"""Where weights come from (``teacher.source``, ``student.init``, ``fewshot.init``) and the
+checks they share.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Any, Literal
-
 
 TeacherSource = Literal["train", "registry", "file", "torchvision", "timm"]
 

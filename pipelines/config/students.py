@@ -1,9 +1,13 @@
-"""TODO docstring."""
+"""``student.*`` and the settings of the student methods: ``kd.*``, ``maml.*`` and
+``meta_distill.*``.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
+
 from pydantic import Field, field_validator, model_validator
+
 from pipelines.config.errors import Strict
 from pipelines.config.sources import InitSource, check_source, library_prefix
 from pipelines.config.training import ModelConfig, TrainConfig

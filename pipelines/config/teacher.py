@@ -1,9 +1,11 @@
-"""TODO docstring."""
+"""``teacher.*``: the teacher trained here or brought (and its fine-tune)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
+
 from pydantic import Field, model_validator
+
 from pipelines.config.errors import Strict
 from pipelines.config.sources import TeacherSource, check_source, library_prefix
 from pipelines.config.training import ModelConfig, OptimConfig, TrainConfig

@@ -1,9 +1,11 @@
-"""TODO docstring."""
+"""The settings every training stage shares: a model, an optimiser, a training run."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
+
 from pydantic import Field, field_validator
+
 from models.external import split_name, unknown_external_message
 from models.registry import MODEL_NAMES, is_known_model
 from pipelines.config.errors import Strict

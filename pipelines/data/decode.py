@@ -1,13 +1,16 @@
-"""TODO docstring."""
+"""Decoding image files and bringing them to ``data.image_size``; both storage modes decode
+here, and report unreadable files the same way.
+"""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+
 import numpy as np
 import torch
-from pipelines.data.errors import DataError
 
+from pipelines.data.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 

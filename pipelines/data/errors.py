@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The data stage's errors."""
 
 from __future__ import annotations
 

@@ -1,21 +1,24 @@
-"""TODO docstring."""
+"""The data stage's entry point: settle ``data.storage`` and prepare the splits in memory
+(cached by content) or as shards (``stream``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import zipfile
 from pathlib import Path
+
 import numpy as np
 import torch
-from pipelines.config.data import DataConfig
+
 from pipelines.common.home import cache_dir
+from pipelines.config.data import DataConfig
 from pipelines.data.decode import IMAGE_SUFFIXES, image_files
 from pipelines.data.errors import DataError
-from pipelines.data.memory import _load_cached, _save, cache_key
+from pipelines.data.memory import _load_cached, _save, data_key
 from pipelines.data.prepared import Prepared, split_counts
-from pipelines.data.readers import read_transfer_root, sha256_files, list_transfer_root, load_raw, resolve_root
+from pipelines.data.readers import cifar_zips, list_transfer_root, load_raw, read_transfer_root, resolve_root, sha256_files
 from pipelines.data.splits import make_splits
-
 
 STREAMABLE = ("imagefolder", "cifar10")  # sources of image files, read one file at a time
 
@@ -30,10 +33,8 @@ def storage_for(cfg: DataConfig) -> str:
     if cfg.name == "imagefolder":
         count = len(image_files(root))
     else:
-        zips = [p for p in (root / "cifar10" / "cifar10_train_jpg.zip", root / "cifar10" / "cifar10_test_jpg.zip",
-                            root / "cifar10_train_jpg.zip", root / "cifar10_test_jpg.zip") if p.is_file()]
         count = 0
-        for path in zips:
+        for path in filter(None, cifar_zips(root)):
             with zipfile.ZipFile(path) as zf:
                 count += sum(n.lower().endswith(IMAGE_SUFFIXES) for n in zf.namelist())
     side = cfg.image_size or 32
@@ -51,7 +52,7 @@ def prepare(cfg: DataConfig) -> Prepared:
     transfer_files = list_transfer_root(Path(cfg.transfer_root).expanduser()) if cfg.transfer_root else []
     if transfer_files:
         source_hash = hashlib.sha256((source_hash + sha256_files(transfer_files)).encode()).hexdigest()
-    key = cache_key(cfg, source_hash)
+    key = data_key(cfg, source_hash)
     folder = cache_dir("data") / key
     cached = _load_cached(folder)
     if cached is not None:

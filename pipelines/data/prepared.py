@@ -1,11 +1,13 @@
-"""TODO docstring."""
+"""The prepared splits as the stages see them, where they live, the spec a model is saved
+with, and the data's normalisation (the one place that maps tensors to pixels and back).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-import torch
 
+import torch
 
 SPLITS = ("train", "quiz", "val", "test")  # labelled; "transfer" has inputs only
 
@@ -63,3 +65,30 @@ def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
     return {"arch": arch, "kwargs": kwargs, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names,
             "mean": data.mean, "std": data.std, "data_key": data.key}
+
+
+class Normalization:
+    """The data's normalisation, one channel at a time: ``(pixels - mean) / std`` and back.
+    Every place that maps prepared tensors to [0, 1] pixels (augmentation, figures, the
+    served model's example) goes through here.  Works on (C, H, W) and (N, C, H, W)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def to(self, device: torch.device) -> Normalization:
+        """The same normalisation with its tensors on ``device`` (built once per loop)."""
+        moved = Normalization([], [])
+        moved.mean, moved.std = self.mean.to(device), self.std.to(device)
+        return moved
+
+    def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+
+    def to_pixels(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        mean, std = self._on(x)
+        pixels = x * std + mean
+        return pixels.clamp(0, 1) if clamp else pixels
+
+    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self._on(pixels)
+        return (pixels - mean) / std

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Reading each source into arrays in [0, 1]: scikit-learn's digits, IDX files (MNIST,
+Fashion-MNIST), CIFAR (JPEG zips or torchvision's pickles), image folders, Omniglot.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
-from pipelines.config.data import DataConfig
+
 from pipelines.common.home import sha256_of
+from pipelines.config.data import DataConfig
 from pipelines.data.decode import IMAGE_SUFFIXES, decode_images, resize_array
 from pipelines.data.errors import DataError, DataLayoutError
 
@@ -129,15 +133,22 @@ def _load_idx_set(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     return RawData(pair("train"), pair("t10k"), _IDX_CLASSES[cfg.name], str(root)), list(files.values())
 
 
+def cifar_zips(root: Path) -> tuple[Path | None, Path | None]:
+    """The CIFAR-10 JPEG zips under ``root`` (in ``cifar10/`` or at the top): the test zip,
+    and the train zip beside it when there is one.  Both storage modes look here."""
+    test = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
+                 if p.is_file()), None)
+    train = test.with_name("cifar10_train_jpg.zip") if test is not None else None
+    return (train if train is not None and train.is_file() else None), test
+
+
 def _load_cifar(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     root = need_root(cfg, "<root>/cifar10/cifar10_test_jpg.zip (test/<class>/*.jpg) or torchvision's "
                            "<root>/cifar-10-batches-py / cifar-100-python")
-    jpg_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
-                    if p.is_file()), None)
+    train_zip, jpg_zip = cifar_zips(root)
     if cfg.name == "cifar10" and jpg_zip is not None:
         test = read_image_zip(jpg_zip, "RGB", cfg.image_size, cfg.on_bad_image)
-        train_zip = jpg_zip.with_name("cifar10_train_jpg.zip")
-        if not train_zip.is_file():  # the test zip alone: the small, carved-split setting
+        if train_zip is None:  # the test zip alone: the small, carved-split setting
             return test, [jpg_zip]
         train = read_image_zip(train_zip, "RGB", cfg.image_size, cfg.on_bad_image)
         if train.class_names != test.class_names:

@@ -34,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
 # Imported here, once: forked DataLoader workers inherit it instead of each paying ~2 s.
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from pipelines.data.errors import DataError
 from pipelines.common import entrypoints
 from pipelines.common.home import sha256_of
+from pipelines.data.errors import DataError
 
 
 class ShardError(DataError):

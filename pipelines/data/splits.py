@@ -1,8 +1,12 @@
-"""TODO docstring."""
+"""Deterministic splits of a source's training pool: test (where the source has none),
+the labelled train/quiz/val splits and the unlabeled transfer split.  Both storage modes
+split through here.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
 from pipelines.config.data import DataConfig
 from pipelines.data.readers import RawData
 

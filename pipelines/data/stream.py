@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import io
 import os
-import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data import shards
+from pipelines.common.home import atomic_folder, cache_dir
+from pipelines.common.progress import progress_bar
 from pipelines.config.data import DataConfig
+from pipelines.data import shards
 from pipelines.data.decode import IMAGE_SUFFIXES, UNREADABLE, decode_image, left_out, none_readable
 from pipelines.data.errors import DataError, DataLayoutError
+from pipelines.data.memory import data_key
 from pipelines.data.prepared import Prepared
-from pipelines.data.readers import need_root, sha256_files, list_transfer_root, load_raw
-from pipelines.data.memory import cache_key
+from pipelines.data.readers import cifar_zips, list_transfer_root, load_raw, need_root, sha256_files
 from pipelines.data.splits import split_indices
-from pipelines.common.home import cache_dir
-from pipelines.common.progress import progress_bar
 
 LABELLED = ("train", "quiz", "val", "test")
 
@@ -152,12 +151,10 @@ def open_source(cfg: DataConfig) -> SourceListing:
         return SourceListing(train, test, classes, str(root), _stat_fingerprint(files), "RGB", cfg.image_size or 32)
     if cfg.name == "cifar10":
         root = need_root(cfg, "<root>/cifar10/cifar10_test_jpg.zip (test/<class>/*.jpg)")
-        test_zip = next((p for p in (root / "cifar10" / "cifar10_test_jpg.zip", root / "cifar10_test_jpg.zip")
-                         if p.is_file()), None)
+        train_zip, test_zip = cifar_zips(root)
         if test_zip is not None:
             test, classes = _zip_pool(test_zip)
-            train_zip = test_zip.with_name("cifar10_train_jpg.zip")
-            if not train_zip.is_file():
+            if train_zip is None:
                 return SourceListing(test, None, classes, str(test_zip), sha256_files([test_zip]), "RGB", cfg.image_size)
             train, train_classes = _zip_pool(train_zip)
             if train_classes != classes:
@@ -266,24 +263,15 @@ def prepare_stream(cfg: DataConfig) -> Prepared:
     fingerprint = source.fingerprint
     if transfer_files:
         fingerprint = hashlib.sha256((fingerprint + _stat_fingerprint(transfer_files)).encode()).hexdigest()
-    key = cache_key(cfg, fingerprint, "stream")
+    key = data_key(cfg, fingerprint, "stream")
     folder = cache_dir("data") / key
     workers = cfg.workers if cfg.workers is not None else shards.default_workers()
     if (cached := load(folder, workers)) is not None:
         return cached
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as tmp:
         index, locations = _write(cfg, source, transfer_files, key, tmp, max(1, workers))
         index["fingerprint"] = fingerprint  # the source's, and data.transfer_root's when set
         shards.write_index(tmp, index, locations)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first: its copy is equivalent
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     prepared = load(folder, workers)
     prepared.cached = False
     return prepared

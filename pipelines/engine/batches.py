@@ -1,10 +1,21 @@
-"""TODO docstring."""
+"""What the training loop eats: the seeded plan of global batches, the feed that gathers
+(or, for stream splits, decodes ahead) their images, and :class:`Batches`, which puts
+each step's labelled rows, their augmentation and the transfer rows beside them together.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import torch
-from pipelines.engine.device import rows
+
+from meta.distill import UNLABELED
+from pipelines.engine import distributed
+from pipelines.engine.device import rows, to_device
+
+# (images, per-example seeds) -> augmented images, on the batch's device
+Augment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class BatchPlan:
@@ -30,6 +41,13 @@ class BatchPlan:
     def copy(self) -> BatchPlan:
         return BatchPlan(self.n, self.batch_size, torch.Generator().set_state(self.generator.get_state()),
                          self.seeds, self.order, self.cursor)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.cursor = state["order"], state["cursor"]
 
     def ahead(self, steps: int, local: slice) -> Iterator[torch.Tensor]:
         """This rank's rows of the next ``steps`` batches, from a copy of the plan as it is now."""
@@ -66,3 +84,59 @@ class Feed:
 
     def close(self) -> None:
         self.stream = None  # stops the DataLoader's workers
+
+
+@dataclass
+class Transfer:
+    """Unlabeled inputs drawn beside every labelled batch (``per_step`` of them), in their
+    own seeded order, so the labelled batches stay exactly those of a run without them."""
+
+    x: torch.Tensor
+    per_step: int
+
+
+class Batches:
+    """Each step's ``(x, y, index)`` for this rank: its shard of the labelled batch of
+    ``plan``, augmented, and with ``transfer`` its shard of the transfer batch of
+    ``transfer_plan`` appended (label :data:`UNLABELED`, index after the training rows).
+    ``index`` numbers rows of the training pool, for per-example caches."""
+
+    def __init__(self, train: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan, transfer: Transfer | None,
+                 transfer_plan: BatchPlan | None, augment: Augment | None, steps: int, device: torch.device,
+                 channels_last: bool = False):
+        self.x, self.y = train
+        self.plan, self.transfer, self.transfer_plan = plan, transfer, transfer_plan
+        self.augment, self.device, self.channels_last = augment, device, channels_last
+        self.local = distributed.shard(plan.batch_size)
+        self.transfer_local = distributed.shard(transfer.per_step) if transfer else None
+        # The plans' positions are the checkpoint's: a resumed stream reads on from there.
+        parts = [(self.x, plan, self.local)]
+        if transfer is not None:
+            parts.append((transfer.x, transfer_plan, self.transfer_local))
+        self.feed = Feed(parts, steps, device)
+        self.order_there = None  # the plan's order on the training device
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        at, batch, seeds = self.plan.next()
+        if self.order_there is None or at == 0:  # one copy of the order per epoch, none per step
+            self.order_there = to_device(self.plan.order, self.device)
+        idx, index = batch[self.local], self.order_there[at:at + self.plan.batch_size][self.local]
+        if self.transfer is None:
+            x, = self.feed.take([idx], index)
+        else:
+            _, t_batch, t_seeds = self.transfer_plan.next()
+            t_idx = t_batch[self.transfer_local]
+            x, tx = self.feed.take([idx, t_idx], index)
+        y = rows(self.y, idx, self.device, index)
+        if self.augment is not None:
+            x = self.augment(x, seeds[self.local])
+        if self.transfer is not None:
+            x = torch.cat([x, self.augment(tx, t_seeds[self.transfer_local]) if self.augment is not None else tx])
+            y = torch.cat([y, torch.full((len(tx),), UNLABELED, dtype=y.dtype, device=self.device)])
+            index = torch.cat([index, len(self.y) + to_device(t_idx, self.device)])
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, index
+
+    def close(self) -> None:
+        self.feed.close()

@@ -8,11 +8,11 @@ Checkpoints are plain tensors and numbers, read back with ``weights_only=True``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from pipelines.common.home import atomic_file
 from pipelines.engine import distributed
 
 
@@ -50,11 +50,6 @@ class Checkpointer:
 
     def save(self, phase: str, state: dict) -> None:
         if distributed.world().is_main:
-            path = self.path(phase)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                torch.save(on_host(state), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            with atomic_file(self.path(phase), "wb") as fh:
+                torch.save(on_host(state), fh)
             print(f"checkpoint {phase} step {state['step']}", flush=True)

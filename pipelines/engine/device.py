@@ -1,10 +1,13 @@
-"""TODO docstring."""
+"""Devices: where a model lives, copying batches to it without blocking, inference batch
+sizes, and the CUDA precision modes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Iterator
+
 import torch
 from torch import nn
 

@@ -15,13 +15,13 @@ from meta.functional import forward, params_of
 from meta.maml import InnerLoop, adapt, meta_batch_loss, reptile_target
 from meta.parallel import TaskParallel
 from meta.tasks import Tasks, TaskSampler
+from pipelines.common.progress import progress_bar
+from pipelines.config.students import MamlConfig
 from pipelines.engine import distributed
 from pipelines.engine.checkpoint import Checkpointer
-from pipelines.config.students import MamlConfig
-from pipelines.common.progress import progress_bar
+from pipelines.engine.device import device_of, to_device
 from pipelines.engine.loop import LogFn
 from pipelines.engine.metrics import check_finite
-from pipelines.engine.device import device_of, to_device
 
 
 @dataclass
@@ -33,6 +33,43 @@ class MetaResult:
     tasks: int = 0
 
 
+class MetaState:
+    """What a resumed meta-training needs, saved whole by the checkpoint: the
+    initialisation, Meta-SGD's inner learning rates, the optimiser, the task generator,
+    the curves, and the tasks and seconds spent so far."""
+
+    def __init__(self, model: nn.Module, cfg: MamlConfig, seed: int):
+        self.model, self.generator = model, torch.Generator().manual_seed(seed)
+        self.lrs = None
+        if cfg.algorithm == "metasgd":
+            self.lrs = {k: torch.full_like(v, cfg.inner_lr, requires_grad=True) for k, v in model.named_parameters()}
+        self.meta_params = list(model.parameters()) + (list(self.lrs.values()) if self.lrs else [])
+        optimizer = torch.optim.SGD if cfg.algorithm == "reptile" else torch.optim.Adam
+        self.optimizer = optimizer(self.meta_params, lr=cfg.outer_lr)
+        self.curve: dict[str, list[tuple[int, float]]] = {"meta_query_loss": [], "meta_query_acc": []}
+        self.step, self.tasks, self.seconds = 0, 0, 0.0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "params": {k: v.detach() for k, v in self.model.named_parameters()},
+                "lrs": {k: v.detach() for k, v in (self.lrs or {}).items()},
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "curve": self.curve, "tasks": self.tasks, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.model.named_parameters():
+                p.copy_(state["params"][k])
+            for k, v in (self.lrs or {}).items():
+                v.copy_(state["lrs"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.curve, self.step, self.tasks, self.seconds = state["curve"], state["step"], state["tasks"], state["seconds"]
+
+    def result(self) -> MetaResult:
+        lrs = {k: v.detach() for k, v in self.lrs.items()} if self.lrs is not None else None
+        return MetaResult(lrs, self.curve, self.step, self.seconds, self.tasks)
+
+
 def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MamlConfig, seed: int,
                on_log: LogFn | None = None, desc: str = "meta-train",
                checkpoint: Checkpointer | None = None) -> MetaResult:
@@ -40,86 +77,70 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MamlConfig, seed: in
 
     Under torchrun every rank draws the same meta-batch, computes the meta-gradient of its
     share of the tasks, and the shares are averaged: the step one process would take."""
-    generator = torch.Generator().manual_seed(seed)
-    local = distributed.shard(cfg.meta_batch)
-    inner = InnerLoop(cfg.inner_steps, cfg.inner_lr, first_order=cfg.algorithm == "fomaml")
-    lrs = None
-    if cfg.algorithm == "metasgd":
-        lrs = {k: torch.full_like(v, cfg.inner_lr, requires_grad=True) for k, v in model.named_parameters()}
-    meta_params = list(model.parameters()) + (list(lrs.values()) if lrs else [])
-    if cfg.algorithm == "reptile":
-        optimizer = torch.optim.SGD(meta_params, lr=cfg.outer_lr)
-    else:
-        optimizer = torch.optim.Adam(meta_params, lr=cfg.outer_lr)
-    result = MetaResult(lrs=lrs, curve={"meta_query_loss": [], "meta_query_acc": []})
-    # Reptile needs no meta-gradient threads; idle ones would slow other kernels down.  On
-    # CUDA one vmap over the whole task batch keeps the GPU busy; threads would only queue.
-    device = device_of(model)
-    workers = 1 if device.type == "cuda" else min(cfg.workers or torch.get_num_threads(), local.stop - local.start)
-    runner = None if cfg.algorithm == "reptile" else TaskParallel(model, workers)
-    first, spent = 1, 0.0
-    if checkpoint is not None and (state := checkpoint.load("meta")) is not None:
-        first, spent = _restore(state, model, lrs, optimizer, generator, result)
-        print(f"{desc}: resumed from step {state['step']}", flush=True)
-
-    def chunk_loss(replica: nn.Module, params, chunk):
-        return meta_batch_loss(replica, params, chunk, inner, lrs=lrs, vectorize=cfg.vectorize,
-                               chunk_size=cfg.chunk_size, vmap_query=cfg.vmap_query)
-
-    start = time.perf_counter() - spent
+    state, local, device = MetaState(model, cfg, seed), distributed.shard(cfg.meta_batch), device_of(model)
+    meta_gradient = MetaGradient(model, state.lrs, cfg, device, local)
+    if checkpoint is not None and (saved := checkpoint.load("meta")) is not None:
+        state.load_state_dict(saved)
+        print(f"{desc}: resumed from step {state.step}", flush=True)
+    start = time.perf_counter() - state.seconds
     with progress_bar(desc, total=cfg.meta_steps) as advance:
-        for step in range(first, cfg.meta_steps + 1):
-            tasks = tuple(to_device(t[local], device) for t in sampler.sample(cfg.meta_batch, generator))
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.algorithm == "reptile":
-                loss, acc = _reptile_pseudo_gradient(model, tasks, cfg)
-            else:
-                grads, loss, acc = runner.grad(params_of(model), meta_params, tasks, chunk_loss)
-                for p, g in zip(meta_params, grads):
-                    p.grad = g
-            distributed.average_([p.grad for p in meta_params])  # local share -> whole meta-batch
+        for step in range(state.step + 1, cfg.meta_steps + 1):
+            tasks = tuple(to_device(t[local], device) for t in sampler.sample(cfg.meta_batch, state.generator))
+            state.optimizer.zero_grad(set_to_none=True)
+            loss, acc = meta_gradient(tasks, state.meta_params)
+            distributed.average_([p.grad for p in state.meta_params])  # local share -> whole meta-batch
             loss, acc = distributed.mean_scalars([float(loss), float(acc)])
             check_finite(loss, desc, step, "meta query loss")
-            optimizer.step()
-            result.steps, result.tasks = step, result.tasks + cfg.meta_batch
+            state.optimizer.step()
+            state.step, state.tasks = step, state.tasks + cfg.meta_batch
             advance()
             if step % cfg.log_every == 0 or step == cfg.meta_steps:
-                metrics = {"meta_query_loss": float(loss), "meta_query_acc": float(acc)}
-                for k, v in metrics.items():
-                    result.curve[k].append((step, v))
+                for k, v in {"meta_query_loss": loss, "meta_query_acc": acc}.items():
+                    state.curve[k].append((step, v))
                 if on_log is not None:
-                    on_log(step, metrics)
+                    on_log(step, {"meta_query_loss": loss, "meta_query_acc": acc})
             # Ranks must agree on stopping, or the others would wait in all_reduce forever.
             over_budget = cfg.time_budget_s is not None and distributed.mean_scalars(
                 [float(time.perf_counter() - start > cfg.time_budget_s)])[0] > 0
+            state.seconds = time.perf_counter() - start
             if checkpoint is not None and (over_budget or checkpoint.due(step, cfg.meta_steps)):
-                checkpoint.save("meta", {"step": cfg.meta_steps if over_budget else step,
-                                         "params": {k: v.detach() for k, v in model.named_parameters()},
-                                         "lrs": {k: v.detach() for k, v in (lrs or {}).items()},
-                                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                         "curve": result.curve,
-                                         "tasks": result.tasks, "seconds": time.perf_counter() - start})
+                checkpoint.save("meta", {**state.state_dict(), "step": cfg.meta_steps if over_budget else step})
             if over_budget:
                 break
-    result.seconds = time.perf_counter() - start
-    if runner is not None:
-        runner.close()
-    if lrs is not None:
-        result.lrs = {k: v.detach() for k, v in lrs.items()}
-    return result
+    state.seconds = time.perf_counter() - start
+    meta_gradient.close()
+    return state.result()
 
 
-def _restore(state: dict, model: nn.Module, lrs, optimizer, generator, result: MetaResult) -> tuple[int, float]:
-    with torch.no_grad():
-        for k, p in model.named_parameters():
-            p.copy_(state["params"][k])
-        for k, v in (lrs or {}).items():
-            v.copy_(state["lrs"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    result.curve = state["curve"]
-    result.steps, result.tasks = state["step"], state["tasks"]
-    return state["step"] + 1, state["seconds"]
+class MetaGradient:
+    """Sets the meta-gradient of a batch of tasks on the meta-parameters and returns the
+    query loss and accuracy: MAML's family through ``meta.maml`` on task-parallel threads,
+    Reptile's pseudo-gradient directly."""
+
+    def __init__(self, model: nn.Module, lrs: dict[str, torch.Tensor] | None, cfg: MamlConfig,
+                 device: torch.device, local: slice):
+        self.model, self.lrs, self.cfg = model, lrs, cfg
+        self.inner = InnerLoop(cfg.inner_steps, cfg.inner_lr, first_order=cfg.algorithm == "fomaml")
+        # Reptile needs no meta-gradient threads; idle ones would slow other kernels down.  On
+        # CUDA one vmap over the whole task batch keeps the GPU busy; threads would only queue.
+        workers = 1 if device.type == "cuda" else min(cfg.workers or torch.get_num_threads(), local.stop - local.start)
+        self.runner = None if cfg.algorithm == "reptile" else TaskParallel(model, workers)
+
+    def _chunk_loss(self, replica: nn.Module, params, chunk):
+        return meta_batch_loss(replica, params, chunk, self.inner, lrs=self.lrs, vectorize=self.cfg.vectorize,
+                               chunk_size=self.cfg.chunk_size, vmap_query=self.cfg.vmap_query)
+
+    def __call__(self, tasks: Tasks, meta_params: list[torch.Tensor]):
+        if self.runner is None:
+            return _reptile_pseudo_gradient(self.model, tasks, self.cfg)
+        grads, loss, acc = self.runner.grad(params_of(self.model), meta_params, tasks, self._chunk_loss)
+        for p, g in zip(meta_params, grads):
+            p.grad = g
+        return loss, acc
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
 
 
 def _reptile_pseudo_gradient(model: nn.Module, tasks: Tasks, cfg: MamlConfig):

@@ -1,10 +1,13 @@
-"""TODO docstring."""
+"""What training measures: the running loss and accuracy of the loop (on the device, read
+at log steps only), the first non-finite loss, and validation accuracy over ranks."""
 
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
+
 from pipelines.engine import distributed
 from pipelines.engine.device import device_of, in_batches, inference_batch, part_of, to_device
 
@@ -38,3 +41,36 @@ def validation_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> f
     n = part.stop - part.start
     correct, n = distributed.mean_scalars([accuracy(model, part_of(x, part), y[part]) * n, float(n)])
     return correct / n
+
+
+class RunningMetrics:
+    """Loss and accuracy summed on the device between log steps (no host sync per step),
+    and the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        # loss sum, correct, examples, labelled examples (this rank's shard)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), device=device)
+
+    @torch.no_grad()
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        value, labelled = loss.detach().float(), y >= 0
+        newly_bad = (self.first_bad == 0) & ~torch.isfinite(value)
+        self.first_bad = torch.where(newly_bad, step, self.first_bad)
+        self.bad_value = torch.where(newly_bad, value, self.bad_value)
+        self.sums[0] += value * len(y)
+        self.sums[1] += ((logits.argmax(-1) == y) & labelled).sum()
+        self.sums[2] += len(y)
+        self.sums[3] += labelled.sum()
+
+    def check(self, desc: str) -> None:
+        """Raise :class:`TrainingDiverged` naming the first bad step (one host sync)."""
+        if (bad := int(self.first_bad)) > 0:
+            check_finite(self.bad_value.item(), desc, bad)
+
+    def read(self) -> dict[str, float]:
+        """The means since the last read, over every rank; then start again."""
+        loss_sum, correct, n, n_labelled = distributed.mean_tensor(self.sums).tolist()
+        self.sums.zero_()
+        return {"train_loss": loss_sum / n, "train_acc": correct / max(n_labelled, 1)}

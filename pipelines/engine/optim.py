@@ -1,9 +1,11 @@
-"""TODO docstring."""
+"""The optimiser of a training run and its learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+
 import torch
+
 from pipelines.config.training import OptimConfig
 
 

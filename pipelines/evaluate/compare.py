@@ -1,9 +1,33 @@
-"""TODO docstring."""
+"""Comparing the students of a sweep: the outcome of one student, the per-method summary
+over seeds, the choice of the student to register, and the comparison tables.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from pipelines.students.fit import StudentOutcome
+from torch import nn
+
+from pipelines.engine.loop import TrainResult
+from pipelines.evaluate.metrics import Evaluation
+
+
+@dataclass
+class StudentOutcome:
+    """One trained student of the sweep: its method and seed, the network, its curves, its
+    test evaluation and validation accuracy, and its MLflow run."""
+
+    method: str
+    seed: int
+    model: nn.Module
+    result: TrainResult
+    evaluation: Evaluation
+    val_acc: float
+    run_id: str = ""
+    learned_teacher: nn.Module | None = None
+
+
 
 
 def summarise(outcomes: list[StudentOutcome]) -> list[dict]:

@@ -11,15 +11,15 @@ import torch
 from meta.tasks import TaskSampler
 from models.registry import build_model
 from pipelines import tracking
-from pipelines.engine import distributed
-from pipelines.tracking import plots
 from pipelines.config.errors import ConfigError
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.errors import DataError
-from pipelines.data.readers import resolve_root
-from pipelines.engine.meta_loop import evaluate_tasks, meta_train
 from pipelines.data.omniglot import load_characters, load_lake_runs
+from pipelines.data.readers import resolve_root
+from pipelines.engine import distributed
+from pipelines.engine.meta_loop import evaluate_tasks, meta_train
 from pipelines.teacher.sources import WeightsSource, check_init, init_source, start_from
+from pipelines.tracking import plots
 
 
 def _root(cfg: PipelineConfig):

@@ -17,28 +17,35 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.register.student import lineage_tags, register_student
 from models.normalize import unwrap
+from models.weights import save_weights
 from pipelines import data as data_stage
 from pipelines import tracking
-from pipelines.data.prepared import model_spec
-from pipelines.evaluate.compare import best_student, comparison_csv, comparison_markdown, summarise
-from pipelines.orchestrate.worker import load_stage_output
-from pipelines.students.fit import finish_student, run_student
-from pipelines.teacher.fit import TeacherOutcome, cached_teacher, load_teacher, obtain_teacher, save_teacher, teacher_folder, teacher_key, teacher_spec
 from pipelines.augment import search as augment_search
-from pipelines.engine import distributed
-from pipelines.orchestrate import launch
-from pipelines.tracking import plots
-from pipelines.teacher import sources
-from models.weights import save_weights
-from pipelines.config.data import DataConfig
-from pipelines.config.pipeline import PipelineConfig
-from pipelines.config.loader import flatten
-from pipelines.data.prepared import Prepared
-from pipelines.evaluate.metrics import evaluate
 from pipelines.common.home import project_home
-from pipelines.students.fit import StudentOutcome
+from pipelines.config.data import DataConfig
+from pipelines.config.loader import flatten
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.data.prepared import Prepared, model_spec
+from pipelines.engine import distributed
+from pipelines.evaluate.compare import StudentOutcome, best_student, comparison_csv, comparison_markdown, summarise
+from pipelines.evaluate.metrics import evaluate
+from pipelines.orchestrate import launch
+from pipelines.orchestrate.worker import load_stage_output
+from pipelines.register.student import lineage_tags, register_student
+from pipelines.students.fit import finish_student, run_student
+from pipelines.teacher import sources
+from pipelines.teacher.fit import (
+    TeacherOutcome,
+    cached_teacher,
+    load_teacher,
+    obtain_teacher,
+    save_teacher,
+    teacher_folder,
+    teacher_key,
+    teacher_spec,
+)
+from pipelines.tracking import plots
 from pipelines.tracking.runs import RunLogger
 
 

@@ -19,9 +19,9 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipelines.config.pipeline import PipelineConfig
 from pipelines.common import entrypoints
 from pipelines.common.net import free_port
+from pipelines.config.pipeline import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[2]
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

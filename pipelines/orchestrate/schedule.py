@@ -13,10 +13,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipelines.config.errors import ConfigError
-from pipelines.config.pipeline import PipelineConfig
-from pipelines.config.loader import apply_override, validate_tree
 from pipelines.common import entrypoints
+from pipelines.config.errors import ConfigError
+from pipelines.config.loader import apply_override, validate_tree
+from pipelines.config.pipeline import PipelineConfig
 
 FLOW_NAME = "metadistill"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +71,19 @@ def schedule(cfg: PipelineConfig, name: str, cron: str | None, interval: float |
     metadistill_flow.serve(name=name, cron=cron, interval=interval, parameters=params)
 
 
+# Where the flow lived before pipelines/ became packages: a deployment made then would
+# fail in its worker with a bare "file not found".
+OLD_ENTRYPOINTS = ("pipelines/flow.py:metadistill_flow",)
+
+
+def check_entrypoint(entrypoint: str | None, name: str) -> None:
+    """Refuse a deployment whose entrypoint names the flow's old file, saying how to mend it."""
+    if entrypoint and entrypoint.replace("\\", "/").endswith(OLD_ENTRYPOINTS):
+        raise ScheduleError(f"deployment {FLOW_NAME}/{name} was made by an older metadistill (entrypoint "
+                            f"{entrypoint}; the flow is now {entrypoints.FLOW}): re-create it with "
+                            f"`metadistill schedule --name {name} ...` and restart its worker")
+
+
 def trigger(name: str, overrides: list[str], timeout: float | None = None) -> dict:
     """Run the deployment now, with ``--set`` overrides on its stored config; waits for it."""
     require_server()
@@ -83,6 +96,7 @@ def trigger(name: str, overrides: list[str], timeout: float | None = None) -> di
         except Exception as exc:  # noqa: BLE001 - Prefect raises ObjectNotFound
             raise ScheduleError(f"no deployment {FLOW_NAME}/{name}: create it with `metadistill schedule "
                                 f"--name {name}` ({type(exc).__name__})") from None
+    check_entrypoint(deployment.entrypoint, name)
     tree = dict(deployment.parameters.get("config") or {})
     for item in overrides:
         apply_override(tree, item)
@@ -96,4 +110,4 @@ def trigger(name: str, overrides: list[str], timeout: float | None = None) -> di
             "mlflow_run_id": run_id}
 
 
-__all__ = ["ConfigError", "ScheduleError", "require_server", "schedule", "server_command", "trigger"]
+__all__ = ["ConfigError", "ScheduleError", "check_entrypoint", "require_server", "schedule", "server_command", "trigger"]

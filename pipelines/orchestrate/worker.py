@@ -26,16 +26,17 @@ from torch import nn
 
 from models.normalize import unwrap
 from models.weights import load_weights, save_weights
-from pipelines.common import entrypoints
-from pipelines.engine import distributed
 from pipelines import data as data_stage
-from pipelines.data.prepared import Prepared, model_spec
-from pipelines.students.fit import fit_student
-from pipelines.teacher.fit import fit_teacher, load_teacher, teacher_spec
-from pipelines.engine.checkpoint import Checkpointer
-from pipelines.teacher.sources import WeightsSource
+from pipelines.common import entrypoints
+from pipelines.common.home import write_json
 from pipelines.config.pipeline import PipelineConfig
+from pipelines.data.prepared import Prepared, model_spec
+from pipelines.engine import distributed
+from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import TrainResult
+from pipelines.students.fit import fit_student
+from pipelines.teacher.fit import fit_teacher, load_teacher, teacher_inputs, teacher_spec
+from pipelines.teacher.sources import WeightsSource
 
 
 def die_with_parent() -> None:
@@ -85,11 +86,9 @@ def metric_logger(run_id: str):
 
 
 def write_result(out: Path, result: TrainResult) -> None:
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps({"curve": result.curve, "seconds": result.seconds, "steps": result.steps,
-                               "allreduce_bytes": distributed.allreduce_bytes(),
-                               "world_size": distributed.world().size}))
-    os.replace(tmp, out / "result.json")
+    write_json(out / "result.json", {"curve": result.curve, "seconds": result.seconds, "steps": result.steps,
+                                     "allreduce_bytes": distributed.allreduce_bytes(),
+                                     "world_size": distributed.world().size})
 
 
 def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
@@ -99,7 +98,8 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     learned_teacher = None
     source = WeightsSource.from_folder(args.source) if args.source else None
     if args.stage == "teacher":
-        model, result = fit_teacher(cfg, data, on_log, checkpoint, source)
+        source, augment = teacher_inputs(cfg, data, source)
+        model, result = fit_teacher(cfg.teacher, data, augment, on_log, checkpoint, source)
         spec = teacher_spec(cfg, data, source)
     else:
         teacher = load_teacher(args.teacher, data)
@@ -110,8 +110,8 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     if distributed.world().is_main:
         save_weights(unwrap(model), args.out / "model", spec)
         if learned_teacher is not None:
-            teacher_spec = json.loads((args.teacher / "spec.json").read_text())
-            save_weights(unwrap(learned_teacher), args.out / "learned_teacher", teacher_spec)
+            learned_spec = json.loads((args.teacher / "spec.json").read_text())
+            save_weights(unwrap(learned_teacher), args.out / "learned_teacher", learned_spec)
         write_result(args.out, result)
         if run is not None:
             run.flush()
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     args = parse(argv)
     cfg = PipelineConfig.model_validate(yaml.safe_load(args.config.read_text()))  # JSON is YAML too
-    threads = cfg.dist.threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    threads = cfg.dist.threads_per_process(distributed.local_size())
     torch.set_num_threads(threads)
     distributed.pin_to_cores(threads)
     world = distributed.init(cfg.dist.backend, cfg.dist.device)

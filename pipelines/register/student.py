@@ -16,7 +16,7 @@ from models.normalize import Normalized
 from models.weights import load_weights, save_weights
 from pipelines import tracking
 from pipelines.common.home import project_home
-from pipelines.data.prepared import Prepared
+from pipelines.data.prepared import Normalization, Prepared
 from pipelines.evaluate.compare import StudentOutcome
 from pipelines.evaluate.metrics import evaluate
 from pipelines.register.promotion import Decision, decide, promote
@@ -55,9 +55,7 @@ def lineage_tags(teacher_source: str, teacher_key: str, sources: list, champion:
 def deployable(best: StudentOutcome, prepared: Prepared) -> tuple[Normalized, np.ndarray]:
     """The student as served (raw [0, 1] pixels in, normalisation inside, on the CPU
     whatever device trained it) and two raw test images as its input example."""
-    mean = np.asarray(prepared.mean, dtype=np.float32)[None, :, None, None]
-    std = np.asarray(prepared.std, dtype=np.float32)[None, :, None, None]
-    example = (prepared.x("test")[:2].cpu().numpy() * std + mean).astype(np.float32)
+    example = Normalization(prepared.mean, prepared.std).to_pixels(prepared.x("test")[:2].cpu(), clamp=False).numpy()
     return Normalized(copy.deepcopy(best.model).cpu(), prepared.mean, prepared.std).eval(), example
 
 

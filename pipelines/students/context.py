@@ -1,18 +1,25 @@
-"""TODO docstring."""
+"""What every student method is given: the same architecture, budget, seed-driven data
+order and initialisation (so methods are paired), and the training every method shares.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
 from models.registry import build_model
-from pipelines.augment.search import augmenter_for
-from pipelines.engine.checkpoint import Checkpointer
+from pipelines.augment.search import augmenter_for, policy_fingerprint
 from pipelines.common.rng import global_rng
+from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, StudentConfig
+from pipelines.engine.batches import Augment, Transfer
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
 from pipelines.teacher.sources import WeightsSource, start_from
-from pipelines.engine.loop import LogFn, TrainResult, Transfer, supervised_loss, train_classifier
+
 if TYPE_CHECKING:
     from pipelines.config.pipeline import PipelineConfig
     from pipelines.data.prepared import Prepared
@@ -20,7 +27,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class StudentContext:
-    cfg: PipelineConfig
+    """One student's inputs.  It holds the config sections the methods read (``student``,
+    ``kd``, ``maml``, ``meta_distill``) and the augmentation the stage chose, never the
+    whole tree: :meth:`from_config` is where the tree is taken apart."""
+
+    student: StudentConfig
+    kd: KDConfig
+    maml: MamlConfig
+    meta_distill: MetaDistillConfig
+    augment: Augment | None  # the student's training augmentation; None when student.train.augment is off
+    augment_key: dict | list  # what cache keys know of the augmentation policy
     data: Prepared
     teacher: nn.Module
     seed: int
@@ -31,30 +47,33 @@ class StudentContext:
     init: WeightsSource | None = None  # student.init: the weights every method starts from
     rng_after_init: torch.Tensor | None = None  # the global generator's state right after new_student
 
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
+                    **options) -> StudentContext:
+        """The context of one student of ``cfg`` (``options``: on_log, desc, checkpoint, init)."""
+        augment = augmenter_for(cfg, data) if cfg.student.train.augment else None
+        return cls(cfg.student, cfg.kd, cfg.maml, cfg.meta_distill, augment, policy_fingerprint(cfg, data),
+                   data, teacher, seed, **options)
+
     def new_student(self) -> nn.Module:
         with global_rng(self.seed):
             if self.init is not None:
                 model = start_from(self.init, self.data.num_classes, self.seed)[0]
             else:
-                model_cfg = self.cfg.student.model
+                model_cfg = self.student.model
                 model = build_model(model_cfg.arch, self.data.input_shape, self.data.num_classes, **model_cfg.kwargs)
             self.rng_after_init = torch.get_rng_state()
         return model.to(self.data.device)
 
-    def augmenter(self):
-        if not self.cfg.student.train.augment:
-            return None
-        return augmenter_for(self.cfg, self.data)
-
     def transfer(self) -> Transfer | None:
         """The unlabeled examples drawn beside each labelled batch (teacher-based methods)."""
-        x, per_step = self.data.transfer(), self.cfg.kd.transfer_batch(self.cfg.student.train.batch_size)
+        x, per_step = self.data.transfer(), self.kd.transfer_batch(self.student.train.batch_size)
         return Transfer(x, per_step) if x is not None and per_step > 0 else None
 
     def fit(self, model: nn.Module, loss_fn, transfer: Transfer | None = None) -> TrainResult:
         return train_classifier(
-            model, self.data.x("train"), self.data.y("train"), self.cfg.student.train, loss_fn,
-            seed=self.seed, augment=self.augmenter(),
+            model, self.data.x("train"), self.data.y("train"), self.student.train, loss_fn,
+            seed=self.seed, augment=self.augment,
             val=(self.data.x("val"), self.data.y("val")), on_log=self.on_log, desc=self.desc,
             checkpoint=self.checkpoint, transfer=transfer, device=self.data.device)
 
@@ -62,19 +81,19 @@ class StudentContext:
         """Training of every teacher-based method: labelled and transfer examples under
         ``loss_fn``, then the same label fine-tune (``student.finetune_steps``)."""
         result = self.fit(model, loss_fn, self.transfer())
-        if self.cfg.student.finetune_steps:
+        if self.student.finetune_steps:
             self.finetune(model, result)
         return result
 
     def finetune(self, model: nn.Module, result: TrainResult) -> None:
         """Cross-entropy steps on the labels at a constant rate; curves and seconds are
         added to ``result``, with steps counted on from the main training's."""
-        train = self.cfg.student.train
-        optimizer = train.optimizer.model_copy(update={"lr": self.cfg.student.finetune_lr, "schedule": "constant"})
-        cfg = train.model_copy(update={"steps": self.cfg.student.finetune_steps, "optimizer": optimizer})
+        train = self.student.train
+        optimizer = train.optimizer.model_copy(update={"lr": self.student.finetune_lr, "schedule": "constant"})
+        cfg = train.model_copy(update={"steps": self.student.finetune_steps, "optimizer": optimizer})
         on_log = (lambda step, m: self.on_log(train.steps + step, m)) if self.on_log else None
         tuned = train_classifier(model, self.data.x("train"), self.data.y("train"), cfg, supervised_loss,
-                                 seed=self.seed + 1, augment=self.augmenter(),
+                                 seed=self.seed + 1, augment=self.augment,
                                  val=(self.data.x("val"), self.data.y("val")), on_log=on_log,
                                  desc=f"{self.desc} finetune", checkpoint=self.checkpoint, phase="finetune",
                                  device=self.data.device)

@@ -1,30 +1,19 @@
-"""TODO docstring."""
+"""The student stage's body: train one student with its method, then evaluate it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from torch import nn
-from pipelines.teacher import sources
-from pipelines.engine.checkpoint import Checkpointer
+
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.prepared import Prepared
-from pipelines.evaluate.metrics import Evaluation, evaluate
-from pipelines.students.methods import STUDENT_METHODS
-from pipelines.students.context import StudentContext
+from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import LogFn, TrainResult
 from pipelines.engine.metrics import accuracy
-
-
-@dataclass
-class StudentOutcome:
-    method: str
-    seed: int
-    model: nn.Module
-    result: TrainResult
-    evaluation: Evaluation
-    val_acc: float
-    run_id: str = ""
-    learned_teacher: nn.Module | None = None
+from pipelines.evaluate.compare import StudentOutcome
+from pipelines.evaluate.metrics import evaluate
+from pipelines.students.context import StudentContext
+from pipelines.students.methods import STUDENT_METHODS
+from pipelines.teacher import sources
 
 
 def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
@@ -32,8 +21,8 @@ def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Mo
                 init: sources.WeightsSource | None = None) -> tuple[nn.Module, TrainResult, nn.Module | None]:
     """Train one student (from ``init``'s weights when given); returns it, its curves, and
     the learned teacher (if any)."""
-    ctx = StudentContext(cfg=cfg, data=data, teacher=teacher, seed=seed, on_log=on_log,
-                         desc=f"student {method} seed {seed}", checkpoint=checkpoint, init=init)
+    ctx = StudentContext.from_config(cfg, data, teacher, seed, on_log=on_log, desc=f"student {method} seed {seed}",
+                                     checkpoint=checkpoint, init=init)
     model, result = STUDENT_METHODS[method](ctx)
     return model, result, ctx.learned_teacher
 

@@ -1,23 +1,26 @@
-"""TODO docstring."""
+"""Hinton KD against a frozen teacher (``kd``), and ``kd_tuned``: KD at the grid point that
+scores best on the validation split, searched once per setting and cached.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import threading
 from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
 from meta.distill import distillation_loss
-from pipelines.engine import distributed
-from pipelines.augment.search import policy_fingerprint
+from pipelines.common.home import cache_dir, cache_key, write_json
 from pipelines.config.students import KDConfig
-from pipelines.common.home import cache_dir
+from pipelines.engine import distributed
+from pipelines.engine.device import in_batches, inference_batch
 from pipelines.engine.loop import TrainResult
 from pipelines.engine.metrics import validation_accuracy
-from pipelines.engine.device import in_batches, inference_batch
+
 if TYPE_CHECKING:
     pass
 from pipelines.students.context import StudentContext
@@ -35,7 +38,7 @@ class FrozenTeacher:
 
     def __init__(self, ctx: StudentContext):
         self.teacher, self.table = ctx.teacher.eval(), None
-        if ctx.augmenter() is None:
+        if ctx.augment is None:
             key = f"{_teacher_fingerprint(ctx.teacher)}/{ctx.data.key}/{ctx.data.device}"
             with FrozenTeacher._lock:  # concurrent students of one sweep compute it once
                 if key not in FrozenTeacher._tables:
@@ -71,13 +74,12 @@ def kd_loss(teacher: FrozenTeacher, kd: KDConfig):
 
 def train_kd(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     student = ctx.new_student()
-    return student, ctx.teach(student, kd_loss(FrozenTeacher(ctx), ctx.cfg.kd))
+    return student, ctx.teach(student, kd_loss(FrozenTeacher(ctx), ctx.kd))
 
 
 def with_kd(ctx: StudentContext, point: dict, **changes) -> StudentContext:
     """``ctx`` with ``kd`` settings replaced by ``point`` (alpha, temperature, transfer_ratio)."""
-    cfg = ctx.cfg.model_copy(update={"kd": ctx.cfg.kd.model_copy(update=point)})
-    return dataclasses.replace(ctx, cfg=cfg, **changes)
+    return dataclasses.replace(ctx, kd=ctx.kd.model_copy(update=point), **changes)
 
 
 def _teacher_fingerprint(teacher: nn.Module) -> str:
@@ -94,13 +96,12 @@ def kd_grid(ctx: StudentContext) -> dict:
     scored on the validation split.  Cached under the project home by data, teacher,
     student and grid, so the seeds of a sweep (and torchrun workers) share one search.
     Returns ``{"point", "grid_seconds", "table"}``."""
-    kd, student_cfg = ctx.cfg.kd, ctx.cfg.student
-    key = hashlib.sha256(json.dumps({
-        "v": 2, "data": ctx.data.key, "teacher": _teacher_fingerprint(ctx.teacher),
-        "student": student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
-        "init": ctx.init.sha256 if ctx.init else None,
-        "kd": kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
-        "augment": policy_fingerprint(ctx.cfg, ctx.data)}, sort_keys=True).encode()).hexdigest()[:24]
+    kd, student_cfg = ctx.kd, ctx.student
+    key = cache_key(2, data=ctx.data.key, teacher=_teacher_fingerprint(ctx.teacher),
+                    student=student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
+                    init=ctx.init.sha256 if ctx.init else None,
+                    kd=kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
+                    augment=ctx.augment_key)
     path = cache_dir("kd_tuned") / f"{key}.json"
     with _GRID_LOCK:  # concurrent kd_tuned students of a sweep search once, the others read the cache
         if path.is_file():
@@ -112,7 +113,7 @@ _GRID_LOCK = threading.Lock()
 
 
 def _search_grid(ctx: StudentContext, path) -> dict:
-    kd = ctx.cfg.kd
+    kd = ctx.kd
     table = []
     for ratio in kd.grid_transfer_ratio or [kd.transfer_ratio]:
         for alpha in kd.grid_alpha:
@@ -121,16 +122,14 @@ def _search_grid(ctx: StudentContext, path) -> dict:
                 sub = with_kd(ctx, point, seed=kd.grid_seed, on_log=None, checkpoint=None,
                               desc=f"{ctx.desc} grid alpha={alpha} T={temperature} ratio={ratio}")
                 student = sub.new_student()
-                result = sub.teach(student, kd_loss(FrozenTeacher(sub), sub.cfg.kd))
+                result = sub.teach(student, kd_loss(FrozenTeacher(sub), sub.kd))
                 table.append({**point, "val_acc": validation_accuracy(student, ctx.data.x("val"), ctx.data.y("val")),
                               "seconds": result.seconds})
     best = max(table, key=lambda row: row["val_acc"])  # ties: the first point of the grid
     record = {"point": {k: best[k] for k in ("alpha", "temperature", "transfer_ratio")},
               "grid_seconds": sum(row["seconds"] for row in table), "table": table}
     if distributed.world().is_main:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        write_json(path, record, indent=1)
     return record
 
 
@@ -140,7 +139,7 @@ def train_kd_tuned(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     grid = kd_grid(ctx)
     tuned = with_kd(ctx, grid["point"])
     student = tuned.new_student()
-    result = tuned.teach(student, kd_loss(FrozenTeacher(tuned), tuned.cfg.kd))
+    result = tuned.teach(student, kd_loss(FrozenTeacher(tuned), tuned.kd))
     result.seconds += grid["grid_seconds"]
     if ctx.on_log is not None:
         ctx.on_log(0, {f"kd_tuned_{k}": float(v) for k, v in grid["point"].items()}

@@ -1,19 +1,24 @@
-"""TODO docstring."""
+"""``meta_distill``: KD taught by a teacher (or teaching knobs) that learns to teach from
+the pilot student's quiz loss.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
 from meta.functional import Params, params_of
-from pipelines.engine import distributed
 from pipelines.common.rng import global_rng
+from pipelines.engine import distributed
+from pipelines.engine.device import rows
 from pipelines.engine.loop import TrainResult
 from pipelines.engine.metrics import check_finite
-from pipelines.engine.device import rows
+
 if TYPE_CHECKING:
     pass
 from pipelines.students.context import StudentContext
@@ -37,7 +42,7 @@ class MetaDistillLoss:
         from meta.metadistill import Pilot
         from meta.teaching import TeachingKnobs
 
-        cfg, kd = ctx.cfg.meta_distill, ctx.cfg.kd
+        cfg, kd = ctx.meta_distill, ctx.kd
         self.ctx, self.cfg, self.student = ctx, cfg, student
         self.learns_teacher = "teacher" in cfg.learn
         self.teacher = copy.deepcopy(ctx.teacher).eval().requires_grad_(self.learns_teacher)
@@ -51,12 +56,12 @@ class MetaDistillLoss:
         for group in groups:
             group["base_lr"] = group["lr"]
         self.optimizer = torch.optim.Adam(groups) if cfg.teacher_optimizer == "adam" else torch.optim.SGD(groups)
-        self.pilot = Pilot(cfg.pilot_steps, cfg.pilot_lr or ctx.cfg.student.train.optimizer.lr,
+        self.pilot = Pilot(cfg.pilot_steps, cfg.pilot_lr or ctx.student.train.optimizer.lr,
                            kd.temperature, kd.alpha, kd.soft_loss, average=distributed.differentiable_mean)
         self.quiz = (ctx.data.x("quiz"), ctx.data.y("quiz"))
         self.generator = torch.Generator().manual_seed(10_000 + ctx.seed)  # never the data order's
         self.step, self.updates = 0, 0
-        self.window = (cfg.start_step, cfg.stop_step or ctx.cfg.student.train.steps)
+        self.window = (cfg.start_step, cfg.stop_step or ctx.student.train.steps)
 
     def meta_params(self) -> Params:
         """What the meta-gradient updates, by prefixed name."""
@@ -156,7 +161,7 @@ def _meta_distill(ctx: StudentContext, student: nn.Module) -> TrainResult:
     if loss.learns_teacher:
         ctx.learned_teacher = loss.teacher.eval()
     if ctx.on_log is not None and loss.knobs.knobs:
-        ctx.on_log(ctx.cfg.student.train.steps, loss.knobs.summary())
+        ctx.on_log(ctx.student.train.steps, loss.knobs.summary())
     return result
 
 

@@ -1,15 +1,15 @@
-"""TODO docstring."""
+"""The table of student methods: name -> function that trains one student."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
     pass
 from pipelines.students.context import StudentMethod, train_scratch
 from pipelines.students.kd import train_kd, train_kd_tuned
 from pipelines.students.maml_init import train_maml_init
 from pipelines.students.meta_distill import train_meta_distill, train_meta_distill_maml_init
-
 
 STUDENT_METHODS: dict[str, StudentMethod] = {
     "scratch": train_scratch,

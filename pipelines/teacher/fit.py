@@ -1,26 +1,26 @@
-"""TODO docstring."""
+"""The teacher stage's body: its cache key, training or adapting it, saving and loading."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
-from models.registry import build_model
-from pipelines.augment.search import augmenter_for, policy_fingerprint
-from models.normalize import unwrap
-from models.weights import load_weights, save_weights
-from pipelines.teacher import sources
-from pipelines.engine.checkpoint import Checkpointer
-from pipelines.config.pipeline import PipelineConfig
-from pipelines.data.prepared import Prepared
-from pipelines.common.home import cache_dir
-from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
-from pipelines.data.prepared import model_spec
 
+from models.normalize import unwrap
+from models.registry import build_model
+from models.weights import load_weights, save_weights
+from pipelines.augment.search import augmenter_for, policy_fingerprint
+from pipelines.common.home import cache_dir, cache_key
+from pipelines.config.pipeline import PipelineConfig
+from pipelines.config.teacher import TeacherConfig
+from pipelines.data.prepared import Prepared, model_spec
+from pipelines.engine.batches import Augment
+from pipelines.engine.checkpoint import Checkpointer
+from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
+from pipelines.teacher import sources
 
 TEACHER_CACHE_VERSION = 3  # 2: per-sample augmentation seeds; 3: fixed ops batched, hash-seeded
 
@@ -41,9 +41,7 @@ def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
         teacher = {"sha256": source.sha256, "spec": source.spec, "seed": cfg.teacher.seed,
                    "finetune": cfg.teacher.finetune.model_dump(mode="json")}
     augment = policy_fingerprint(cfg, data)
-    blob = json.dumps({"v": TEACHER_CACHE_VERSION, "data": data.key, "augment": augment, "teacher": teacher},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return cache_key(TEACHER_CACHE_VERSION, data=data.key, augment=augment, teacher=teacher)
 
 
 def teacher_spec(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource | None = None) -> dict:
@@ -72,42 +70,50 @@ def cached_teacher(cfg: PipelineConfig, data: Prepared) -> TeacherOutcome | None
     return TeacherOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, cached=True)
 
 
-def fit_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None,
+def fit_teacher(teacher: TeacherConfig, data: Prepared, augment: Augment | None, on_log: LogFn | None = None,
                 checkpoint: Checkpointer | None = None,
                 source: sources.WeightsSource | None = None) -> tuple[nn.Module, TrainResult | None]:
-    """Train the teacher (``teacher.source=train``), or adapt the one brought from ``source``."""
-    if cfg.teacher.brought():
-        return fit_brought_teacher(cfg, data, source or sources.teacher_source(cfg, data.input_shape), on_log,
-                                   checkpoint)
-    torch.manual_seed(cfg.teacher.seed)
-    model = build_model(cfg.teacher.model.arch, data.input_shape, data.num_classes,
-                        **cfg.teacher.model.kwargs).to(data.device)
-    result = train_classifier(model, data.x("train"), data.y("train"), cfg.teacher.train,
-                              supervised_loss, seed=cfg.teacher.seed,
-                              augment=augmenter_for(cfg, data) if cfg.teacher.train.augment else None,
-                              val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher", checkpoint=checkpoint,
-                              device=data.device)
+    """Train the teacher of ``teacher`` from scratch, or adapt the one brought from ``source``."""
+    if source is not None:
+        return fit_brought_teacher(teacher, data, source, augment, on_log, checkpoint)
+    torch.manual_seed(teacher.seed)
+    model = build_model(teacher.model.arch, data.input_shape, data.num_classes, **teacher.model.kwargs).to(data.device)
+    result = train_classifier(model, data.x("train"), data.y("train"), teacher.train, supervised_loss, seed=teacher.seed,
+                              augment=augment, val=(data.x("val"), data.y("val")), on_log=on_log, desc="teacher",
+                              checkpoint=checkpoint, device=data.device)
     return model, result
 
 
-def fit_brought_teacher(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource, on_log: LogFn | None = None,
+def fit_brought_teacher(teacher: TeacherConfig, data: Prepared, source: sources.WeightsSource, augment: Augment | None,
+                        on_log: LogFn | None = None,
                         checkpoint: Checkpointer | None = None) -> tuple[nn.Module, TrainResult | None]:
     """The brought teacher fed from this data; with ``teacher.finetune``, a new head for the
     data's classes and ``finetune.steps`` of cross-entropy on the head or the whole network."""
-    sources.check_teacher(source, cfg, data.input_shape, data.num_classes)
-    ft = cfg.teacher.finetune
-    base, head = sources.start_from(source, data.num_classes, cfg.teacher.seed)
+    ft = teacher.finetune
+    base, head = sources.start_from(source, data.num_classes, teacher.seed)
     model = sources.fed_by_data(base, source.spec, data).to(data.device)
     if ft.mode == "none":
         return model.eval(), None
     for name, p in base.named_parameters():
         p.requires_grad_(ft.mode == "all" or name in head)
-    result = train_classifier(model, data.x("train"), data.y("train"), ft, supervised_loss, seed=cfg.teacher.seed,
-                              augment=augmenter_for(cfg, data) if ft.augment else None,
-                              val=(data.x("val"), data.y("val")), on_log=on_log, desc=f"teacher finetune ({ft.mode})",
-                              checkpoint=checkpoint, device=data.device)
+    result = train_classifier(model, data.x("train"), data.y("train"), ft, supervised_loss, seed=teacher.seed,
+                              augment=augment, val=(data.x("val"), data.y("val")), on_log=on_log,
+                              desc=f"teacher finetune ({ft.mode})", checkpoint=checkpoint, device=data.device)
     base.requires_grad_(True)
     return model, result
+
+
+def teacher_inputs(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource | None = None,
+                   ) -> tuple[sources.WeightsSource | None, Augment | None]:
+    """What fitting ``cfg``'s teacher needs beyond its own section: the brought weights
+    (resolved, and checked against the data and the student) and the augmentation."""
+    if cfg.teacher.brought():
+        source = source or sources.teacher_source(cfg, data.input_shape)
+        sources.check_teacher(source, cfg, data.input_shape, data.num_classes)
+        augments = cfg.teacher.finetune.mode != "none" and cfg.teacher.finetune.augment
+    else:
+        augments = cfg.teacher.train.augment
+    return source, (augmenter_for(cfg, data) if augments else None)
 
 
 def save_teacher(model: nn.Module, cfg: PipelineConfig, data: Prepared) -> None:
@@ -119,6 +125,7 @@ def obtain_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = N
     if (cached := cached_teacher(cfg, data)) is not None:
         return cached
     start = time.perf_counter()
-    model, result = fit_teacher(cfg, data, on_log)
+    source, augment = teacher_inputs(cfg, data)
+    model, result = fit_teacher(cfg.teacher, data, augment, on_log, source=source)
     save_teacher(model, cfg, data)  # also a brought one as it is: torchrun workers read this folder
     return TeacherOutcome(model, result, teacher_key(cfg, data), time.perf_counter() - start)

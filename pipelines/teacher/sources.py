@@ -29,11 +29,11 @@ from models.external import IMAGENET_MEAN, IMAGENET_STD, head_classes, head_para
 from models.normalize import adapt_input
 from models.registry import build_model, count_parameters
 from models.weights import load_weights, save_weights
-from pipelines.config.sources import REGISTRY_URI
+from pipelines.common.home import cache_dir, cache_key, sha256_of
 from pipelines.config.errors import ConfigError
 from pipelines.config.pipeline import PipelineConfig, dataset_shape
+from pipelines.config.sources import REGISTRY_URI
 from pipelines.config.teacher import teacher_input_shape
-from pipelines.common.home import cache_dir, sha256_of
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SPEC_KEYS = ("arch", "input_shape", "num_classes")
@@ -137,7 +137,7 @@ def _verified_model(spec: dict, state: dict[str, torch.Tensor], label: str) -> n
 
 
 def _materialise(role: str, kind: str, uri: str, version: str, sha: str, spec: dict, model: nn.Module) -> WeightsSource:
-    key = hashlib.sha256(json.dumps({"sha": sha, "spec": spec}, sort_keys=True).encode()).hexdigest()[:24]
+    key = cache_key(None, sha=sha, spec=spec)
     folder = cache_dir("sources") / key
     if not (folder / "model.safetensors").is_file():
         save_weights(model, folder, spec)

@@ -1,7 +1,60 @@
-"""TODO."""
+"""MLflow: the one package that imports ``mlflow``.
 
-from pipelines.tracking.runs import EXPERIMENT_KIND, tracking_uri, artifact_root, client, ensure_experiment, RunLogger, pipeline_run, child_run, log_student_model, find_run_by_tag, download_artifacts
-from pipelines.tracking.registry import Registration, current_champion, model_version_by_alias, model_version, VersionNotFound, resolve_version, register_weights, set_alias, register_model, delete_version
+Owns: the tracking URI and client, runs and their logging (``runs``), the model registry
+(``registry``), the UI command (``ui``) and the figures logged to runs (``plots``).
+Re-exports the public names of ``runs``, ``registry`` and ``ui``.
+May import: ``pipelines.common``.
+"""
+
+from pipelines.tracking.registry import (
+    Registration,
+    VersionNotFound,
+    current_champion,
+    delete_version,
+    model_version,
+    model_version_by_alias,
+    register_model,
+    register_weights,
+    resolve_version,
+    set_alias,
+)
+from pipelines.tracking.runs import (
+    EXPERIMENT_KIND,
+    RunLogger,
+    artifact_root,
+    child_run,
+    client,
+    download_artifacts,
+    ensure_experiment,
+    find_run_by_tag,
+    log_student_model,
+    pipeline_run,
+    tracking_uri,
+)
 from pipelines.tracking.ui import experiment_links, serve_ui
 
-__all__ = ['EXPERIMENT_KIND', 'tracking_uri', 'artifact_root', 'client', 'ensure_experiment', 'RunLogger', 'pipeline_run', 'child_run', 'log_student_model', 'find_run_by_tag', 'download_artifacts', 'Registration', 'current_champion', 'model_version_by_alias', 'model_version', 'VersionNotFound', 'resolve_version', 'register_weights', 'set_alias', 'register_model', 'delete_version', 'experiment_links', 'serve_ui']
+__all__ = [
+    'EXPERIMENT_KIND',
+    'tracking_uri',
+    'artifact_root',
+    'client',
+    'ensure_experiment',
+    'RunLogger',
+    'pipeline_run',
+    'child_run',
+    'log_student_model',
+    'find_run_by_tag',
+    'download_artifacts',
+    'Registration',
+    'current_champion',
+    'model_version_by_alias',
+    'model_version',
+    'VersionNotFound',
+    'resolve_version',
+    'register_weights',
+    'set_alias',
+    'register_model',
+    'delete_version',
+    'experiment_links',
+    'serve_ui',
+]

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The MLflow model registry: versions, aliases, and registering weights or a logged model."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
 from pipelines.tracking.runs import RunLogger, client
 
 

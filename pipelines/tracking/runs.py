@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""MLflow runs: the tracking URI and client, experiments, and logging into a run by id.
+
+Runs are addressed by id through ``MlflowClient`` (no fluent active-run state), so a stage
+can be handed its child run id and log into it from anywhere, including rank 0 of a
+torchrun job.  The embedded default store is SQLite plus a local artifact folder under
+the project home; ``MLFLOW_TRACKING_URI`` overrides it.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import mlflow
 import numpy as np
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from pipelines.common.home import project_home
 
+from pipelines.common.home import project_home
 
 _clients: dict[str, MlflowClient] = {}
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""``metadistill ui``: the MLflow UI over the project's store, and links into it."""
 
 from __future__ import annotations
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from meta.augment import (MAX_MAGNITUDE, OPS, AugmentPolicy, Noise, PolicyError, apply_op, draw_noise,
-                          policy_hypergrad)
+from meta.augment import MAX_MAGNITUDE, OPS, AugmentPolicy, Noise, PolicyError, apply_op, draw_noise, policy_hypergrad
 from meta.functional import params_of
 from tests.helpers import worst_relative_error
 
@@ -187,9 +186,9 @@ def _search_cfg(*extra):
 
 
 def test_search_writes_a_valid_policy_once_and_keys_the_teacher_by_it(home):
-    from pipelines.teacher.fit import teacher_key
-    from pipelines.augment import search as augment_search
     from pipelines import data as data_stage
+    from pipelines.augment import search as augment_search
+    from pipelines.teacher.fit import teacher_key
 
     cfg = _search_cfg()
     prepared = data_stage.prepare(cfg.data)
