@@ -13,7 +13,7 @@ from pipelines.config.data import AugmentConfig, AugmentSearchConfig, DataConfig
 from pipelines.config.errors import ConfigError, Strict
 from pipelines.config.fewshot import FewShotConfig
 from pipelines.config.loader import apply_override, flatten, load_config, validate_tree
-from pipelines.config.pipeline import AUGMENTATIONS, MIN_TRAIN_SIZE, PipelineConfig, dataset_shape
+from pipelines.config.pipeline import MIN_TRAIN_SIZE, PipelineConfig, dataset_shape
 from pipelines.config.runtime import DistConfig, TrackingConfig
 from pipelines.config.sources import REGISTRY_URI, InitSource, TeacherSource, check_source, library_prefix
 from pipelines.config.students import (
@@ -57,7 +57,6 @@ __all__ = [
     'FewShotConfig',
     'TrackingConfig',
     'DistConfig',
-    'AUGMENTATIONS',
     'PipelineConfig',
     'dataset_shape',
     'MIN_TRAIN_SIZE',

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, model_validator
 
-from pipelines.config.errors import Strict
-from pipelines.config.sources import InitSource, check_source, library_prefix
+from pipelines.config.sources import FromSource, InitSource, check_source
 from pipelines.config.students import MamlConfig
 from pipelines.config.training import ModelConfig
 
 
-class FewShotConfig(Strict):
+class FewShotConfig(FromSource):
     """``metadistill fewshot``: meta-train on Omniglot background characters, test on
     evaluation characters, one model per number of ways."""
 
@@ -34,11 +31,6 @@ class FewShotConfig(Strict):
     init: InitSource = Field("scratch", description="starting weights of the model MAML meta-trains "
                                                     "(pretrained first, then meta-trained); see student.init")
     init_uri: str | None = Field(None, description="see student.init_uri")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _prefix(cls, data: Any) -> Any:
-        return library_prefix(data, "init")
 
     @model_validator(mode="after")
     def _fits_twenty(self) -> FewShotConfig:

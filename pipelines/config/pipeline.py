@@ -16,8 +16,6 @@ from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, S
 from pipelines.config.teacher import TeacherConfig, teacher_input_shape
 from pipelines.config.training import ModelConfig
 
-AUGMENTATIONS = ("random_crop", "horizontal_flip", "random_affine", "color_jitter")
-
 
 class PipelineConfig(Strict):
     preset: str = "digits"

@@ -5,11 +5,13 @@ checks they share.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from pydantic import model_validator
+
+from pipelines.config.errors import Strict
 
 TeacherSource = Literal["train", "registry", "file", "torchvision", "timm"]
-
-
 InitSource = Literal["scratch", "file", "registry", "torchvision", "timm"]
 
 
@@ -44,3 +46,15 @@ def check_source(prefix: str, source: str, location: str | None, location_key: s
                          f"models:/NAME/VERSION or models:/NAME/latest")
     if source in ("torchvision", "timm") and not arch.startswith(f"{source}:"):
         raise ValueError(f"{prefix} source {source!r} builds a {source} architecture, but the model is {arch!r}")
+
+
+class FromSource(Strict):
+    """A section whose network may come from another library: ``SOURCE=torchvision`` with
+    ``model.arch=resnet18`` means ``torchvision:resnet18`` (``SOURCE`` is ``source_field``)."""
+
+    source_field: ClassVar[str] = "init"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _library_prefix(cls, data: Any) -> Any:
+        return library_prefix(data, cls.source_field)

@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.config.errors import Strict
-from pipelines.config.sources import InitSource, check_source, library_prefix
+from pipelines.config.sources import FromSource, InitSource, check_source
 from pipelines.config.training import ModelConfig, TrainConfig
 
 
@@ -116,7 +116,7 @@ TEACHER_METHODS = ("kd", "kd_tuned", "meta_distill", "meta_distill+maml_init")
 METHOD_NAMES = ("scratch", "maml_init", *TEACHER_METHODS)
 
 
-class StudentConfig(Strict):
+class StudentConfig(FromSource):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [16]}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: list[str] = Field(default_factory=lambda: ["scratch", "kd", "maml_init", "meta_distill"])
@@ -131,11 +131,6 @@ class StudentConfig(Strict):
                                                     "where the classes differ); maml_init meta-trains from them")
     init_uri: str | None = Field(None, description="file: safetensors + spec.json; registry: models:/...; "
                                                    "torchvision/timm: a weights file or named weights")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _prefix(cls, data: Any) -> Any:
-        return library_prefix(data, "init")
 
     @model_validator(mode="after")
     def _init(self) -> StudentConfig:

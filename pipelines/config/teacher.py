@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config.errors import Strict
-from pipelines.config.sources import TeacherSource, check_source, library_prefix
+from pipelines.config.sources import FromSource, TeacherSource, check_source
 from pipelines.config.training import ModelConfig, OptimConfig, TrainConfig
 
 
@@ -21,7 +20,8 @@ class FinetuneConfig(TrainConfig):
     optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01))
 
 
-class TeacherConfig(Strict):
+class TeacherConfig(FromSource):
+    source_field: ClassVar[str] = "source"
     source: TeacherSource = Field("train", description="train: trained here (teacher.model, teacher.train); "
                                                        "registry / file: a model you bring (teacher.uri); "
                                                        "torchvision / timm: teacher.model.arch from that "
@@ -40,11 +40,6 @@ class TeacherConfig(Strict):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}))
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000))
     seed: int = Field(0, description="training / the new head's initialisation")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _prefix(cls, data: Any) -> Any:
-        return library_prefix(data, "source")
 
     @model_validator(mode="after")
     def _source(self) -> TeacherConfig:
