@@ -37,7 +37,8 @@ class LoadedModel:
         return {"model": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
                 "method": self.tags.get("method"), "test_metrics": {"test_acc": _float(self.tags.get("test_acc"))},
                 "input_shape": self.spec["input_shape"], "class_names": self.spec["class_names"],
-                "input": "float pixels in [0, 1], shape [batch, C, H, W] (or [batch, H, W] for one channel)"}
+                "input": "float pixels in [0, 1], shape [batch, C, H, W] (or [batch, H, W] for one channel)",
+                "input_range": [0.0, 1.0]}
 
 
 def _float(value) -> float | None:

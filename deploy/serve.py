@@ -35,6 +35,10 @@ log = logging.getLogger("metadistill.serve")
 ENV_CONFIG = "METADISTILL_SERVE_CONFIG"
 
 
+# Rounding of pixels written as decimal text, not a licence for values outside [0, 1].
+PIXEL_SLACK = 1e-6
+
+
 @dataclass
 class ServeConfig:
     model: str
@@ -273,6 +277,10 @@ class App:
             raise BadRequest(413, f"{len(x)} instances exceed the limit of {self.cfg.max_instances} per request")
         if not np.isfinite(x).all():
             raise BadRequest(400, "instances contain NaN or infinite values")
+        low, high = float(x.min()), float(x.max())
+        if low < -PIXEL_SLACK or high > 1 + PIXEL_SLACK:  # the model normalises [0, 1] pixels itself
+            raise BadRequest(422, f"instances must be pixels in [0, 1] (the model normalises them itself); these span "
+                                  f"[{low:g}, {high:g}]: divide 8-bit values by 255 (or by their maximum)")
         return np.ascontiguousarray(x)
 
     def _decode_images(self, images) -> np.ndarray:

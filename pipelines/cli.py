@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "track everything in MLflow and register the best student.",
         epilog="Artifacts live under $METADISTILL_HOME (default ./.metadistill); "
                "MLFLOW_TRACKING_URI and PREFECT_API_URL are respected when set.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _pipeline_commands(sub)
@@ -146,21 +147,44 @@ def _load(args):
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _fit_threads(cfg) -> int:
+    """Intra-op threads of this process: ``dist.threads``, else the usable CPUs that other
+    processes leave free now (a busy core makes every step wait; see common.threads)."""
+    import torch
+
+    from pipelines.common.threads import auto_threads, free_cpus, usable_cpus
+
+    if cfg.dist.threads:
+        threads, why = cfg.dist.threads, "dist.threads"
+    else:
+        free = free_cpus()
+        threads, why = auto_threads(1, free), f"{free:.1f} of {len(usable_cpus())} usable CPUs free"
+    torch.set_num_threads(threads)
+    print(f"metadistill: {threads} intra-op thread(s) ({why}; --set dist.threads=N to choose)", file=sys.stderr)
+    return threads
+
+
 def _print_table(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"metadistill · {summary['experiment']} · run {summary['mlflow_run_id']}")
-    for col in ("method", "test acc (mean ± std)", "test loss", "train s", "seeds"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    for col in ("model", "test acc % (mean ± std)", "test loss", "train s", "seeds"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    if summary.get("teacher_test_acc") is not None:
+        table.add_row(f"teacher ({summary.get('teacher_arch', '')})".replace(" ()", ""),
+                      f"{100 * summary['teacher_test_acc']:.2f}", "", f"{summary['timings'].get('teacher', 0):.1f}", "1",
+                      end_section=True)
     for name, m in summary["methods"].items():
-        table.add_row(name, f"{100 * m['test_acc']:.2f} ± {100 * m['test_acc_std']:.2f}",
-                      f"{m['test_loss']:.4f}", f"{m['train_seconds']:.1f}", str(m["seeds"]))
+        spread = f" ± {100 * m['test_acc_std']:.2f}" if m["seeds"] > 1 else ""  # no spread from one seed
+        table.add_row(name, f"{100 * m['test_acc']:.2f}{spread}", f"{m['test_loss']:.4f}", f"{m['train_seconds']:.1f}",
+                      str(m["seeds"]))
     console = Console()
     console.print(table)
-    reg = summary.get("registered_model")
-    if reg:
-        console.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [bold]{reg['alias']}[/]")
+    if chosen := summary.get("chosen"):
+        console.print(f"chosen: [bold]{chosen['method']}[/] seed {chosen['seed']}: {chosen['reason']}")
+    if reg := summary.get("registered_model"):
+        console.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [bold]{reg['alias']}[/]: {reg['reason']}")
 
 
 def _use_wait(cfg) -> None:
@@ -177,12 +201,10 @@ def _use_wait(cfg) -> None:
 def cmd_run(args) -> int:
     start = time.perf_counter()
     cfg = _load(args)
-    from pipelines.teacher.sources import preflight
+    from pipelines.orchestrate.preflight import check_inputs
 
-    preflight(cfg)  # a source that does not resolve exits 2 before any work
-    from pipelines.engine.distributed import check_device
-
-    check_device(cfg.dist.device)  # so does dist.device=cuda without CUDA
+    check_inputs(cfg)  # data, batch sizes, brought weights, device: exit 2 before any work
+    threads = _fit_threads(cfg)
     _prepare_env()
     api = None
     if not os.environ.get("PREFECT_API_URL"):
@@ -200,6 +222,7 @@ def cmd_run(args) -> int:
     summary["import_seconds"] = imported - start
     summary["prefect_api_wait_seconds"] = api_ready - imported
     summary["wall_seconds"] = time.perf_counter() - start
+    summary["threads"] = threads
     _print_table(summary)
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +240,7 @@ def cmd_fewshot(args) -> int:
     from pipelines.engine.distributed import check_device
 
     check_device(cfg.dist.device)
+    _fit_threads(cfg)
 
     summary = run_fewshot(cfg)
     from rich.console import Console
@@ -239,6 +263,9 @@ DEFAULT_MODEL = "metadistill-digits-student"
 
 def cmd_schedule(args) -> int:
     cfg = _load(args)
+    from pipelines.orchestrate.preflight import check_inputs
+
+    check_inputs(cfg)
     _prepare_env()
     from pipelines.orchestrate.schedule import schedule
 
@@ -303,7 +330,11 @@ def cmd_export(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    print(yaml.safe_dump(_load(args).model_dump(mode="json"), sort_keys=False), end="")
+    from pipelines.orchestrate.preflight import check_inputs
+
+    cfg = _load(args)
+    check_inputs(cfg, sources=False)  # the data folder and what the splits leave, as `run` checks them
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
 
@@ -312,10 +343,50 @@ def cmd_ui(args) -> int:
     from pipelines.tracking.ui import experiment_links, serve_ui
 
     base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {base} over {tracking_uri()}", file=sys.stderr)
-    for name, link in experiment_links(base).items():  # straight to the training runs
-        print(f"  {name}: {link}", file=sys.stderr)
-    return serve_ui(args.host, args.port)
+    print(f"starting the MLflow UI on {base} over {tracking_uri()} ...", file=sys.stderr)
+
+    def ready() -> None:  # links only once they open
+        print(f"MLflow UI on {base}", file=sys.stderr)
+        for name, link in experiment_links(base).items():  # straight to the training runs
+            print(f"  {name}: {link}", file=sys.stderr, flush=True)
+
+    return serve_ui(args.host, args.port, ready)
+
+
+def _known_errors() -> dict[type, tuple[int, str]]:
+    """Errors the pipeline raises on purpose, each with its exit code and a hint: they are
+    reported as one line (the traceback only with --debug)."""
+    from deploy.registry import ModelLoadError
+    from pipelines.config.errors import ConfigError
+    from pipelines.data.errors import DataError
+    from pipelines.engine.metrics import TrainingDiverged
+    from pipelines.evaluate.compare import NoStudentLearned
+    from pipelines.orchestrate.launch import StageFailed
+    from pipelines.orchestrate.schedule import ScheduleError
+    from pipelines.tracking.registry import VersionNotFound
+
+    return {ConfigError: (EXIT_CONFIG, ""),  # its message names the setting and what is allowed
+            DataError: (1, "check the data folder and its layout (README: Data)"),
+            TrainingDiverged: (1, "the stage diverged: lower the learning rate or kd.temperature"),
+            NoStudentLearned: (1, "no student learned: train longer or check the data"),
+            StageFailed: (1, "a torchrun stage failed; its workers' output is above"),
+            ScheduleError: (1, "see `metadistill server` and `metadistill schedule --help`"),
+            ModelLoadError: (1, "see `metadistill promote` / `metadistill run`"),
+            VersionNotFound: (1, "list versions in the MLflow UI (`metadistill ui`)"),
+            ValueError: (1, "")}
+
+
+class _OneLineErrors:
+    """A logging filter for Prefect's run loggers: a known error's traceback is left out of
+    their records (the CLI prints the error once, as one line)."""
+
+    def __init__(self, known: tuple[type, ...]):
+        self.known = known
+
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.known):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,29 +394,34 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": cmd_run, "fewshot": cmd_fewshot, "config": cmd_config, "ui": cmd_ui, "serve": cmd_serve,
                "schedule": cmd_schedule, "trigger": cmd_trigger, "server": cmd_server,
                "promote": cmd_promote, "rollback": cmd_rollback, "export": cmd_export}[args.command]
+    known = _known_errors()
+    if not args.debug:
+        import logging
+
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_OneLineErrors(tuple(known)))
     try:
         return handler(args)
     except KeyboardInterrupt:
         print("metadistill: interrupted; the MLflow run is marked FAILED and nothing was registered",
               file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback on bad input
-        from deploy.registry import ModelLoadError
-        from pipelines.config.errors import ConfigError
-        from pipelines.data.errors import DataError
+    except tuple(known) as exc:
+        if args.debug:
+            raise
+        code, hint = next(v for k, v in known.items() if isinstance(exc, k))
+        message = " ".join(str(exc).split()) if not isinstance(exc, known_multiline()) else str(exc)
+        print(f"metadistill: {message}" + (f"\n  hint: {hint}; --debug shows the traceback" if hint else ""),
+              file=sys.stderr)
+        return code
 
-        if isinstance(exc, ConfigError):
-            print(f"metadistill: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        if isinstance(exc, DataError):
-            print(f"metadistill: data error: {exc}", file=sys.stderr)
-            return 1
-        from pipelines.orchestrate.schedule import ScheduleError
 
-        if isinstance(exc, (ModelLoadError, ScheduleError, ValueError)):
-            print(f"metadistill: {exc}", file=sys.stderr)
-            return 1
-        raise
+def known_multiline() -> tuple[type, ...]:
+    """Errors whose message is a list (a config's invalid keys, a stage's last output lines)."""
+    from pipelines.config.errors import ConfigError
+    from pipelines.orchestrate.launch import StageFailed
+
+    return ConfigError, StageFailed
 
 
 def entry() -> None:

@@ -11,7 +11,12 @@ from pipelines.config.presets import PRESETS
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_validates(preset):
     cfg = load_config(preset)
-    assert cfg.preset == preset and cfg.data.name in preset.replace("fashion-mnist", "fashion-mnist")
+    spec = PRESETS[preset]
+    assert cfg.preset == preset and cfg.data.name == spec["data"]["name"]
+    assert cfg.tracking.experiment == spec["tracking"]["experiment"] == f"metadistill-{preset}"
+    assert cfg.teacher.model.arch == spec["teacher"]["model"]["arch"]  # the preset's own settings, not defaults
+    assert cfg.teacher.train.steps == spec["teacher"]["train"]["steps"]
+    assert cfg.student.model.arch == spec["student"]["model"]["arch"]
 
 
 def test_default_is_digits_with_scratch_and_kd():
@@ -112,3 +117,62 @@ def test_transfer_settings_default_on():
     cfg = load_config("mnist")
     assert cfg.data.transfer and cfg.kd.transfer_ratio > 0 and cfg.data.label_budget == 1000
     assert cfg.kd.transfer_batch(64) == round(64 * cfg.kd.transfer_ratio)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["student.train.batch_size=900"], "student.train.batch_size=900 exceeds the train split of digits"),
+    (["dist.nproc=3"], "teacher.train.batch_size=64 does not split evenly over 3"),
+    (["dist.nnodes=2"], "needs dist.rdzv_endpoint=HOST:PORT"),
+    (["dist.backend=nccl", "dist.device=cpu"], "dist.backend=nccl needs CUDA tensors"),
+    (["student.concurrency=2", "dist.nproc=2"], "student.concurrency=2 trains students side by side"),
+    (["student.concurrency=2", "student.model.kwargs={hidden: [16], dropout: 0.1}"], "students without dropout"),
+    (["maml.ways=11"], "maml.ways=11 exceeds the 10 classes of digits"),
+    (["student.methods=[scratch, scratch]"], "lists a method twice"),
+    (["student.seeds=[]"], "student.seeds must be a non-empty list"),
+    (["teacher.uri=models:/t/1"], "teacher.uri is set but teacher source is 'train'"),
+    (["teacher.source=registry"], "teacher source 'registry' needs teacher.uri"),
+    (["teacher.source=registry", "teacher.uri=t@1"], "is not a registry URI"),
+    (["teacher.image_size=64"], "teacher.image_size applies to torchvision/timm teachers"),
+    (["teacher.finetune.mode=head"], "teacher.finetune applies to a teacher you bring"),
+    (["student.init=file"], "student.init source 'file' needs student.init_uri"),
+    (["fewshot.eval_shots=[1, 10]", "fewshot.eval_queries=15"], "exceeds Omniglot's 20 drawings"),
+    (["data.augment_search.ops=[rotate, rotate]"], "must be distinct ops"),
+    (["data.augment_policy_file=/nowhere.json"], "set data.augment_policy=learned"),
+    (["data.augment_policy=learned", "data.augment_policy_file=/nowhere.json"], "does not exist"),
+    (["data.augment_policy=learned", "data.augment_search.proxy=teacher", "teacher.source=torchvision",
+      "teacher.model.arch=resnet18", "teacher.weights=DEFAULT", "data.image_size=32", "student.must_be_smaller=false"],
+     "proxy=teacher trains teacher.model from scratch"),
+    (["student.methods=[maml_init]", "student.init=torchvision", "student.model.arch=resnet18",
+      "student.init_uri=x.pth", "data.name=cifar10", "student.must_be_smaller=false"], "BatchNorm running statistics"),
+    (["tracking.promotion_alpha=0"], "tracking.promotion_alpha"),
+    (["kd.temprature=2"], "did you mean 'kd.temperature'"),
+])
+def test_every_cross_check_names_its_keys(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=override)
+
+
+def _run_cli(home, *sets: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(METADISTILL_HOME=str(home), METADISTILL_DATA="")
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *[x for s in sets for x in ("--set", s)]],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["data.name=mnist", "data.root=/nowhere/at/all"], "data root /nowhere/at/all is not a folder"),
+    (["data.name=mnist"], "data set 'mnist' needs a data folder"),
+    (["data.label_budget=100", "student.train.batch_size=90"], "student.train.batch_size=90 exceeds the 80 training"),
+    (["data.transfer_root=/nowhere/images"], "data.transfer_root /nowhere/images is not a folder"),
+])
+def test_bad_inputs_exit_2_with_one_line_and_leave_nothing_tracked(home, sets, message):
+    proc = _run_cli(home, *sets)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metadistill: ") and message in lines[0], proc.stderr[-2000:]
+    assert not (home / "mlflow.db").exists() and not (home / "prefect").exists()
+    # `metadistill config` refuses the same inputs
+    config = subprocess.run([sys.executable, "-m", "pipelines.cli", "config", *[x for s in sets for x in ("--set", s)]],
+                            capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "METADISTILL_HOME": str(home), "METADISTILL_DATA": ""})
+    assert config.returncode == 2 and message in config.stderr

@@ -1,4 +1,6 @@
 import gzip
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,9 +21,18 @@ def test_digits_splits_are_deterministic_disjoint_and_cached(home):
     counts = first.counts
     assert sum(counts.values()) == 1797
     assert counts["quiz"] == round(0.1 * (1797 - counts["test"]))
-    # Disjoint: no image appears in two splits.
-    rows = {s: {tuple(r) for r in first.x(s).flatten(1).numpy().round(5)} for s in ("train", "quiz", "val", "test")}
-    assert not (rows["train"] & rows["test"]) or len(rows["train"] & rows["test"]) < 5  # digits has near-duplicates
+    # Disjoint: no source row appears in two splits, and every row is in one.
+    from itertools import combinations
+
+    from sklearn.datasets import load_digits
+
+    from pipelines.data.splits import split_indices
+
+    rows = {s: set(r.tolist()) for s, r in split_indices(load_digits().target, False, cfg).items() if r is not None}
+    assert all(not (rows[a] & rows[b]) for a, b in combinations(rows, 2))
+    assert set().union(*rows.values()) == set(range(1797))
+    # ... and the prepared splits are those rows (compared through their labels, in order).
+    assert torch.equal(first.y("test"), torch.from_numpy(load_digits().target[sorted(rows["test"])]))
     second = prepare(cfg)
     assert second.cached and second.key == first.key
     assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
@@ -205,8 +216,9 @@ def test_bad_image_fails_naming_it_or_is_skipped_and_counted(tmp_path, home):
     bad = _folder_with_a_truncated_image(tmp_path / "imgs")
     settings = ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.test_fraction=0.25",
                 "student.train.batch_size=8", "teacher.train.batch_size=8"]
-    with pytest.raises(DataError, match=f"{bad}: not a readable image"):
+    with pytest.raises(DataError, match=f"{bad}: not a readable image") as failed:
         prepare(load_config(overrides=settings).data)
+    assert "BytesIO" not in str(failed.value)
     prepared = prepare(load_config(overrides=[*settings, "data.on_bad_image=skip"]).data)
     assert prepared.counts["skipped_images"] == 1
     assert sum(v for k, v in prepared.counts.items() if k in ("train", "quiz", "val", "test")) == 39
@@ -233,4 +245,47 @@ def test_class_layout_problems_exit_2_naming_the_class(tmp_path, home, layout, m
                                  "teacher.train.batch_size=8"])
     with pytest.raises(DataLayoutError, match=message):
         prepare(cfg.data)
-    assert isinstance(DataLayoutError("x"), ConfigError)  # the CLI's exit 2
+    assert isinstance(DataLayoutError("x"), ConfigError)
+    if layout == "empty class":  # and through the command: exit 2, one line naming the class
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--set", "data.name=imagefolder",
+                               "--set", f"data.root={tmp_path}", "--set", "student.train.batch_size=8",
+                               "--set", "teacher.train.batch_size=8"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        assert "bird" in proc.stderr
+
+
+def _idx(path, dims: tuple[int, ...], body: bytes, dtype: int = 0x08) -> None:
+    header = bytes([0, 0, dtype, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    path.write_bytes(gzip.compress(header + body))
+
+
+def test_idx_header_and_count_errors_name_the_file(tmp_path, home):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    _idx(raw / "train-images-idx3-ubyte.gz", (4, 28, 28), bytes(4 * 784))
+    _idx(raw / "train-labels-idx1-ubyte.gz", (3,), bytes(3))  # one label short
+    _idx(raw / "t10k-images-idx3-ubyte.gz", (2, 28, 28), bytes(2 * 784))
+    _idx(raw / "t10k-labels-idx1-ubyte.gz", (2,), bytes(2))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: 4 images but 3 labels.*MD5"):
+        prepare(DataConfig(name="mnist", root=tmp_path))
+    _idx(raw / "train-labels-idx1-ubyte.gz", (4,), bytes(4), dtype=0x0D)  # floats, not unsigned bytes
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: not an IDX labels file.*header 00000d01"):
+        prepare(DataConfig(name="mnist", root=tmp_path))
+
+
+def test_a_cifar_zip_that_is_not_a_zip_is_named(tmp_path, home):
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "cifar10_test_jpg.zip").write_bytes(b"PK but not really a zip")
+    with pytest.raises(DataError, match="cifar10_test_jpg.zip: not a readable zip"):
+        prepare(DataConfig(name="cifar10", root=tmp_path, storage="memory"))
+
+
+def test_an_unreadable_image_is_named_without_pil_internals():
+    from pipelines.data.decode import UNREADABLE, decode_image, left_out
+
+    with pytest.raises(UNREADABLE) as bad:
+        decode_image(b"not an image at all", "RGB", None)
+    with pytest.raises(DataError) as failed:
+        left_out("photos/cat/1.jpg", bad.value, "fail", [])
+    assert str(failed.value).startswith("photos/cat/1.jpg: not a readable image (cannot identify image file)")
+    assert "BytesIO" not in str(failed.value)

@@ -87,6 +87,17 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((p - q).abs().max().item() for p, q in zip(ma.parameters(), mb.parameters()))
 
 
+def _moved(folder: Path, seed: int = 0) -> float:
+    """How far training took the student from its seeded initialisation (as the worker
+    builds it), so that an equality of two runs means they both learned the same thing."""
+    from models.registry import build_model
+
+    trained, spec = load_weights(folder)
+    torch.manual_seed(seed)
+    start = build_model(spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec["kwargs"])
+    return max((p - q).abs().max().item() for p, q in zip(trained.parameters(), start.parameters()))
+
+
 def test_two_nodes_train_like_one_process(stage_home, tmp_path):
     """Two torchrun agents ("nodes", one process each, c10d rendezvous on 127.0.0.1)
     end with the parameters of one process with the same global batch."""
@@ -106,6 +117,7 @@ def test_two_nodes_train_like_one_process(stage_home, tmp_path):
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "(node 1)" in "".join(outputs)
     _run([sys.executable] + _stage_args(config, teacher, "kd", tmp_path / "one"), home)
+    assert _moved(tmp_path / "one" / "model") > 1e-3
     assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
 
 
@@ -118,6 +130,7 @@ def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
                                                "meta_distill.learn=[kd_params, calibration]"], method)
     _run(_torchrun(2, free_port()) + _stage_args(config, teacher, method, tmp_path / "two"), home)
     _run([sys.executable] + _stage_args(config, teacher, method, tmp_path / "one"), home)
+    assert _moved(tmp_path / "one" / "model") > 1e-3
     assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
 
 
@@ -138,6 +151,7 @@ def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, metho
     config = _write_config(tmp_path, overrides + ["dist.nproc=2"], method)
     _run(_torchrun(2, free_port()) + _stage_args(config, teacher, method, tmp_path / "two"), home)
     _run([sys.executable] + _stage_args(config, teacher, method, tmp_path / "one"), home)
+    assert _moved(tmp_path / "one" / "model") > 1e-4
     assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
     if "meta_distill.learn=[teacher]" in overrides:
         moved = _max_diff(tmp_path / "one" / "learned_teacher", teacher)

@@ -37,7 +37,17 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert set(summary["methods"]) == METHODS
     for m in summary["methods"].values():
         assert 0.3 < m["test_acc"] <= 1.0 and m["seeds"] == 2 and m["train_seconds"] > 0
-    assert summary["registered_model"] == {"name": "it-digits-student", "version": "1", "alias": "champion"}
+    registered = summary["registered_model"]
+    assert (registered["name"], registered["version"], registered["alias"]) == ("it-digits-student", "1", "champion")
+    assert registered["reason"] == "no champion yet"
+    # The chosen student is the best method's (mean validation accuracy over seeds), then its best seed.
+    by_method = {}
+    for s in summary["students"]:
+        by_method.setdefault(s["method"], []).append(s)
+    method = max(by_method, key=lambda m: np.mean([s["val_acc"] for s in by_method[m]]))
+    seed = max(by_method[method], key=lambda s: s["val_acc"])["seed"]
+    assert (summary["chosen"]["method"], summary["chosen"]["seed"]) == (method, seed)
+    assert summary["chosen"]["reason"].startswith(f"{method} has the best mean validation accuracy")
 
     client = _client(home)
     parent = client.get_run(summary["mlflow_run_id"])
@@ -80,7 +90,9 @@ def test_pipeline_end_to_end(home, prefect_server):
 
     version = client.get_model_version_by_alias("it-digits-student", "champion")
     assert version.tags["promotion_reason"] == "no champion yet"
-    assert version.tags["method"] in METHODS and float(version.tags["test_acc"]) > 0.3
+    assert (version.tags["method"], version.tags["seed"]) == (method, str(seed))
+    assert version.tags["chosen_because"] == summary["chosen"]["reason"]
+    assert version.aliases == ["champion"]  # one alias per version
 
     # The registered model loads without unpickling (torch.export) and predicts.
     import mlflow.pytorch
@@ -95,6 +107,7 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert str(client.get_model_version_by_alias("it-digits-student", "champion").version) == "1"
     challenger = client.get_model_version("it-digits-student", worse["registered_model"]["version"])
     assert "does not beat champion v1" in challenger.tags["promotion_reason"]
+    assert challenger.aliases == ["challenger"] and "McNemar exact p" in challenger.tags["promotion_reason"]
     assert float(challenger.tags["delta_vs_champion"]) < 0
     # Cached data and teacher were reused.
     teacher_runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'teacher'")
@@ -179,5 +192,42 @@ def test_cli_run_writes_summary(home, tmp_path):
     assert set(summary) >= {"mlflow_run_id", "experiment", "methods", "registered_model"}
     assert set(summary["methods"]["kd"]) >= {"test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds"}
     assert summary["registered_model"]["alias"] == "champion"
-    assert "test acc (mean ± std)" in proc.stdout
+    assert "test acc % (mean ± std)" in proc.stdout and "teacher (mlp)" in proc.stdout  # the teacher's row
+    assert f"chosen: {summary['chosen']['method']} seed {summary['chosen']['seed']}" in proc.stdout
+    assert "registered it-digits-student v1 as champion: no champion yet" in proc.stdout
+    assert " ± " not in proc.stdout.split("teacher (mlp)")[1].split("\n")[0]  # one seed: no spread
     assert np.isfinite(summary["methods"]["scratch"]["test_acc"])
+
+
+def test_an_identical_rerun_never_promotes(home, prefect_server):
+    """The same config twice trains the same student: it ties the champion image for image,
+    so McNemar's test has nothing to go on and the champion stays."""
+    from pipelines.orchestrate.flow import metadistill_flow
+
+    same = TINY[:5] + ["student.train.steps=40", "student.seeds=[0]", "student.methods=[scratch]",
+                       "tracking.experiment=it-rerun"]
+    first = metadistill_flow(config=load_config(overrides=same))
+    again = metadistill_flow(config=load_config(overrides=same))
+    assert first["registered_model"]["alias"] == "champion"
+    assert again["registered_model"]["alias"] == "challenger"
+    assert first["students"][0]["test_acc"] == again["students"][0]["test_acc"]
+    client = _client(home)
+    version = client.get_model_version("it-rerun-student", again["registered_model"]["version"])
+    assert float(version.tags["delta_vs_champion"]) == 0.0 and version.tags["promotion_p_value"] == "1"
+    assert "right only for the candidate: 0, only for the champion: 0" in version.tags["promotion_reason"]
+    assert str(client.get_model_version_by_alias("it-rerun-student", "champion").version) == "1"
+
+
+def test_every_student_at_chance_is_one_line_and_exit_1(home):
+    """NoStudentLearned reaches the user as one line and a hint, not as a traceback (twice)."""
+    sets = TINY[:5] + ["student.train.steps=1", "student.train.optimizer.lr=1e-9", "student.seeds=[0, 1]",
+                       "student.methods=[scratch]", "tracking.experiment=it-chance"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *[x for s in sets for x in ("--set", s)]],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("metadistill: ") and "thread" not in line]
+    assert len(ours) == 1 and "every student is at chance on the test split (scratch seed 0" in ours[0], ours
+    assert "hint: no student learned" in proc.stderr
+    assert _client(home).search_registered_models("name = 'it-chance-student'") == []

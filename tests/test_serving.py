@@ -112,13 +112,30 @@ def test_predict_and_invocations_match_the_model(registry, server):
     assert request(server, "/predict", {"instances": x.reshape(3, -1).tolist()})[1]["predictions"] == out["predictions"]
 
 
-def test_base64_png(server):
+def test_base64_png(registry, server):
     from PIL import Image
 
+    pixels = (np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG")
     status, out = request(server, "/predict", {"images_b64": [base64.b64encode(buf.getvalue()).decode()]})
     assert status == 200 and len(out["predictions"]) == 1 and abs(sum(out["probabilities"][0]) - 1) < 1e-5
+    with torch.no_grad():  # the PNG's pixels, scaled to [0, 1], through the registered weights
+        logits = reference(registry["v1"])(torch.from_numpy(pixels / np.float32(255))[None, None].float())
+    assert out["predictions"] == logits.argmax(-1).tolist()
+    assert np.allclose(out["probabilities"], logits.softmax(-1).numpy(), atol=1e-5)
+
+
+def test_inputs_outside_the_pixel_range_get_422_naming_it(server):
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images[:20]  # 0-16, where the model reads [0, 1]
+    status, out = request(server, "/predict", {"instances": raw.tolist()})
+    assert status == 422 and "[0, 1]" in out["error"] and "[0, 16]" in out["error"]
+    status, out = request(server, "/invocations", {"inputs": (-np.ones((1, 1, 8, 8))).tolist()})
+    assert status == 422 and "[-1, -1]" in out["error"]
+    assert request(server, "/predict", {"instances": (raw / 16).tolist()})[0] == 200
+    assert request(server, "/metadata")[1]["input_range"] == [0.0, 1.0]
 
 
 def test_metadata_health(registry, server):
@@ -172,21 +189,28 @@ def test_oversized_body_sent_whole_before_reading_gets_its_413(server, chunked):
 
 
 def test_concurrent_requests_and_hot_swap_on_promotion(registry, server):
-    x = np.random.default_rng(2).random((1, 1, 8, 8)).astype(np.float32).tolist()
+    # A different input per request, so a row answered to the wrong request would show.
+    xs = np.random.default_rng(2).random((240, 1, 1, 8, 8)).astype(np.float32)
+    models = {v: reference(registry[v]) for v in ("v1", "v2")}
+    with torch.no_grad():
+        expected = {registry[v]: m(torch.from_numpy(xs[:, 0])).softmax(-1).numpy() for v, m in models.items()}
 
-    def hit(_):
-        return request(server, "/predict", {"instances": x})
+    def hit(i):
+        return i, *request(server, "/predict", {"instances": xs[i].tolist()})
 
     with ThreadPoolExecutor(8) as pool:
         before = list(pool.map(hit, range(40)))
         promote(NAME, registry["v2"], reason="test swap")
-        during = list(pool.map(hit, range(200)))
-    assert all(s == 200 for s, _ in before + during)
+        during = list(pool.map(hit, range(40, 240)))
+    assert all(s == 200 for _, s, _ in before + during)
+    for i, _, out in before + during:  # each answer is its own input's, from the version it names
+        assert np.allclose(out["probabilities"][0], expected[out["model"]["version"]][i], atol=1e-5), i
+    assert {out["model"]["version"] for _, _, out in before} == {registry["v1"]}
     deadline = time.time() + 30
     while request(server, "/metadata")[1]["version"] != registry["v2"] and time.time() < deadline:
         time.sleep(0.3)
     assert request(server, "/metadata")[1]["version"] == registry["v2"]
-    assert hit(0)[1]["model"]["version"] == registry["v2"]
+    assert hit(0)[2]["model"]["version"] == registry["v2"]
     rollback(NAME, reason="test rollback")
 
 
@@ -255,3 +279,32 @@ def test_export_matches_pytorch(registry, tmp_path, fmt):
     else:
         got = torch.jit.load(str(path))(torch.from_numpy(x)).detach().numpy()
     assert np.allclose(got, expected, atol=1e-5)
+
+
+def _cli(registry, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "METADISTILL_HOME": str(registry["home"])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=180)
+
+
+def test_promote_rollback_and_export_as_commands(registry, tmp_path):
+    champion = tracking.model_version_by_alias(NAME, "champion")["version"]
+    other = registry["v2"] if champion == registry["v1"] else registry["v1"]
+    out = _cli(registry, "promote", other, "--model", NAME, "--reason", "from the command line")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert tracking.model_version_by_alias(NAME, "champion")["version"] == other
+    assert tracking.model_version(NAME, other)["tags"]["promotion_reason"] == "from the command line"
+    again = _cli(registry, "promote", other, "--model", NAME)
+    assert again.returncode == 1 and "already the champion" in again.stderr and "Traceback" not in again.stderr
+    back = _cli(registry, "rollback", "--model", NAME, "--reason", "regression")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert tracking.model_version_by_alias(NAME, "champion")["version"] == champion
+    twice = _cli(registry, "rollback", "--model", NAME)  # the restored champion records nothing before it
+    assert twice.returncode == 1 and "nothing to roll back to" in twice.stderr
+    missing = _cli(registry, "promote", "99", "--model", NAME)
+    assert missing.returncode == 1 and "has no version 99" in missing.stderr
+    exported = _cli(registry, "export", "--format", "onnx", "--model", NAME, "--out", str(tmp_path / "s.onnx"))
+    assert exported.returncode == 0 and (tmp_path / "s.onnx").stat().st_size > 1000, exported.stderr[-2000:]
+    nobody = _cli(registry, "rollback", "--model", "nobody-student")
+    assert nobody.returncode == 1 and len(nobody.stderr.strip().splitlines()) <= 2

@@ -9,7 +9,7 @@ from pipelines import data as data_stage
 from pipelines.config.loader import load_config
 from pipelines.config.students import METHOD_NAMES, TEACHER_METHODS
 from pipelines.engine.metrics import TrainingDiverged
-from pipelines.evaluate.compare import NoStudentLearned, at_chance, best_student
+from pipelines.evaluate.compare import NoStudentLearned, at_chance, choose_student
 from pipelines.students.fit import finish_student, run_student
 from pipelines.students.methods import STUDENT_METHODS
 from pipelines.teacher.fit import obtain_teacher
@@ -91,6 +91,6 @@ def test_a_student_at_chance_is_never_chosen(setting):
     blank = finish_student("scratch", 1, blank.model, blank.result, prepared)
     blank.val_acc = 1.0  # even the best validation score cannot make it the choice
     assert at_chance(blank) and not at_chance(good)
-    assert best_student([blank, good]) is good
+    assert choose_student([blank, good]).outcome is good
     with pytest.raises(NoStudentLearned, match="every student is at chance.*scratch seed 1"):
-        best_student([blank])
+        choose_student([blank])

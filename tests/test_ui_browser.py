@@ -130,3 +130,49 @@ def test_experiment_opens_on_its_training_runs(ui, browser):
     url = browser.current_url
     assert "/overview" not in url and "/traces" not in url, url
     assert "student/kd/seed0" in body or "Run Name" in body or "Run name" in body, body[:1500]
+
+
+def _serving(port: int) -> list[int]:
+    """Pids of processes whose command line serves ``port`` (the UI and its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mlflow" in b" ".join(cmdline) and str(port).encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ui_prints_links_once_it_answers_and_a_plain_kill_stops_the_whole_server(tmp_path):
+    import signal
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["METADISTILL_HOME"] = str(tmp_path / "home")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        for line in proc.stderr:
+            if line.startswith("MLflow UI on"):
+                break
+            assert time.time() < deadline, "no links within 180 s"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:  # answers already
+            assert answer.status == 200
+        assert "Default: http://127.0.0.1" in proc.stderr.readline()
+        assert _serving(port)
+        proc.send_signal(signal.SIGTERM)  # the CLI alone, as `kill <pid>` or a supervisor would
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 20
+        while _serving(port) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _serving(port), "the server outlived the command"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

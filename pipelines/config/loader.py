@@ -5,6 +5,7 @@ dotted-key view of a config that MLflow logs.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import tomllib
 from pathlib import Path
@@ -66,7 +67,9 @@ def _check_path(parts: list[str], model: type[BaseModel] = None) -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(f"unknown key {'.'.join(parts)!r}: {where} allows "
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            guess = f"did you mean {'.'.join([*parts[:depth], close[0]])!r}? " if close else ""
+            raise ConfigError(f"unknown key {'.'.join(parts)!r}: {guess}{where} allows "
                               f"{', '.join(sorted(fields))}")
         annotation = fields[part].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

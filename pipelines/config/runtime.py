@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.common.threads import auto_threads
 from pipelines.config.errors import Strict
 
 
@@ -15,6 +15,11 @@ class TrackingConfig(Strict):
     register_best: bool = Field(True, description="register the best student in the model registry")
     register_teacher: bool = Field(False, description="register this run's teacher as <experiment>-teacher "
                                                       "(models:/<experiment>-teacher/latest)")
+    promotion_alpha: float = Field(0.05, gt=0, le=1, description=(
+        "a new student takes the champion alias only when it wins McNemar's exact test against the champion on the "
+        "same test images at this level (one-sided)"))
+    promotion_min_delta: float = Field(0.0, ge=0, lt=1, description="and beats its test accuracy by more than this "
+                                                                    "(a fraction: 0.01 is one point)")
 
 
 class DistConfig(Strict):
@@ -34,7 +39,8 @@ class DistConfig(Strict):
                             "else the CPU; cuda on a machine without it exits 2 before any work")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="auto: nccl when training on CUDA, else gloo")
-    threads: int | None = Field(None, ge=1, description="intra-op threads per process; default: cores / nproc")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per process; default: the usable CPUs that "
+                                                        "other processes leave free at the start, shared by nproc")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints of a torchrun stage")
 
     @model_validator(mode="after")
@@ -62,8 +68,9 @@ class DistConfig(Strict):
         return self.nproc or (max(1, torch.cuda.device_count()) if self.uses_cuda() else 1)
 
     def threads_per_process(self, local_processes: int) -> int:
-        """Intra-op threads of each of ``local_processes`` processes on this node."""
-        return self.threads or max(1, (os.cpu_count() or 1) // local_processes)
+        """Intra-op threads of each of ``local_processes`` processes on this node:
+        ``dist.threads``, else their share of the CPUs that are free now."""
+        return self.threads or auto_threads(local_processes)
 
     def uses_torchrun(self) -> bool:
         if self.launcher != "auto":

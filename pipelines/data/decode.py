@@ -5,6 +5,7 @@ here, and report unreadable files the same way.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,13 @@ def decode_image(data: bytes, mode: str, size: int | None) -> tuple[np.ndarray, 
 
 def left_out(name: str, exc: Exception, on_bad: str, skipped: list[str]) -> None:
     """``data.on_bad_image`` for an unreadable image: fail naming it, or note it in ``skipped``."""
+    # PIL names the in-memory buffer it read from ("cannot identify image file <_io.BytesIO
+    # object at 0x...>"); the file's own name is already in the message.
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
     if on_bad == "fail":
-        raise DataError(f"{name}: not a readable image ({exc}); fix or remove it, or set "
+        raise DataError(f"{name}: not a readable image ({reason}); fix or remove it, or set "
                         f"data.on_bad_image=skip to leave such files out") from None
-    print(f"skipping unreadable image {name}: {exc}", flush=True)
+    print(f"skipping unreadable image {name}: {reason}", flush=True)
     skipped.append(name)
 
 

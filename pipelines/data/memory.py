@@ -11,7 +11,7 @@ from pipelines.common.home import atomic_folder, cache_key
 from pipelines.config.data import DataConfig
 from pipelines.data.prepared import Prepared, split_counts
 
-CACHE_VERSION = 2  # 2: transfer split
+CACHE_VERSION = 3  # 2: transfer split; 3: statistics from float64 sums per image, as stream storage
 
 
 def data_key(cfg: DataConfig, source_hash: str, storage: str = "memory") -> str:

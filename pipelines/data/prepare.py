@@ -16,7 +16,7 @@ from pipelines.config.data import DataConfig
 from pipelines.data.decode import IMAGE_SUFFIXES, image_files
 from pipelines.data.errors import DataError
 from pipelines.data.memory import _load_cached, _save, data_key
-from pipelines.data.prepared import Prepared, split_counts
+from pipelines.data.prepared import Prepared, channel_sums, mean_std, split_counts
 from pipelines.data.readers import cifar_zips, list_transfer_root, load_raw, read_transfer_root, resolve_root, sha256_files
 from pipelines.data.splits import make_splits
 
@@ -66,8 +66,7 @@ def prepare(cfg: DataConfig) -> Prepared:
     if len(splits["train"][1]) < 2:
         raise DataError(f"{cfg.name}: only {len(splits['train'][1])} training examples remain after the splits")
     train_x = splits["train"][0]
-    mean = train_x.mean(axis=(0, 2, 3))
-    std = train_x.std(axis=(0, 2, 3)) + 1e-6
+    mean, std = mean_std(channel_sums(train_x), train_x.shape[2] * train_x.shape[3])
     tensors = {}
     for name, (x, y) in splits.items():
         x = (x - mean[None, :, None, None]) / std[None, :, None, None]

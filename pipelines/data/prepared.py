@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 SPLITS = ("train", "quiz", "val", "test")  # labelled; "transfer" has inputs only
@@ -65,6 +66,23 @@ def model_spec(arch: str, kwargs: dict, data: Prepared) -> dict:
     return {"arch": arch, "kwargs": kwargs, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names,
             "mean": data.mean, "std": data.std, "data_key": data.key}
+
+
+def channel_sums(images: np.ndarray) -> np.ndarray:
+    """Each image's per-channel sum and sum of squares, in float64: (N, 2, C) for (N, C, H, W)
+    images.  Both storage modes compute the training split's statistics from these (stream
+    storage image by image while it scans), so their means and deviations are the same bits."""
+    flat = images.reshape(*images.shape[:2], -1).astype(np.float64)
+    return np.stack([flat.sum(2), (flat * flat).sum(2)], axis=1)
+
+
+def mean_std(sums: np.ndarray, pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The channels' mean and standard deviation (+1e-6) over images with ``sums``
+    (:func:`channel_sums`) of ``pixels`` pixels each, as float32."""
+    total, squares = sums[:, 0].sum(0), sums[:, 1].sum(0)
+    count = len(sums) * pixels
+    mean = total / count
+    return mean.astype(np.float32), (np.sqrt(np.maximum(squares / count - mean * mean, 0.0)) + 1e-6).astype(np.float32)
 
 
 class Normalization:

@@ -32,10 +32,11 @@ class RawData:
 
 
 def resolve_root(cfg: DataConfig) -> Path | None:
+    """The data folder, absolute (it is logged as the data set's source)."""
     if cfg.root is not None:
-        return Path(cfg.root).expanduser()
+        return Path(cfg.root).expanduser().resolve()
     env = os.environ.get("METADISTILL_DATA")
-    return Path(env).expanduser() if env else None
+    return Path(env).expanduser().resolve() if env else None
 
 
 def need_root(cfg: DataConfig, layout: str) -> Path:
@@ -185,36 +186,48 @@ def read_image_zip(path: Path, mode: str, size: int | None, on_bad: str = "fail"
     return RawData((x, labels), None, classes, str(path), skipped)
 
 
+def class_files(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """An image folder's classes (its sub-folders, or ``classes`` of the training folder)
+    and its ``(image, class index)`` files, refusing layouts a model cannot use: a class
+    folder without images, a class that appears only in the test folder."""
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if classes is not None and (only_here := sorted(set(found) - set(classes))):
+        raise DataLayoutError(f"{folder}: class(es) {', '.join(only_here)} appear only here, not in the "
+                              f"training folder: a model trained there cannot predict them")
+    classes = classes or found
+    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
+             if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"{folder}: no images found; expected <class>/<image>.png|jpg")
+    empty = [c for i, c in enumerate(classes) if (folder / c).is_dir() and not any(f[1] == i for f in files)]
+    if empty:
+        raise DataLayoutError(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
+                              f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
+    return classes, files
+
+
+def imagefolder_splits(root: Path) -> tuple[Path, Path | None]:
+    """The training folder of an image-folder source and its test folder, if it has one."""
+    if (root / "train").is_dir():
+        return root / "train", (root / "test" if (root / "test").is_dir() else None)
+    return root, None
+
+
 def _load_imagefolder(cfg: DataConfig) -> tuple[RawData, list[Path]]:
     root = need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
-
     skipped: list[str] = []
 
     def read(folder: Path, classes: list[str] | None = None):
-        found = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        if classes is not None and (only_here := sorted(set(found) - set(classes))):
-            raise DataLayoutError(f"{folder}: class(es) {', '.join(only_here)} appear only here, not in the "
-                                  f"training folder: a model trained there cannot predict them")
-        classes = classes or found
-        files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
-                 if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
-            raise DataError(f"{folder}: no images found; expected <class>/<image>.png|jpg")
-        empty = [c for i, c in enumerate(classes) if (folder / c).is_dir() and not any(f[1] == i for f in files)]
-        if empty:
-            raise DataLayoutError(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
-                                  f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
+        classes, files = class_files(folder, classes)
         x, kept, left_out = decode_images([(str(p), p.read_bytes()) for p, _ in files], "RGB",
-                                           cfg.image_size or 32, cfg.on_bad_image)
+                                          cfg.image_size or 32, cfg.on_bad_image)
         skipped.extend(left_out)
         return (x, np.array([files[i][1] for i in kept], dtype=np.int64)), classes, [p for p, _ in files]
 
-    if (root / "train").is_dir():
-        train, classes, f1 = read(root / "train")
-        test, _, f2 = read(root / "test", classes) if (root / "test").is_dir() else (None, None, [])
-        return RawData(train, test, classes, str(root), skipped), f1 + f2
-    train, classes, files = read(root)
-    return RawData(train, None, classes, str(root), skipped), files
+    train_folder, test_folder = imagefolder_splits(root)
+    train, classes, f1 = read(train_folder)
+    test, _, f2 = read(test_folder, classes) if test_folder is not None else (None, None, [])
+    return RawData(train, test, classes, str(root), skipped), f1 + f2
 
 
 def _load_omniglot(cfg: DataConfig) -> tuple[RawData, list[Path]]:
@@ -266,3 +279,38 @@ def read_transfer_root(files: list[Path], shape: tuple[int, ...], on_bad: str) -
     x, _, skipped = decode_images([(str(p), p.read_bytes()) for p in files], "L" if channels == 1 else "RGB",
                                    height, on_bad)
     return x, skipped
+
+
+def source_size(cfg: DataConfig) -> tuple[int, bool]:
+    """How many images the source's training pool holds, and whether it has a test split of
+    its own, from file listings and headers alone (nothing decoded): what the pre-flight
+    check needs to refuse settings the splits cannot satisfy.  Raises :class:`DataError`
+    naming the missing folder or file."""
+    if cfg.name == "digits":
+        return 1797, False
+    if cfg.name == "omniglot":
+        need_root(cfg, "<root>/omniglot_npz/images_background.npz or <root>/omniglot/omniglot-py/images_background*.zip")
+        return 964 * 20, False  # the background alphabets' characters, 20 drawings each
+    if cfg.name in _IDX_FOLDERS:
+        root = need_root(cfg, f"<root>/{_IDX_FOLDERS[cfg.name][0]}/raw/train-images-idx3-ubyte[.gz]")
+        path = _find_idx(root, cfg.name, "train-images-idx3-ubyte")
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
+            header = fh.read(8)
+        return (struct.unpack(">I", header[4:8])[0] if len(header) == 8 else 0), True
+    if cfg.name == "imagefolder":
+        root = need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
+        train_folder, test_folder = imagefolder_splits(root)
+        classes, files = class_files(train_folder)
+        if test_folder is not None:
+            class_files(test_folder, classes)
+        return len(files), test_folder is not None
+    root = need_root(cfg, "<root>/cifar10/cifar10_test_jpg.zip or torchvision's <root>/cifar-10-batches-py")
+    train_zip, test_zip = cifar_zips(root)
+    if cfg.name == "cifar10" and test_zip is not None:
+        with zipfile.ZipFile(train_zip or test_zip) as zf:
+            return sum(n.lower().endswith(IMAGE_SUFFIXES) for n in zf.namelist()), train_zip is not None
+    folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
+    if not folder.is_dir() and not cfg.download:
+        raise DataError(f"{cfg.name}: neither the JPEG zips nor {folder} under {root}; set data.download=true "
+                        f"(needs internet) or point data.root at a folder that has them")
+    return 50000, True

@@ -182,8 +182,8 @@ class ShardImages:
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Normalised float32 images from :meth:`raw`'s pixels, on ``raw``'s device."""
-        if raw.dtype == torch.uint8:  # (x / 255 - mean) / std in one pass fewer
-            return raw.to(torch.float32).sub_(255 * self.mean.to(raw.device)).div_(255 * self.std.to(raw.device))
+        if raw.dtype == torch.uint8:  # the pixels memory storage holds: float32(x / 255), then the same two ops
+            raw = raw.to(torch.float32).div_(255)
         return (raw - self.mean.to(raw.device)) / self.std.to(raw.device)
 
     def __getitem__(self, key) -> torch.Tensor:

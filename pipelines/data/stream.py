@@ -30,7 +30,7 @@ from pipelines.data import shards
 from pipelines.data.decode import IMAGE_SUFFIXES, UNREADABLE, decode_image, left_out, none_readable
 from pipelines.data.errors import DataError, DataLayoutError
 from pipelines.data.memory import data_key
-from pipelines.data.prepared import Prepared
+from pipelines.data.prepared import Prepared, channel_sums, mean_std
 from pipelines.data.readers import cifar_zips, list_transfer_root, load_raw, need_root, sha256_files
 from pipelines.data.splits import split_indices
 
@@ -196,17 +196,15 @@ def _scan_chunk(bounds: tuple[int, int]) -> list[tuple[int, np.ndarray | None, b
         except UNREADABLE as exc:
             out.append((i, None, False, str(exc)))
             continue
-        flat = x.reshape(x.shape[0], -1).astype(np.float64)
-        out.append((i, np.stack([flat.sum(1), (flat * flat).sum(1)]), as_is, x.shape))
+        out.append((i, channel_sums(x[None])[0], as_is, x.shape))
     return out
 
 
 def scan(pool: Pool, mode: str, size: int | None, on_bad: str, workers: int, desc: str) -> Scan:
     """First pass: decode every image once (in ``workers`` processes)."""
     if pool.arrays is not None:
-        flat = pool.arrays.reshape(*pool.arrays.shape[:2], -1).astype(np.float64)
-        sums = np.stack([flat.sum(2), (flat * flat).sum(2)], axis=1)
-        return Scan(np.arange(len(pool)), sums, np.zeros(len(pool), bool), tuple(pool.arrays.shape[1:]))
+        return Scan(np.arange(len(pool)), channel_sums(pool.arrays), np.zeros(len(pool), bool),
+                    tuple(pool.arrays.shape[1:]))
     kept, sums, as_is, skipped, shapes = [], [], [], [], set()
     chunks = [(i, min(i + 256, len(pool))) for i in range(0, len(pool), 256)]
     _start_scan(pool, mode, size)
@@ -250,13 +248,6 @@ def _payload(pool: Pool, i: int, as_is: bool, mode: str, size: int | None) -> tu
     return out.getvalue(), "png"
 
 
-def _mean_std(sums: np.ndarray, pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    total, squares = sums[:, 0].sum(0), sums[:, 1].sum(0)
-    count = len(sums) * pixels
-    mean = total / count
-    return mean.astype(np.float32), (np.sqrt(np.maximum(squares / count - mean * mean, 0.0)) + 1e-6).astype(np.float32)
-
-
 def prepare_stream(cfg: DataConfig) -> Prepared:
     source = open_source(cfg)
     transfer_files = list_transfer_root(Path(cfg.transfer_root).expanduser()) if cfg.transfer_root else []
@@ -289,7 +280,7 @@ def _write(cfg: DataConfig, source: SourceListing, transfer_files: list[Path], k
     rows = split_indices(source.train.labels[train_scan.kept], source.test is not None, cfg)
     if len(rows["train"]) < 2:
         raise DataError(f"{cfg.name}: only {len(rows['train'])} training examples remain after the splits")
-    mean, std = _mean_std(train_scan.sums[rows["train"]], shape[1] * shape[2])
+    mean, std = mean_std(train_scan.sums[rows["train"]], shape[1] * shape[2])
     members = {name: (source.train, train_scan, rows[name]) for name in ("train", "quiz", "val")}
     members["test"] = ((source.test, test_scan, np.arange(len(test_scan.kept))) if rows["test"] is None
                        else (source.train, train_scan, rows["test"]))

@@ -218,6 +218,15 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad)
 
 
+def gather(value) -> list:
+    """``value`` of every rank, in rank order (a list of one alone)."""
+    if not grouped():
+        return [value]
+    out: list = [None] * world().size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def mean_scalars(values: list[float]) -> list[float]:
     if not grouped():
         return values

@@ -55,15 +55,36 @@ def at_chance(outcome: StudentOutcome) -> bool:
     return outcome.evaluation.accuracy < 1.5 / classes
 
 
-def best_student(outcomes: list[StudentOutcome]) -> StudentOutcome:
-    """Chosen on validation accuracy (ties: first wins), so the test split stays an
-    unbiased estimate for the promotion gate; a student at chance is never chosen."""
+@dataclass(frozen=True)
+class Choice:
+    """The student to register, and why it was chosen."""
+
+    outcome: StudentOutcome
+    reason: str
+
+
+def choose_student(outcomes: list[StudentOutcome]) -> Choice:
+    """The method with the best mean validation accuracy over its seeds, then that
+    method's seed with the best validation accuracy (ties: the first listed).  A method is
+    judged on all its seeds, not on its luckiest one, and on validation, so the test split
+    stays an unbiased estimate for the promotion gate.  A student at chance is never chosen
+    (nor counted in its method's mean)."""
     learned = [o for o in outcomes if not at_chance(o)]
     if not learned:
         raise NoStudentLearned("every student is at chance on the test split ("
                                + ", ".join(f"{o.method} seed {o.seed}: {o.evaluation.accuracy:.3f}" for o in outcomes)
                                + "); nothing is registered")
-    return max(learned, key=lambda o: o.val_acc)
+    by_method: dict[str, list[StudentOutcome]] = {}
+    for o in learned:
+        by_method.setdefault(o.method, []).append(o)
+    means = {m: float(np.mean([o.val_acc for o in runs])) for m, runs in by_method.items()}
+    ranked = sorted(means, key=lambda m: -means[m])  # stable: ties keep the listed order
+    method = ranked[0]
+    best = max(by_method[method], key=lambda o: o.val_acc)
+    runner_up = f"; next {ranked[1]} {means[ranked[1]]:.4f}" if len(ranked) > 1 else ""
+    reason = (f"{method} has the best mean validation accuracy over its {len(by_method[method])} seed(s): "
+              f"{means[method]:.4f}{runner_up}; its seed {best.seed} scored best on validation ({best.val_acc:.4f})")
+    return Choice(best, reason)
 
 
 def comparison_markdown(rows: list[dict]) -> str:

@@ -19,6 +19,7 @@ class Evaluation:
     ece: float
     per_class_accuracy: list[float]
     confusion: np.ndarray
+    correct: np.ndarray | None = None  # per test image, for paired comparisons on the same images
 
     def metrics(self, prefix: str = "test_") -> dict[str, float]:
         out = {f"{prefix}acc": self.accuracy, f"{prefix}loss": self.loss, f"{prefix}ece": self.ece}
@@ -56,4 +57,4 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
                       loss=float(F.cross_entropy(logits, y)),
                       ece=expected_calibration_error(probs, y),
                       per_class_accuracy=(confusion.diag() / support).tolist(),
-                      confusion=confusion.numpy())
+                      confusion=confusion.numpy(), correct=(predicted == y).numpy())

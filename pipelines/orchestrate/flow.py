@@ -28,7 +28,7 @@ from pipelines.config.loader import flatten
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.prepared import Prepared, model_spec
 from pipelines.engine import distributed
-from pipelines.evaluate.compare import StudentOutcome, best_student, comparison_csv, comparison_markdown, summarise
+from pipelines.evaluate.compare import Choice, StudentOutcome, choose_student, comparison_csv, comparison_markdown, summarise
 from pipelines.evaluate.metrics import evaluate
 from pipelines.orchestrate import launch
 from pipelines.orchestrate.worker import load_stage_output
@@ -130,7 +130,7 @@ def _teacher_run_name(cfg: PipelineConfig) -> str:
 def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
     """Train the teacher, or bring it (``teacher.source``) and fine-tune it; its own child run."""
     with tracking.child_run(parent, _teacher_run_name(cfg), _tags()) as run:
-        run.log_params({f"teacher.{k}": v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
+        run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
         source = sources.teacher_source(cfg, prepared.input_shape)
         if source is not None:
             for target in (run, parent):
@@ -150,8 +150,8 @@ def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, ti
             _log_curve(run, outcome.result.curve, _teacher_run_name(cfg))
         if cfg.tracking.register_teacher:
             _register_teacher(cfg, prepared, run, ev.accuracy, outcome.key)
-    get_run_logger().info("teacher %s: test acc %.4f (cached=%s)", teacher_spec(cfg, prepared)["arch"],
-                          ev.accuracy, outcome.cached)
+    get_run_logger().info("teacher %s: test acc %.2f%% (cached=%s)", teacher_spec(cfg, prepared)["arch"],
+                          100 * ev.accuracy, outcome.cached)
     return outcome.model, ev
 
 
@@ -194,7 +194,7 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
         if outcome.learned_teacher is not None:
             _log_learned_teacher(run, outcome.learned_teacher, cfg, prepared)
         outcome.run_id = run.run_id
-    get_run_logger().info("student %s seed %d: test acc %.4f", method, seed, outcome.evaluation.accuracy)
+    get_run_logger().info("student %s seed %d: test acc %.2f%%", method, seed, 100 * outcome.evaluation.accuracy)
     return outcome
 
 
@@ -325,7 +325,7 @@ def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunL
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, parent: RunLogger) -> dict | None:
+def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: RunLogger) -> dict | None:
     model_name = f"{cfg.tracking.experiment}-student"
     with tracking.child_run(parent, "register", _tags()) as run:
         spec = model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
@@ -333,10 +333,11 @@ def register(cfg: PipelineConfig, prepared: Prepared, best: StudentOutcome, pare
         lineage = lineage_tags(cfg.teacher.source, teacher_key(cfg, prepared),
                                [sources.teacher_source(cfg, prepared.input_shape),
                                 sources.student_source(cfg, prepared.input_shape)], champion)
-        reg, decision = register_student(run, parent.run_id, model_name, best, prepared, spec, lineage, champion)
+        reg, decision = register_student(run, parent.run_id, model_name, choice, prepared, spec, lineage, champion,
+                                         cfg.tracking)
         run.set_tags({"registered_model": model_name, "registered_version": reg.version, "alias": reg.alias})
     get_run_logger().info("registered %s v%s as %s: %s", model_name, reg.version, reg.alias, decision.reason)
-    return {"name": reg.name, "version": reg.version, "alias": reg.alias}
+    return {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": decision.reason}
 
 
 @flow(name="metadistill", log_prints=True)
@@ -355,9 +356,11 @@ def metadistill_flow(config: PipelineConfig) -> dict:
         teacher, teacher_eval = train_teacher(cfg, prepared, parent, timings)
         outcomes, students_wall = student_sweep(cfg, prepared, teacher, parent, timings)
         rows = compare(outcomes, prepared.class_names, parent)
-        registered = None
+        registered, choice = None, None
         if cfg.tracking.register_best:
-            registered = register(cfg, prepared, best_student(outcomes), parent)
+            choice = choose_student(outcomes)
+            get_run_logger().info("chosen: %s seed %d (%s)", choice.outcome.method, choice.outcome.seed, choice.reason)
+            registered = register(cfg, prepared, choice, parent)
         parent.log_metrics({"teacher_test_acc": teacher_eval.accuracy}, step=0)
     return {"mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
             "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds")}
@@ -367,5 +370,8 @@ def metadistill_flow(config: PipelineConfig) -> dict:
                          for o in outcomes],
             "device": str(prepared.device), "student_concurrency": student_concurrency(cfg, prepared.device),
             "students_wall_seconds": students_wall,
+            "chosen": None if choice is None else {"method": choice.outcome.method, "seed": choice.outcome.seed,
+                                                   "reason": choice.reason},
             "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
+            "teacher_arch": teacher_spec(cfg, prepared)["arch"],
             "timings": timings, "data_cached": prepared.cached}

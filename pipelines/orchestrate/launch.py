@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
+# A line per checkpoint (every dist.checkpoint_every steps, from rank 0): the stage's
+# progress for someone reading the workers' own output, noise in the flow's log.
+CHATTER = re.compile(r"^(\[rank\d+\]: )?checkpoint \w+ step \d+$")
+
+
 class StageFailed(RuntimeError):
     """A torchrun stage exited with a non-zero code."""
 
@@ -100,7 +105,8 @@ def run_torchrun(cfg: PipelineConfig, workdir: Path, stage_args: list[str], log:
         try:
             for line in proc.stdout:
                 tail.append(line.rstrip())
-                log(line.rstrip())
+                if not CHATTER.search(line):  # kept for a failure's report, not the flow's log
+                    log(line.rstrip())
             code = proc.wait()
         finally:
             _stop(proc)

@@ -37,6 +37,8 @@ class LocalPrefectAPI:
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.environ["PREFECT_API_URL"] = self.url
+        # This API has no UI and stops with the command: a "View at" link to it would be dead.
+        os.environ.setdefault("PREFECT_UI_URL", "")
         atexit.register(self.stop)
 
     def wait_ready(self, timeout: float = 120.0) -> None:

@@ -121,14 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     args = parse(argv)
     cfg = PipelineConfig.model_validate(yaml.safe_load(args.config.read_text()))  # JSON is YAML too
-    threads = cfg.dist.threads_per_process(distributed.local_size())
+    threads = cfg.dist.threads or torch.get_num_threads()  # the launcher's OMP_NUM_THREADS, chosen for the node
     torch.set_num_threads(threads)
     distributed.pin_to_cores(threads)
     world = distributed.init(cfg.dist.backend, cfg.dist.device)
     try:
-        print(f"rank {world.rank}/{world.size} (node {world.node}) pid {os.getpid()} "
-              f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}: {args.stage} "
-              f"{args.method or ''} seed {args.seed}", flush=True)
+        ranks = distributed.gather(f"rank {world.rank}/{world.size} (node {world.node}) pid {os.getpid()}")
+        if world.is_main:  # one line for the rank group, not one per rank
+            label = f"student {args.method} seed {args.seed}" if args.stage == "student" else "teacher"
+            print(f"{label}, restart "
+                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}: {', '.join(ranks)}", flush=True)
         run_stage(args, cfg)
     finally:
         distributed.teardown()

@@ -1,12 +1,17 @@
 """The promotion gate: does a candidate become ``champion`` or stay ``challenger``?
 
-Pure logic over numbers, shared by the pipeline's registration step and the
-``promote``/``rollback`` commands, so both record the same reasons.
+The decision is pure logic over numbers (a paired test on the same test images, so an
+identical re-run never wins and a fraction of a point on a few hundred images is not
+taken for progress); ``promote`` and ``rollback`` move the aliases and record who, when
+and why, for the pipeline's registration step and the commands alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
 
 from pipelines import tracking
 
@@ -16,20 +21,52 @@ class Decision:
     alias: str  # "champion" or "challenger"
     reason: str
     delta: float | None  # candidate minus champion test accuracy, on the same split
+    p_value: float | None = None  # one-sided exact McNemar test that the candidate is better
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models' predictions on the same test images: how many each got right that the
+    other got wrong (the only images a paired comparison can learn from)."""
+
+    only_candidate: int  # right for the candidate, wrong for the champion
+    only_champion: int  # right for the champion, wrong for the candidate
+    images: int
+
+    @classmethod
+    def of(cls, candidate_correct, champion_correct) -> Paired:
+        candidate, champion = np.asarray(candidate_correct, bool), np.asarray(champion_correct, bool)
+        if candidate.shape != champion.shape:
+            raise ValueError(f"paired comparison over different images: {candidate.shape} vs {champion.shape}")
+        return cls(int((candidate & ~champion).sum()), int((champion & ~candidate).sum()), len(candidate))
+
+    def p_value(self) -> float:
+        """One-sided exact McNemar p-value: the chance of ``only_candidate`` or more wins out
+        of the discordant images if neither model were better (Binomial(n, 1/2))."""
+        n = self.only_candidate + self.only_champion
+        if n == 0:
+            return 1.0
+        return float(binom.sf(self.only_candidate - 1, n, 0.5))
 
 
 def decide(candidate_acc: float, champion_acc: float | None, champion_version: str | None = None,
-           min_delta: float = 0.0) -> Decision:
-    """``champion_acc`` is the champion's accuracy on the candidate's own test split
-    (None when there is no champion yet)."""
+           paired: Paired | None = None, alpha: float = 0.05, min_delta: float = 0.0) -> Decision:
+    """Does the candidate take ``champion``?  ``champion_acc`` is the champion's accuracy
+    on the candidate's own test split (None: no champion yet).  With ``paired`` (both
+    models' predictions on those images) it must win McNemar's exact test at ``alpha``;
+    in every case it must beat the champion by more than ``min_delta``."""
     if champion_acc is None:
         return Decision("champion", "no champion yet", None)
     delta = candidate_acc - champion_acc
-    if delta > min_delta:
-        return Decision("champion", f"beats champion v{champion_version} on the same test split: "
-                                    f"{candidate_acc:.4f} vs {champion_acc:.4f} (+{delta:.4f})", delta)
-    return Decision("challenger", f"does not beat champion v{champion_version} on the same test split: "
-                                  f"{candidate_acc:.4f} vs {champion_acc:.4f} ({delta:+.4f})", delta)
+    versus = f"champion v{champion_version} on the same test split: {candidate_acc:.4f} vs {champion_acc:.4f} ({delta:+.4f})"
+    p = paired.p_value() if paired is not None else None
+    test = "" if paired is None else (f"; McNemar exact p = {p:.3g} (right only for the candidate: "
+                                      f"{paired.only_candidate}, only for the champion: {paired.only_champion}, "
+                                      f"of {paired.images} images), needs < {alpha:g}")
+    margin = f"; needs a gain over {min_delta:g}" if min_delta > 0 else ""
+    if delta > min_delta and (p is None or p < alpha):
+        return Decision("champion", f"beats {versus}{test}{margin}", delta, p)
+    return Decision("challenger", f"does not beat {versus}{test}{margin}", delta, p)
 
 
 def _who() -> str:
@@ -50,7 +87,7 @@ def _now() -> str:
 def promote(model_name: str, version: str, reason: str, actor: str | None = None) -> dict:
     """Move ``champion`` to ``version`` by hand; the old champion becomes ``challenger``.
     Who, when, why and the metric delta are recorded in the version's tags."""
-    target = tracking.model_version(model_name, version)
+    target = tracking.resolve_version(model_name, version=str(version))  # names what exists when it does not
     current = tracking.model_version_by_alias(model_name, "champion")
     if current is not None and current["version"] == str(version):
         raise ValueError(f"{model_name} v{version} is already the champion")

@@ -16,27 +16,26 @@ from models.normalize import Normalized
 from models.weights import load_weights, save_weights
 from pipelines import tracking
 from pipelines.common.home import project_home
+from pipelines.config.runtime import TrackingConfig
 from pipelines.data.prepared import Normalization, Prepared
-from pipelines.evaluate.compare import StudentOutcome
-from pipelines.evaluate.metrics import evaluate
-from pipelines.register.promotion import Decision, decide, promote
+from pipelines.evaluate.compare import Choice, StudentOutcome
+from pipelines.evaluate.metrics import Evaluation, evaluate
+from pipelines.register.promotion import Decision, Paired, decide, promote
 from pipelines.tracking.runs import RunLogger
 
 
-def champion_accuracy(champion: dict | None, prepared: Prepared) -> float | None:
-    """The champion's accuracy on *this* test split: its recorded number when it was
-    measured on the same split, else a fresh evaluation of its weights."""
+def champion_evaluation(champion: dict | None, prepared: Prepared) -> Evaluation | None:
+    """The champion evaluated on *this* test split, image by image (its weights, read back
+    from its run), so the gate compares exact numbers on the same images."""
     if champion is None:
         return None
-    if champion.get("data_key") == prepared.key and "test_acc" in champion:
-        return float(champion["test_acc"])
     folder = tracking.download_artifacts(champion["source_run_id"], "weights")
     model, spec = load_weights(folder)
     if tuple(spec["input_shape"]) != tuple(prepared.input_shape) or spec["num_classes"] != prepared.num_classes:
         raise ValueError(f"champion v{champion['version']} takes inputs {spec['input_shape']} with "
                          f"{spec['num_classes']} classes; this run's data has {list(prepared.input_shape)} "
                          f"and {prepared.num_classes}: use another experiment name")
-    return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
+    return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
 
 
 def lineage_tags(teacher_source: str, teacher_key: str, sources: list, champion: dict | None) -> dict[str, str]:
@@ -59,29 +58,38 @@ def deployable(best: StudentOutcome, prepared: Prepared) -> tuple[Normalized, np
     return Normalized(copy.deepcopy(best.model).cpu(), prepared.mean, prepared.std).eval(), example
 
 
-def register_student(run: RunLogger, parent_run_id: str, model_name: str, best: StudentOutcome, prepared: Prepared,
-                     spec: dict, lineage: dict[str, str], champion: dict | None) -> tuple[tracking.Registration, Decision]:
-    """Log ``best`` as an MLflow model in ``run``, register it as a new version of
+def register_student(run: RunLogger, parent_run_id: str, model_name: str, choice: Choice, prepared: Prepared,
+                     spec: dict, lineage: dict[str, str], champion: dict | None,
+                     gate: TrackingConfig) -> tuple[tracking.Registration, Decision]:
+    """Log the chosen student as an MLflow model in ``run``, register it as a new version of
     ``model_name`` and promote it when it beats ``champion`` (the version that held the alias
     when the run looked); returns the new version and why."""
+    best = choice.outcome
     weights = project_home() / "cache" / "staging" / run.run_id
     save_weights(best.model, weights, {**spec, "method": best.method, "seed": best.seed,
                                        "test_acc": best.evaluation.accuracy})
     model_uri = tracking.log_student_model(run, *deployable(best, prepared), weights)
-    decision = decide(best.evaluation.accuracy, champion_accuracy(champion, prepared),
-                      champion["version"] if champion else None)
+    held = champion_evaluation(champion, prepared)
+    decision = decide(best.evaluation.accuracy, held.accuracy if held else None,
+                      champion["version"] if champion else None,
+                      Paired.of(best.evaluation.correct, held.correct) if held else None, gate.promotion_alpha,
+                      gate.promotion_min_delta)
     tags = {"method": best.method, "seed": best.seed, "test_acc": f"{best.evaluation.accuracy:.6f}",
             "data_key": prepared.key, "source_run_id": run.run_id, "student_run_id": best.run_id,
-            "pipeline_run_id": parent_run_id, "promotion_reason": decision.reason}
+            "pipeline_run_id": parent_run_id, "promotion_reason": decision.reason, "chosen_because": choice.reason}
     if decision.delta is not None:
         tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
+    if decision.p_value is not None:
+        tags["promotion_p_value"] = f"{decision.p_value:.6g}"
     tags.update(lineage)
-    reg = tracking.register_model(model_uri, model_name, "challenger", tags)
-    if decision.alias == "champion":  # the same code path as `metadistill promote`
-        try:
+    reg = tracking.register_model(model_uri, model_name, None, tags)
+    try:  # one alias per version: champion (the old one becomes challenger) or challenger
+        if decision.alias == "champion":  # the same code path as `metadistill promote`
             promote(model_name, reg.version, decision.reason, actor="pipeline")
-        except BaseException:
-            tracking.delete_version(model_name, reg.version)  # no half-registered model
-            raise
-        reg.alias = "champion"
+        else:
+            tracking.set_alias(model_name, "challenger", reg.version, {})
+    except BaseException:
+        tracking.delete_version(model_name, reg.version)  # no half-registered model
+        raise
+    reg.alias = decision.alias
     return reg, decision

@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import threading
-from typing import TYPE_CHECKING
+import time
 
 import torch
 from torch import nn
@@ -20,9 +20,6 @@ from pipelines.engine import distributed
 from pipelines.engine.device import in_batches, inference_batch
 from pipelines.engine.loop import TrainResult
 from pipelines.engine.metrics import validation_accuracy
-
-if TYPE_CHECKING:
-    pass
 from pipelines.students.context import StudentContext
 
 
@@ -31,13 +28,14 @@ class FrozenTeacher:
     augmented, they are computed once for the whole training pool (train rows, then
     transfer rows) and looked up by row: a teacher forward per step costs 10-30x the small
     student's step.  The table is kept for the last (teacher, data) pair of each device, so
-    the seeds and methods of a sweep share it."""
+    the seeds and methods of a sweep share it; ``seconds`` is what building it cost this
+    student (0 when it was already there), counted in the student's compute."""
 
     _tables: dict[str, torch.Tensor] = {}
     _lock = threading.Lock()
 
     def __init__(self, ctx: StudentContext):
-        self.teacher, self.table = ctx.teacher.eval(), None
+        self.teacher, self.table, self.seconds = ctx.teacher.eval(), None, 0.0
         if ctx.augment is None:
             key = f"{_teacher_fingerprint(ctx.teacher)}/{ctx.data.key}/{ctx.data.device}"
             with FrozenTeacher._lock:  # concurrent students of one sweep compute it once
@@ -45,9 +43,11 @@ class FrozenTeacher:
                     # One table per device (concurrent students may train on several GPUs).
                     FrozenTeacher._tables = {k: v for k, v in FrozenTeacher._tables.items()
                                              if k.rsplit("/", 1)[1] != str(ctx.data.device)}
+                    start = time.perf_counter()
                     FrozenTeacher._tables[key] = self._logits_of_pool(ctx)
                     if ctx.data.device.type == "cuda":  # other threads' streams read it next
                         torch.cuda.current_stream(ctx.data.device).synchronize()
+                    self.seconds = time.perf_counter() - start
                 self.table = FrozenTeacher._tables[key]
 
     def _logits_of_pool(self, ctx: StudentContext) -> torch.Tensor:
@@ -73,8 +73,10 @@ def kd_loss(teacher: FrozenTeacher, kd: KDConfig):
 
 
 def train_kd(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
-    student = ctx.new_student()
-    return student, ctx.teach(student, kd_loss(FrozenTeacher(ctx), ctx.kd))
+    student, teacher = ctx.new_student(), FrozenTeacher(ctx)
+    result = ctx.teach(student, kd_loss(teacher, ctx.kd))
+    result.seconds += teacher.seconds
+    return student, result
 
 
 def with_kd(ctx: StudentContext, point: dict, **changes) -> StudentContext:
@@ -121,8 +123,9 @@ def _search_grid(ctx: StudentContext, path) -> dict:
                 point = {"alpha": alpha, "temperature": temperature, "transfer_ratio": ratio}
                 sub = with_kd(ctx, point, seed=kd.grid_seed, on_log=None, checkpoint=None,
                               desc=f"{ctx.desc} grid alpha={alpha} T={temperature} ratio={ratio}")
-                student = sub.new_student()
-                result = sub.teach(student, kd_loss(FrozenTeacher(sub), sub.kd))
+                student, teacher = sub.new_student(), FrozenTeacher(sub)
+                result = sub.teach(student, kd_loss(teacher, sub.kd))
+                result.seconds += teacher.seconds
                 table.append({**point, "val_acc": validation_accuracy(student, ctx.data.x("val"), ctx.data.y("val")),
                               "seconds": result.seconds})
     best = max(table, key=lambda row: row["val_acc"])  # ties: the first point of the grid
@@ -138,8 +141,9 @@ def train_kd_tuned(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     the whole grid's plus its own."""
     grid = kd_grid(ctx)
     tuned = with_kd(ctx, grid["point"])
-    student = tuned.new_student()
-    result = tuned.teach(student, kd_loss(FrozenTeacher(tuned), tuned.kd))
+    student, teacher = tuned.new_student(), FrozenTeacher(tuned)
+    result = tuned.teach(student, kd_loss(teacher, tuned.kd))
+    result.seconds += teacher.seconds
     result.seconds += grid["grid_seconds"]
     if ctx.on_log is not None:
         ctx.on_log(0, {f"kd_tuned_{k}": float(v) for k, v in grid["point"].items()}

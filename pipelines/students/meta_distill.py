@@ -158,6 +158,7 @@ class MetaDistillLoss:
 def _meta_distill(ctx: StudentContext, student: nn.Module) -> TrainResult:
     loss = MetaDistillLoss(ctx, student)
     result = ctx.teach(student, loss)
+    result.seconds += loss.frozen.seconds if loss.frozen is not None else 0.0
     if loss.learns_teacher:
         ctx.learned_teacher = loss.teacher.eval()
     if ctx.on_log is not None and loss.knobs.knobs:
