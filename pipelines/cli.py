@@ -147,17 +147,18 @@ def _load(args):
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _fit_threads(cfg) -> int:
+def _fit_threads(cfg, sample=None) -> int:
     """Intra-op threads of this process: ``dist.threads``, else the usable CPUs that other
-    processes leave free now (a busy core makes every step wait; see common.threads)."""
+    processes left free since ``sample`` started (a busy core makes every step wait; see
+    common.threads)."""
     import torch
 
-    from pipelines.common.threads import auto_threads, free_cpus, usable_cpus
+    from pipelines.common.threads import CpuSample, auto_threads, usable_cpus
 
     if cfg.dist.threads:
         threads, why = cfg.dist.threads, "dist.threads"
     else:
-        free = free_cpus()
+        free = (sample or CpuSample()).free()
         threads, why = auto_threads(1, free), f"{free:.1f} of {len(usable_cpus())} usable CPUs free"
     torch.set_num_threads(threads)
     print(f"metadistill: {threads} intra-op thread(s) ({why}; --set dist.threads=N to choose)", file=sys.stderr)
@@ -199,12 +200,14 @@ def _use_wait(cfg) -> None:
 
 
 def cmd_run(args) -> int:
-    start = time.perf_counter()
+    from pipelines.common.threads import CpuSample
+
+    start, sample = time.perf_counter(), CpuSample()  # the machine's load, read over the start-up below
     cfg = _load(args)
     from pipelines.orchestrate.preflight import check_inputs
 
     check_inputs(cfg)  # data, batch sizes, brought weights, device: exit 2 before any work
-    threads = _fit_threads(cfg)
+    threads = _fit_threads(cfg, sample)
     _prepare_env()
     api = None
     if not os.environ.get("PREFECT_API_URL"):

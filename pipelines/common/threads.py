@@ -3,11 +3,11 @@
 A CPU-bound process beside ours (a laptop's browser, a shared box, a CI runner) holds a
 core; torch's OpenMP threads then wait for it and a two-thread step collapses.  Measured
 on the 2-core reference machine (resnet8 steps/s, ``docs/benchmarks/busy_machine.json``):
-idle, 2 threads 160 and 1 thread 125 on digits, 20.5 and 11.7 on 32x32 images; with one
-busy process beside it, 2 threads 39 and 3.8, 1 thread 120 and 12.0.  Passive OpenMP
-waits (threads sleep instead of spinning) rescued only part of that (38.6 and 8.3) and
-cost a third to two thirds when idle, so the waiting stays as it is and the count adapts:
-each process gets its share of the usable CPUs that are free when it starts.
+idle, 2 threads 158 and 1 thread 119 on digits, 21.0 and 11.7 on 32x32 images; beside one
+busy process, 2 threads 43 and 3.2, 1 thread 122 and 11.7.  Passive OpenMP waits (threads
+sleep instead of spinning) rescued only part of that (40 and 8.1) and cost a third to two
+thirds when idle (50 and 14.9), so the waiting stays as it is and the count adapts: each
+process gets its share of the usable CPUs that are free when it starts.
 ``dist.threads`` sets the count by hand.
 """
 
@@ -41,20 +41,36 @@ def _own_ticks() -> int:
     return int(fields[11]) + int(fields[12])
 
 
+class CpuSample:
+    """Busy time of the usable CPUs from now until :meth:`free` is called, less this
+    process's own: started before slow start-up work (imports, config checks), it measures
+    the machine over that work at no extra wait."""
+
+    def __init__(self, cpus: list[int] | None = None):
+        self.cpus = cpus or usable_cpus()
+        self.start = time.monotonic()
+        try:
+            self.before, self.own_before = _cpu_times(self.cpus), _own_ticks()
+        except (OSError, ValueError, IndexError):  # no /proc: assume the machine is ours
+            self.before = None
+
+    def free(self, min_s: float = 0.3) -> float:
+        """How many of the CPUs other processes left idle since the start (at least
+        ``min_s`` of it, waiting for the rest)."""
+        if self.before is None:
+            return float(len(self.cpus))
+        time.sleep(max(0.0, min_s - (time.monotonic() - self.start)))
+        after, own_after = _cpu_times(self.cpus), _own_ticks()
+        cpus = [c for c in self.before if c in after]
+        spans = [max(1, after[c][1] - self.before[c][1]) for c in cpus]
+        busy = sum((after[c][0] - self.before[c][0]) / span for c, span in zip(cpus, spans))
+        busy -= (own_after - self.own_before) / (sum(spans) / max(1, len(spans)))
+        return min(float(len(self.cpus)), max(0.0, len(self.cpus) - busy))
+
+
 def free_cpus(cpus: list[int] | None = None, sample_s: float = 0.3) -> float:
-    """How many of ``cpus`` other processes leave idle, measured over ``sample_s`` (this
-    process's own work in that time does not count against them)."""
-    cpus = cpus or usable_cpus()
-    try:
-        before, own_before = _cpu_times(cpus), _own_ticks()
-        time.sleep(sample_s)
-        after, own_after = _cpu_times(cpus), _own_ticks()
-    except (OSError, ValueError, IndexError):  # no /proc: assume the machine is ours
-        return float(len(cpus))
-    spans = [max(1, after[c][1] - before[c][1]) for c in before if c in after]
-    busy = sum((after[c][0] - before[c][0]) / span for c, span in zip([c for c in before if c in after], spans))
-    busy -= (own_after - own_before) / (sum(spans) / max(1, len(spans)))
-    return min(float(len(cpus)), max(0.0, len(cpus) - busy))
+    """How many of ``cpus`` other processes leave idle, measured over ``sample_s``."""
+    return CpuSample(cpus).free(sample_s)
 
 
 def auto_threads(processes: int = 1, free: float | None = None) -> int:
