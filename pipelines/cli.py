@@ -161,7 +161,7 @@ def _fit_threads(cfg, sample=None) -> int:
         free = (sample or CpuSample()).free()
         threads, why = auto_threads(1, free), f"{free:.1f} of {len(usable_cpus())} usable CPUs free"
     torch.set_num_threads(threads)
-    print(f"metadistill: {threads} intra-op thread(s) ({why}; --set dist.threads=N to choose)", file=sys.stderr)
+    print(f"metadistill uses {threads} intra-op thread(s) ({why}; --set dist.threads=N to choose)", file=sys.stderr)
     return threads
 
 
@@ -266,9 +266,10 @@ DEFAULT_MODEL = "metadistill-digits-student"
 
 def cmd_schedule(args) -> int:
     cfg = _load(args)
-    from pipelines.orchestrate.preflight import check_inputs
+    if not args.work_pool:  # served from here, so its inputs must be here; a pool's worker may be elsewhere
+        from pipelines.orchestrate.preflight import check_inputs
 
-    check_inputs(cfg)
+        check_inputs(cfg)
     _prepare_env()
     from pipelines.orchestrate.schedule import schedule
 

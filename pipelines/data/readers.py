@@ -281,36 +281,36 @@ def read_transfer_root(files: list[Path], shape: tuple[int, ...], on_bad: str) -
     return x, skipped
 
 
-def source_size(cfg: DataConfig) -> tuple[int, bool]:
-    """How many images the source's training pool holds, and whether it has a test split of
-    its own, from file listings and headers alone (nothing decoded): what the pre-flight
+def source_size(cfg: DataConfig) -> tuple[int, bool, int]:
+    """How many images the source's training pool holds, whether it has a test split of its
+    own, and how many classes, from file listings and headers alone (nothing decoded): what the pre-flight
     check needs to refuse settings the splits cannot satisfy.  Raises :class:`DataError`
     naming the missing folder or file."""
     if cfg.name == "digits":
-        return 1797, False
+        return 1797, False, 10
     if cfg.name == "omniglot":
         need_root(cfg, "<root>/omniglot_npz/images_background.npz or <root>/omniglot/omniglot-py/images_background*.zip")
-        return 964 * 20, False  # the background alphabets' characters, 20 drawings each
+        return 964 * 20, False, 964  # the background alphabets' characters, 20 drawings each
     if cfg.name in _IDX_FOLDERS:
         root = need_root(cfg, f"<root>/{_IDX_FOLDERS[cfg.name][0]}/raw/train-images-idx3-ubyte[.gz]")
         path = _find_idx(root, cfg.name, "train-images-idx3-ubyte")
         with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
             header = fh.read(8)
-        return (struct.unpack(">I", header[4:8])[0] if len(header) == 8 else 0), True
+        return (struct.unpack(">I", header[4:8])[0] if len(header) == 8 else 0), True, 10
     if cfg.name == "imagefolder":
         root = need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
         train_folder, test_folder = imagefolder_splits(root)
         classes, files = class_files(train_folder)
         if test_folder is not None:
             class_files(test_folder, classes)
-        return len(files), test_folder is not None
+        return len(files), test_folder is not None, len(classes)
     root = need_root(cfg, "<root>/cifar10/cifar10_test_jpg.zip or torchvision's <root>/cifar-10-batches-py")
     train_zip, test_zip = cifar_zips(root)
     if cfg.name == "cifar10" and test_zip is not None:
         with zipfile.ZipFile(train_zip or test_zip) as zf:
-            return sum(n.lower().endswith(IMAGE_SUFFIXES) for n in zf.namelist()), train_zip is not None
+            return sum(n.lower().endswith(IMAGE_SUFFIXES) for n in zf.namelist()), train_zip is not None, 10
     folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
     if not folder.is_dir() and not cfg.download:
         raise DataError(f"{cfg.name}: neither the JPEG zips nor {folder} under {root}; set data.download=true "
                         f"(needs internet) or point data.root at a folder that has them")
-    return 50000, True
+    return 50000, True, 10 if cfg.name == "cifar10" else 100

@@ -14,11 +14,12 @@ from pipelines.engine.distributed import check_device
 from pipelines.teacher.sources import preflight as check_sources
 
 
-def train_split_size(n: int, has_test: bool, cfg: PipelineConfig) -> int:
+def train_split_size(n: int, has_test: bool, classes: int, cfg: PipelineConfig) -> int:
     """The training split's size as ``pipelines.data.splits.split_indices`` will cut it from a
-    pool of ``n`` (carving the test share first when the source has no test split)."""
+    pool of ``n`` (exact, except that a test share carved per class may hold up to
+    ``classes`` images fewer than the whole pool's share: counted in the split's favour)."""
     d = cfg.data
-    pool = n if has_test else n - int(round(n * d.test_fraction))
+    pool = n if has_test else n - max(0, int(round(n * d.test_fraction)) - classes)
     keep = int(round(pool * d.train_fraction))
     if d.label_budget is not None:
         keep = min(keep, d.label_budget)
@@ -28,12 +29,12 @@ def train_split_size(n: int, has_test: bool, cfg: PipelineConfig) -> int:
 def check_inputs(cfg: PipelineConfig, sources: bool = True) -> None:
     """Raise :class:`ConfigError` for the first input that cannot work."""
     try:
-        n, has_test = source_size(cfg.data)
+        n, has_test, classes = source_size(cfg.data)
         if cfg.data.transfer_root is not None:
             list_transfer_root(Path(cfg.data.transfer_root).expanduser())
     except DataError as exc:
         raise ConfigError(str(exc)) from None
-    train = train_split_size(n, has_test, cfg)
+    train = train_split_size(n, has_test, classes, cfg)
     batches = {"teacher.train.batch_size": cfg.teacher.train.batch_size if not cfg.teacher.brought() else None,
                "teacher.finetune.batch_size": cfg.teacher.finetune.batch_size
                if cfg.teacher.brought() and cfg.teacher.finetune.mode != "none" else None,
