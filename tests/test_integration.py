@@ -93,6 +93,8 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert (version.tags["method"], version.tags["seed"]) == (method, str(seed))
     assert version.tags["chosen_because"] == summary["chosen"]["reason"]
     assert version.aliases == ["champion"]  # one alias per version
+    assert version.run_id == parent.info.run_id  # listed under the pipeline run's registered models
+    assert version.tags["source_run_id"] == children["register"].info.run_id  # the weights' run
 
     # The registered model loads without unpickling (torch.export) and predicts.
     import mlflow.pytorch

@@ -109,6 +109,9 @@ def test_experiment_runs_plots_and_registered_model(ui, browser):
     shot(browser, "child_run_learning_curve")
 
     model = summary["registered_model"]["name"]
+    browser.get(f"{base}/#/experiments/{exp_id}/runs/{summary['mlflow_run_id']}")
+    wait_text(browser, model)  # the pipeline run lists the student it registered
+    shot(browser, "parent_run_registered_model")
     browser.get(f"{base}/#/models/{model}")
     wait_text(browser, "champion")
     wait_text(browser, "Version 1")

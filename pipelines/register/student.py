@@ -82,7 +82,10 @@ def register_student(run: RunLogger, parent_run_id: str, model_name: str, choice
     if decision.p_value is not None:
         tags["promotion_p_value"] = f"{decision.p_value:.6g}"
     tags.update(lineage)
-    reg = tracking.register_model(model_uri, model_name, None, tags)
+    # The version belongs to the pipeline run, where people look for what a run registered (the
+    # MLflow UI lists a run's registered models by the version's run); the logged model and its
+    # weights stay in the register child run, named by the source_run_id tag.
+    reg = tracking.register_model(model_uri, model_name, None, tags, run_id=parent_run_id)
     try:  # one alias per version: champion (the old one becomes challenger) or challenger
         if decision.alias == "champion":  # the same code path as `metadistill promote`
             promote(model_name, reg.version, decision.reason, actor="pipeline")
