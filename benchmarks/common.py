@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.common import home
+
 
 def write_json(path: str | Path, result: dict) -> None:
-    """Write ``result`` to ``path`` (folders created) and print it."""
+    """Write ``result`` to ``path`` (folders created; atomically, as the pipeline writes) and print it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
+    home.write_json(Path(path), result, indent=2)
     print(json.dumps(result, indent=2))
 
 

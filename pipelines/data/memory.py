@@ -21,7 +21,7 @@ def data_key(cfg: DataConfig, source_hash: str, storage: str = "memory") -> str:
     return cache_key(CACHE_VERSION, source=source_hash, settings=settings, **storage_part)
 
 
-def _save(folder: Path, prepared: Prepared) -> None:
+def save_cached(folder: Path, prepared: Prepared) -> None:
     meta = {"input_shape": prepared.input_shape, "num_classes": prepared.num_classes,
             "class_names": prepared.class_names, "mean": prepared.mean, "std": prepared.std,
             "key": prepared.key, "source": prepared.source, "skipped_images": prepared.counts["skipped_images"]}
@@ -30,7 +30,7 @@ def _save(folder: Path, prepared: Prepared) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
-def _load_cached(folder: Path) -> Prepared | None:
+def load_cached(folder: Path) -> Prepared | None:
     meta_path, tensor_path = folder / "meta.json", folder / "tensors.safetensors"
     if not (meta_path.is_file() and tensor_path.is_file()):
         return None

@@ -15,7 +15,7 @@ from pipelines.common.home import cache_dir
 from pipelines.config.data import DataConfig
 from pipelines.data.decode import IMAGE_SUFFIXES, image_files
 from pipelines.data.errors import DataError
-from pipelines.data.memory import _load_cached, _save, data_key
+from pipelines.data.memory import data_key, load_cached, save_cached
 from pipelines.data.prepared import Prepared, channel_sums, mean_std, split_counts
 from pipelines.data.readers import cifar_zips, list_transfer_root, load_raw, read_transfer_root, resolve_root, sha256_files
 from pipelines.data.splits import make_splits
@@ -54,7 +54,7 @@ def prepare(cfg: DataConfig) -> Prepared:
         source_hash = hashlib.sha256((source_hash + sha256_files(transfer_files)).encode()).hexdigest()
     key = data_key(cfg, source_hash)
     folder = cache_dir("data") / key
-    cached = _load_cached(folder)
+    cached = load_cached(folder)
     if cached is not None:
         return cached
     splits = make_splits(raw, cfg)
@@ -78,5 +78,5 @@ def prepare(cfg: DataConfig) -> Prepared:
                         num_classes=num_classes, class_names=raw.class_names, mean=mean.tolist(),
                         std=std.tolist(), key=key, source=raw.source,
                         counts={**split_counts(tensors), "skipped_images": len(skipped)})
-    _save(folder, prepared)
+    save_cached(folder, prepared)
     return prepared

@@ -1,5 +1,6 @@
 """The ``metadistill`` Prefect flow: prepare data -> prepare augmentation -> train teacher
--> train students -> evaluate -> register.  Thin and sequential; the stage bodies live in ``stages``.
+-> train students -> evaluate -> register.  Thin and sequential: each task opens its child run
+and calls the stage's plain functions (``teacher.fit``, ``students.fit``, ``evaluate``, ``register``).
 
 No ``from __future__ import annotations`` here: Prefect builds the parameter model from
 the real annotations when a deployment loads this flow from its entrypoint."""

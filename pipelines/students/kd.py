@@ -73,6 +73,8 @@ def kd_loss(teacher: FrozenTeacher, kd: KDConfig):
 
 
 def train_kd(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
+    """A new student taught by Hinton's KD against the frozen teacher; its compute includes
+    the teacher's logits table when this student built it."""
     student, teacher = ctx.new_student(), FrozenTeacher(ctx)
     result = ctx.teach(student, kd_loss(teacher, ctx.kd))
     result.seconds += teacher.seconds
@@ -123,9 +125,7 @@ def _search_grid(ctx: StudentContext, path) -> dict:
                 point = {"alpha": alpha, "temperature": temperature, "transfer_ratio": ratio}
                 sub = with_kd(ctx, point, seed=kd.grid_seed, on_log=None, checkpoint=None,
                               desc=f"{ctx.desc} grid alpha={alpha} T={temperature} ratio={ratio}")
-                student, teacher = sub.new_student(), FrozenTeacher(sub)
-                result = sub.teach(student, kd_loss(teacher, sub.kd))
-                result.seconds += teacher.seconds
+                student, result = train_kd(sub)
                 table.append({**point, "val_acc": validation_accuracy(student, ctx.data.x("val"), ctx.data.y("val")),
                               "seconds": result.seconds})
     best = max(table, key=lambda row: row["val_acc"])  # ties: the first point of the grid
@@ -141,9 +141,7 @@ def train_kd_tuned(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     the whole grid's plus its own."""
     grid = kd_grid(ctx)
     tuned = with_kd(ctx, grid["point"])
-    student, teacher = tuned.new_student(), FrozenTeacher(tuned)
-    result = tuned.teach(student, kd_loss(teacher, tuned.kd))
-    result.seconds += teacher.seconds
+    student, result = train_kd(tuned)
     result.seconds += grid["grid_seconds"]
     if ctx.on_log is not None:
         ctx.on_log(0, {f"kd_tuned_{k}": float(v) for k, v in grid["point"].items()}
