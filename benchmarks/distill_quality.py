@@ -1,16 +1,27 @@
-"""Paired-seed comparison of student methods against ``kd`` and ``kd_tuned``.
+"""Paired-seed comparison of the teaching methods against standard practice.
 
     python -m benchmarks.distill_quality [--preset NAME] [--set k=v ...] [--seeds N] \
-        [--methods a,b,...] --json PATH
+        [--rows a,b,...] --json PATH
 
-Every method trains the same student network with the same budget for each seed; a seed
+Rows (``--rows``, default all), each a student method with the teacher it learns from:
+
+- ``scratch``: labels only;
+- ``kd_tuned@original``: standard practice, the supervised teacher and the tuned KD grid;
+- ``kd@original``, ``kd@improved``, ``kd_tuned@improved``: plain and tuned KD, from the
+  labelled teacher or the one improved on the transfer split (``teacher.improve``);
+- ``meta_distill``: the default (improved teacher, its head co-trained with the student's
+  feedback, the guard); ``meta_distill@feedback0``, its ablation without the feedback;
+  ``meta_distill@temperature``, with the long-horizon temperature learned too, and
+  ``meta_distill@temperature20``, learned over the first 20% of the steps only.
+
+Every row trains the same student network with the same budget for each seed; a seed
 fixes the data order and the initialisation, so the per-seed differences are paired.
-Reports per method the mean ± std test accuracy (fractions, as every accuracy in the
-JSON) and its compute seconds (``kd_tuned``'s
-include its whole validation grid; ``maml_init``'s its meta-training), and against
-``kd`` and ``kd_tuned`` the mean paired difference with a 95% t-interval, the
-p-value of a paired t-test and that of a Wilcoxon signed-rank test.  The bar chart and
-the JSON go to MLflow (experiment ``<tracking.experiment>-quality``).
+The teacher's training and improvement count in the costs with what they took to train
+(recorded beside their cached weights, so a rerun that reuses them still counts them):
+standard practice is the teacher's training plus the whole ``kd_tuned`` grid and its
+student; the ``meta_distill`` pipeline, the teacher's training, its improvement and the
+student.  Accuracies are fractions.  The bar chart and the JSON go to MLflow (experiment
+``<tracking.experiment>-quality``).
 """
 
 from __future__ import annotations
@@ -19,14 +30,22 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+ROWS = ("scratch", "kd_tuned@original", "kd@original", "kd@improved", "kd_tuned@improved", "meta_distill",
+        "meta_distill@feedback0", "meta_distill@temperature", "meta_distill@temperature20")
+VARIANTS = {"feedback0": ["meta_distill.feedback=0"], "temperature": ["meta_distill.learn_temperature=true"],
+            "temperature20": ["meta_distill.learn_temperature=true", "meta_distill.temperature_share=0.2"]}
+STANDARD = "kd_tuned@original"
 
 
 def main() -> int:
     from benchmarks.common import paired_stats, write_json
     from pipelines import data as data_stage
     from pipelines import tracking
+    from pipelines.common import home
     from pipelines.config.errors import ConfigError
     from pipelines.config.loader import load_config
     from pipelines.evaluate.metrics import evaluate
@@ -35,6 +54,7 @@ def main() -> int:
     from pipelines.students.kd import kd_grid
     from pipelines.teacher import sources
     from pipelines.teacher.fit import obtain_teacher, teacher_spec
+    from pipelines.teacher.improve import improve_teacher
     from pipelines.tracking import plots
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,68 +62,109 @@ def main() -> int:
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--methods", default="scratch,kd,kd_tuned,meta_distill")
+    parser.add_argument("--seed-start", type=int, default=0, help="seeds seed_start .. seed_start + seeds - 1")
+    parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    if "kd" not in methods:
-        methods.insert(0, "kd")
-    try:
-        cfg = load_config(args.preset, args.config, args.overrides + [f"student.methods={json.dumps(methods)}",
-                                                                    f"student.seeds={list(range(args.seeds))}"])
-    except ConfigError as exc:
-        print(f"distill_quality: {exc}", file=sys.stderr)
+    rows = args.rows.split(",")
+    if unknown := [r for r in rows if r not in ROWS]:
+        print(f"distill_quality: unknown row(s) {unknown}; allowed: {', '.join(ROWS)}", file=sys.stderr)
         return 2
+    seeds = f"student.seeds={list(range(args.seed_start, args.seed_start + args.seeds))}"
     try:
+        cfg = load_config(args.preset, args.config, args.overrides + [seeds])
+        variants = {name: load_config(args.preset, args.config, args.overrides + [seeds, *extra])
+                    for name, extra in VARIANTS.items()}
         sources.preflight(cfg)  # teacher.source / student.init: refused before any work
     except ConfigError as exc:
         print(f"distill_quality: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     prepared = data_stage.prepare(cfg.data)
+    test = (prepared.x("test"), prepared.y("test"), prepared.num_classes)
     teacher = obtain_teacher(cfg, prepared)
-    teacher_acc = evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
-    print(f"teacher {cfg.teacher.model.arch}: {100 * teacher_acc:.2f}; splits {prepared.counts}", flush=True)
+    improved = improve_teacher(cfg, prepared, teacher.model)
+    teachers = {"original": teacher.model, "improved": improved.model}
+    teacher_acc = {k: evaluate(m, *test).accuracy for k, m in teachers.items()}
+    print(f"teacher {cfg.teacher.model.arch}: {100 * teacher_acc['original']:.2f}, improved "
+          f"{100 * teacher_acc['improved']:.2f} ({improved.train_seconds} s); splits {prepared.counts}", flush=True)
     accs: dict[str, np.ndarray] = {}
     seconds: dict[str, list[float]] = {}
-    for method in methods:
-        outcomes = [run_student(method, cfg, prepared, teacher.model, seed) for seed in cfg.student.seeds]
-        accs[method] = np.array([o.evaluation.accuracy for o in outcomes])
-        seconds[method] = [o.result.seconds for o in outcomes]
-        print(f"{method:>24}: {100 * accs[method].mean():.2f} ± {100 * accs[method].std(ddof=1):.2f} "
-              f"({np.mean(seconds[method]):.1f} s)", flush=True)
-    result = {
-        "dataset": cfg.data.name, "preset": cfg.preset, "overrides": args.overrides,
-        "teacher_test_acc": teacher_acc, "teacher_seconds": teacher.seconds, "teacher_cached": teacher.cached,
-        "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(cfg, prepared)["arch"],
-        "splits": prepared.counts,
-        "train_examples": prepared.counts["train"], "transfer_examples": prepared.counts["transfer"],
-        "student_steps": cfg.student.train.steps,
-        "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
-        "methods": {m: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist(),
-                        "compute_seconds": float(np.mean(seconds[m]))} for m, a in accs.items()},
-        "vs_kd": {m: paired_stats(a - accs["kd"]) for m, a in accs.items() if m != "kd"},
-        "wall_seconds": time.perf_counter() - start,
-    }
-    if "kd_tuned" in accs:
-        grid = kd_grid(StudentContext.from_config(cfg, prepared, teacher.model, cfg.kd.grid_seed))
-        result["kd_tuned_grid"] = grid  # cached by the runs above: no retraining
-        result["vs_kd_tuned"] = {m: paired_stats(a - accs["kd_tuned"]) for m, a in accs.items() if m != "kd_tuned"}
-        if "meta_distill" in accs:
-            result["meta_distill_compute_vs_grid"] = (result["methods"]["meta_distill"]["compute_seconds"]
-                                                      / grid["grid_seconds"])
-    if "meta_distill" in accs:
-        result["meta_distill_cost_vs_kd"] = (result["methods"]["meta_distill"]["compute_seconds"]
-                                             / result["methods"]["kd"]["compute_seconds"])
-    rows = [{"method": m, "test_acc": v["mean"], "ci": 1.96 * v["std"] / np.sqrt(v["n"])}
-            for m, v in result["methods"].items()]
+    final_temperatures: dict[str, list[float | None]] = {}  # meta_distill's KD temperature at the end, per seed
+
+    def record() -> dict:
+        return {
+            "dataset": cfg.data.name, "preset": cfg.preset, "overrides": args.overrides,
+            "seeds": cfg.student.seeds,
+            "teacher_test_acc": teacher_acc["original"], "improved_teacher_test_acc": teacher_acc["improved"],
+            "teacher_seconds": teacher.train_seconds, "teacher_cached": teacher.cached,
+            "improve_seconds": improved.train_seconds, "improve_cached": improved.cached,
+            "improve_mask_rate": improved.mask_rate,
+            "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(cfg, prepared)["arch"],
+            "splits": prepared.counts, "student_steps": cfg.student.train.steps,
+            "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
+            "methods": {r: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist(),
+                            "compute_seconds": float(np.mean(seconds[r])),
+                            **({"final_temperature": final_temperatures[r]} if r in final_temperatures else {})}
+                        for r, a in accs.items()},
+        }
+
+    for row in rows:
+        method, _, variant = row.partition("@")
+        row_cfg = variants.get(variant, cfg)
+        row_teacher = teachers["original" if variant == "original" else "improved"]
+        outcomes, temperatures = [], []
+        for seed in cfg.student.seeds:
+            last: dict[str, float] = {}
+            outcomes.append(run_student(method, row_cfg, prepared, row_teacher, seed,
+                                        on_log=lambda step, metrics, last=last: last.update(metrics)))
+            temperatures.append(last.get("kd_temperature"))
+        if any(t is not None for t in temperatures):
+            final_temperatures[row] = temperatures
+        accs[row] = np.array([o.evaluation.accuracy for o in outcomes])
+        seconds[row] = [o.result.seconds for o in outcomes]
+        print(f"{row:>24}: {100 * accs[row].mean():.2f} ± {100 * accs[row].std(ddof=1):.2f} "
+              f"({np.mean(seconds[row]):.1f} s)", flush=True)
+        # The rows so far, so that a long run stopped early still leaves what it measured.
+        home.write_json(Path(args.json), {**record(), "complete": False}, indent=2)
+    result = {**record(), "complete": True}
+    for base in (STANDARD, "kd_tuned@improved", "kd@improved", "meta_distill@feedback0"):
+        if base in accs:
+            result[f"vs_{base}"] = {r: paired_stats(a - accs[base]) for r, a in accs.items() if r != base}
+    grids = {}
+    for name, model in teachers.items():
+        if f"kd_tuned@{name}" in accs:  # cached by the runs above: no retraining
+            grids[name] = kd_grid(StudentContext.from_config(cfg, prepared, model, cfg.kd.grid_seed))
+    result["kd_tuned_grids"] = grids
+    result["costs"] = costs(result, grids)
+    result["wall_seconds"] = time.perf_counter() - start
+    bars = [{"method": r, "test_acc": v["mean"], "ci": 1.96 * v["std"] / np.sqrt(v["n"])}
+            for r, v in result["methods"].items()]
     with tracking.pipeline_run(f"{cfg.tracking.experiment}-quality", f"quality-{cfg.preset}", {"kind": "quality"}) as run:
-        fig = plots.comparison_bars(rows, f"{cfg.data.name}: test accuracy, 95% CI over {args.seeds} seeds", "ci")
+        fig = plots.comparison_bars(bars, f"{cfg.data.name}: test accuracy, 95% CI over {args.seeds} seeds", "ci")
         run.log_figure(fig, "quality.png")
         plots.close(fig)
         run.log_text(json.dumps(result, indent=2), "quality.json")
     write_json(args.json, result)
     return 0
+
+
+def costs(result: dict, grids: dict) -> dict:
+    """End-to-end seconds of standard practice and of the ``meta_distill`` pipeline (left
+    out when a cached teacher stage has no recorded cost), and ``meta_distill``'s step cost over ``kd``'s
+    with the same teacher.  A ``kd_tuned`` row's compute already includes its grid."""
+    methods, out = result["methods"], {}
+    trained = result["teacher_seconds"] is not None and result["improve_seconds"] is not None
+    if STANDARD in methods and "meta_distill" in methods and trained:
+        standard = result["teacher_seconds"] + methods[STANDARD]["compute_seconds"]
+        ours = result["teacher_seconds"] + result["improve_seconds"] + methods["meta_distill"]["compute_seconds"]
+        out.update({"standard_practice_seconds": standard, "meta_distill_pipeline_seconds": ours,
+                    "pipeline_ratio": ours / standard})
+    if "kd@improved" in methods and "meta_distill" in methods:
+        out["meta_distill_step_vs_kd"] = methods["meta_distill"]["compute_seconds"] / methods["kd@improved"][
+            "compute_seconds"]
+    out["grid_seconds"] = {name: grid["grid_seconds"] for name, grid in grids.items()}
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Markdown tables from ``distill_quality.py`` JSON files, so the docs quote the JSON.
 
-    python -m benchmarks.distill_report docs/benchmarks/distill_quality_{mnist,fashion_mnist,cifar10}.json
+    python -m benchmarks.distill_report docs/benchmarks/distill_quality_{mnist,fashion_mnist}.json
+
+Three tables: accuracy per row (mean ± std over the seeds), the paired comparisons the
+targets name (with the worst seed against its paired ``kd``), and the costs.
 """
 
 from __future__ import annotations
@@ -9,44 +12,59 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+COMPARISONS = [("meta_distill", "kd_tuned@original"), ("meta_distill", "kd_tuned@improved"),
+               ("meta_distill", "meta_distill@feedback0"), ("meta_distill@temperature", "kd_tuned@original"),
+               ("meta_distill@temperature", "kd_tuned@improved"), ("meta_distill@temperature", "meta_distill"),
+               ("kd_tuned@improved", "kd_tuned@original"), ("kd@improved", "kd@original")]
+
 
 def _pts(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def _delta(stats: dict) -> str:
+def _delta(a: np.ndarray, b: np.ndarray) -> str:
+    from benchmarks.common import paired_stats
+
+    stats = paired_stats(a - b)
     lo, hi = stats["ci95"]
-    return (f"{100 * stats['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], "
-            f"p = {stats['p']:.2g} ({stats['p_wilcoxon']:.2g})")
+    return f"{100 * stats['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p = {stats['p']:.2g} ({stats['p_wilcoxon']:.2g})"
 
 
 def tables(paths: list[str]) -> str:
     results = [(Path(p).stem.removeprefix("distill_quality_"), json.loads(Path(p).read_text())) for p in paths]
-    methods = list(dict.fromkeys(m for _, r in results for m in r["methods"]))
-    lines = ["| setting | teacher | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    rows = list(dict.fromkeys(m for _, r in results for m in r["methods"]))
+    lines = ["| setting | teacher | improved teacher | " + " | ".join(rows) + " |", "|---" * (len(rows) + 3) + "|"]
     for name, r in results:
         cells = [f"{_pts(r['methods'][m]['mean'])} ± {_pts(r['methods'][m]['std'])}" if m in r["methods"] else "-"
-                 for m in methods]
-        lines.append(f"| {name} | {_pts(r['teacher_test_acc'])} | " + " | ".join(cells) + " |")
+                 for m in rows]
+        lines.append(f"| {name} | {_pts(r['teacher_test_acc'])} | {_pts(r['improved_teacher_test_acc'])} | "
+                     + " | ".join(cells) + " |")
     lines += ["", "| setting | comparison | Δ points [95% CI], p (Wilcoxon) |", "|---|---|---|"]
     for name, r in results:
-        for m, stats in r["vs_kd"].items():
-            if m == "scratch":  # read the other way round: what distillation adds
-                flipped = {**stats, "diff": -stats["diff"], "ci95": [-stats["ci95"][1], -stats["ci95"][0]]}
-                lines.append(f"| {name} | kd − scratch | {_delta(flipped)} |")
-            elif m != "kd_tuned":
-                lines.append(f"| {name} | {m} − kd | {_delta(stats)} |")
-        for m, stats in r.get("vs_kd_tuned", {}).items():
-            if m not in ("kd", "scratch"):
-                lines.append(f"| {name} | {m} − kd_tuned | {_delta(stats)} |")
-    lines += ["", "| setting | compute s: " + " | ".join(methods) + " | meta_distill / kd | meta_distill / grid | "
-              "kd_tuned point (α, T) |", "|---" * (len(methods) + 4) + "|"]
+        seeds = {m: np.array(v["per_seed"]) for m, v in r["methods"].items()}
+        for a, b in COMPARISONS:
+            if a in seeds and b in seeds:
+                lines.append(f"| {name} | {a} − {b} | {_delta(seeds[a], seeds[b])} |")
+        for m in ("meta_distill", "meta_distill@temperature"):
+            if m in seeds and "kd@improved" in seeds:
+                worst = float((seeds[m] - seeds["kd@improved"]).min())
+                lines.append(f"| {name} | worst seed of {m} − kd@improved | {100 * worst:+.2f} |")
+    lines += ["", "| setting | teacher s | improvement s | grid s (original, improved) | standard practice s | "
+              "meta_distill pipeline s | pipeline ratio | meta_distill step / kd step | kd_tuned points (α, T) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results:
-        secs = [f"{r['methods'][m]['compute_seconds']:.1f}" if m in r["methods"] else "-" for m in methods]
-        point = r.get("kd_tuned_grid", {}).get("point", {})
-        lines.append(f"| {name} | " + " | ".join(secs) + f" | {r.get('meta_distill_cost_vs_kd', float('nan')):.2f} | "
-                     f"{r.get('meta_distill_compute_vs_grid', float('nan')):.3f} | "
-                     f"{point.get('alpha')}, {point.get('temperature')} |")
+        c = r["costs"]
+        grids = c.get("grid_seconds", {})
+        points = "; ".join(f"{k}: {g['point']['alpha']}, {g['point']['temperature']}"
+                           for k, g in r.get("kd_tuned_grids", {}).items())
+        lines.append(f"| {name} | {r['teacher_seconds']:.0f} | {r['improve_seconds']:.0f} | "
+                     f"{grids.get('original', float('nan')):.0f}, {grids.get('improved', float('nan')):.0f} | "
+                     f"{c.get('standard_practice_seconds', float('nan')):.0f} | "
+                     f"{c.get('meta_distill_pipeline_seconds', float('nan')):.0f} | "
+                     f"{c.get('pipeline_ratio', float('nan')):.2f} | {c.get('meta_distill_step_vs_kd', float('nan')):.2f} | "
+                     f"{points} |")
     return "\n".join(lines) + "\n"
 
 

@@ -71,16 +71,29 @@ def build_external(name: str, input_shape: tuple[int, ...], num_classes: int, **
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=input_shape[0], **kwargs)
 
 
-def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no linear classification head to replace")
     return linears[-1]
 
 
+def features_before_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``model``'s classification head (its last linear layer) receives for ``x``:
+    the penultimate features, whatever wraps the network."""
+    _, head = last_linear(model)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
 def head_classes(state: dict[str, torch.Tensor], model: nn.Module) -> int:
     """Classes of ``state``'s head: the out-features of ``model``'s last linear layer there."""
-    name, _ = _last_linear(model)
+    name, _ = last_linear(model)
     key = f"{name}.weight"
     if key not in state:
         raise KeyError(f"the weights have no {key!r} (the head of {type(model).__name__})")
@@ -89,14 +102,14 @@ def head_classes(state: dict[str, torch.Tensor], model: nn.Module) -> int:
 
 def head_parameter_names(model: nn.Module) -> list[str]:
     """The parameters of the classification head (the last linear layer)."""
-    name, head = _last_linear(model)
+    name, head = last_linear(model)
     return [f"{name}.{p}" for p, _ in head.named_parameters()]
 
 
 def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     """Swap the last linear layer for a fresh one with ``num_classes`` outputs; returns the
     new head's parameter names (what a head-only fine-tune trains)."""
-    name, old = _last_linear(model)
+    name, old = last_linear(model)
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], new)

@@ -142,6 +142,10 @@ def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
     # Knobs on a frozen teacher, with transfer examples in every batch and in the pilot.
     ("meta_distill", ["meta_distill.interval=1", "meta_distill.knob_lr=0.1", "student.train.steps=4",
                       "meta_distill.learn=[kd_params, calibration, weights]", "data.label_budget=600"]),
+    # The default: the co-trained head (feedback, trust region), the guard, and the temperature's tangent.
+    ("meta_distill", ["meta_distill.interval=1", "meta_distill.head_lr=0.05", "student.train.steps=6",
+                      "meta_distill.guard_every=3", "meta_distill.learn_temperature=true",
+                      "meta_distill.horizon_window=2", "meta_distill.temperature_lr=0.3", "data.label_budget=600"]),
 ])
 def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, method, overrides):
     """Distributed MAML steps (each rank: half the tasks, meta-gradients all-reduced) and
@@ -153,7 +157,7 @@ def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, metho
     _run([sys.executable] + _stage_args(config, teacher, method, tmp_path / "one"), home)
     assert _moved(tmp_path / "one" / "model") > 1e-4
     assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
-    if "meta_distill.learn=[teacher]" in overrides:
+    if "meta_distill.learn=[teacher]" in overrides or "meta_distill.head_lr=0.05" in overrides:
         moved = _max_diff(tmp_path / "one" / "learned_teacher", teacher)
         assert moved > 1e-4  # the teacher really learned, so equality below means something
         assert _max_diff(tmp_path / "two" / "learned_teacher", tmp_path / "one" / "learned_teacher") <= 1e-5

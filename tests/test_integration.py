@@ -16,7 +16,8 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teache
         "teacher.train.log_every=25", "student.train.steps=60", "student.train.log_every=20",
         "student.seeds=[0, 1]", "tracking.experiment=it-digits", "maml.meta_steps=20", "maml.log_every=5",
         "data.label_budget=1000", "student.methods=[scratch, kd, kd_tuned, maml_init, meta_distill]",
-        "kd.grid_alpha=[0.5, 1.0]", "kd.grid_temperature=[2]"]
+        "kd.grid_alpha=[0.5, 1.0]", "kd.grid_temperature=[2]", "teacher.improve.steps=30",
+        "teacher.improve.batch_size=32"]
 METHODS = {"scratch", "kd", "kd_tuned", "maml_init", "meta_distill"}
 
 
@@ -65,10 +66,14 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert contexts == {"digits": ["training"], "digits-transfer": ["transfer"]}
 
     children = _children(client, parent.info.run_id, parent.info.experiment_id)
-    assert {"data", "augmentation", "teacher", "evaluate", "register"} | {
+    assert {"data", "augmentation", "teacher", "teacher-improve", "evaluate", "register"} | {
         f"student/{m}/seed{s}" for m in METHODS for s in (0, 1)} == set(children)
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert all(r.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for r in children.values())
+    improved = children["teacher-improve"]  # consistency training on the transfer split, its own run
+    assert 0 <= improved.data.metrics["teacher_improve_mask_rate"] <= 1 and "test_acc" in improved.data.metrics
+    assert improved.data.tags["teacher.improve.cached"] == "False"
+    assert "learned_teacher_test_acc" in children["student/meta_distill/seed0"].data.metrics  # the co-trained head
     data_metrics = children["data"].data.metrics
     assert data_metrics["n_transfer"] == 1797 - data_metrics["n_test"] - 1000  # pool minus test minus labels
     tuned = children["student/kd_tuned/seed1"].data.metrics
@@ -85,8 +90,8 @@ def test_pipeline_end_to_end(home, prefect_server):
     maml = children["student/maml_init/seed0"].info.run_id
     assert [m.step for m in client.get_metric_history(maml, "meta_query_acc")] == [5, 10, 15, 20]
     md = children["student/meta_distill/seed1"]
-    assert client.get_metric_history(md.info.run_id, "teacher_quiz_loss_before")
-    assert {"knob_temperature", "knob_alpha"} <= set(md.data.metrics)  # the default learns kd_params
+    assert client.get_metric_history(md.info.run_id, "teacher_feedback_h")  # the default co-trains the head
+    assert md.data.metrics["teacher_head_updates"] == 6 and "guard_reverts" in md.data.metrics
 
     version = client.get_model_version_by_alias("it-digits-student", "champion")
     assert version.tags["promotion_reason"] == "no champion yet"
@@ -114,6 +119,8 @@ def test_pipeline_end_to_end(home, prefect_server):
     # Cached data and teacher were reused.
     teacher_runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'teacher'")
     assert {r.data.tags["teacher.cached"] for r in teacher_runs} == {"True", "False"}
+    improve_runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'teacher-improve'")
+    assert {r.data.tags["teacher.improve.cached"] for r in improve_runs} == {"True", "False"}
 
 
 def test_failed_run_is_marked_failed_and_registers_nothing(home, prefect_server, monkeypatch):

@@ -118,7 +118,7 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teache
         "student.train.steps=40", "meta_distill.interval=3", "data.label_budget=600"]
 
 
-@pytest.mark.parametrize("learn", ["[teacher]", "[calibration]", "[kd_params]", "[weights]",
+@pytest.mark.parametrize("learn", ["[head]", "[teacher]", "[calibration]", "[kd_params]", "[weights]",
                                    "[teacher, calibration, kd_params, weights]"])
 def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
     from pipelines import data as data_stage
@@ -126,8 +126,10 @@ def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
     from pipelines.students.fit import run_student
     from pipelines.teacher.fit import obtain_teacher
 
-    cfg = load_config(overrides=TINY + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0",
-                                        "meta_distill.knob_lr=0"])
+    # At kd's temperature and alpha; the head's guard off (a revert is not kd's trajectory).
+    at_kd = ["meta_distill.temperature=null", "meta_distill.alpha=null", "meta_distill.guard_every=0"]
+    cfg = load_config(overrides=TINY + at_kd + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0",
+                                                "meta_distill.knob_lr=0", "meta_distill.head_lr=0"])
     prepared = data_stage.prepare(cfg.data)
     assert prepared.transfer() is not None  # the pilot and the student see transfer examples too
     teacher = obtain_teacher(cfg, prepared).model
@@ -136,8 +138,8 @@ def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
     for (name, a), b in zip(kd.model.state_dict().items(), md.model.state_dict().values()):
         assert (a - b).abs().max() <= 1e-5, name
     # ...and with a learning rate what is learned does move, so the student differs.
-    moved_cfg = load_config(overrides=TINY + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0.01",
-                                              "meta_distill.knob_lr=0.05"])
+    moved_cfg = load_config(overrides=TINY + at_kd + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0.01",
+                                                      "meta_distill.knob_lr=0.05", "meta_distill.head_lr=0.05"])
     moved = run_student("meta_distill", moved_cfg, prepared, teacher, seed=3)
     assert any((a - b).abs().max() > 1e-5 for a, b in zip(kd.model.state_dict().values(),
                                                           moved.model.state_dict().values()))

@@ -25,7 +25,7 @@ from pipelines.config.students import (
     MetaDistillConfig,
     StudentConfig,
 )
-from pipelines.config.teacher import FinetuneConfig, TeacherConfig, teacher_input_shape
+from pipelines.config.teacher import FinetuneConfig, ImproveConfig, TeacherConfig, teacher_input_shape
 from pipelines.config.training import ModelConfig, OptimConfig, TrainConfig
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     'library_prefix',
     'check_source',
     'FinetuneConfig',
+    'ImproveConfig',
     'TeacherConfig',
     'teacher_input_shape',
     'KDConfig',

@@ -54,6 +54,9 @@ class PipelineConfig(Strict):
             if float(self.student.model.kwargs.get("dropout", 0) or 0) > 0:
                 raise ValueError("student.concurrency > 1 needs students without dropout: dropout draws from the "
                                  "process's one global generator, so concurrent students would not repeat")
+        if self.meta_distill.learn_temperature and self.student.train.optimizer.name != "sgd":
+            raise ValueError(f"meta_distill.learn_temperature follows SGD steps; student.train.optimizer.name is "
+                             f"{self.student.train.optimizer.name!r}: set it to sgd or turn learn_temperature off")
         if self.maml.ways is not None and self.maml.ways > classes:
             raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
         student = _param_count(self.student.model, shape, classes, "student")

@@ -46,17 +46,47 @@ class KDConfig(Strict):
         return int(round(self.transfer_ratio * batch_size))
 
 
-Learnable = Literal["teacher", "calibration", "kd_params", "weights"]
+Learnable = Literal["head", "teacher", "calibration", "kd_params", "weights"]
 
 
 class MetaDistillConfig(Strict):
     """Learning to teach: what the teacher learns is meta-updated on the pilot student's quiz loss."""
 
     learn: list[Learnable] = Field(
-        default_factory=lambda: ["kd_params", "weights"],
-        description="teacher: all its weights (MetaDistil); calibration: a per-class temperature and bias on "
-                    "its logits; kd_params: the KD temperature and alpha; weights: a per-example soft/hard "
-                    "weight from a tiny net. Knobs sit on a frozen teacher unless 'teacher' is listed too")
+        default_factory=lambda: ["head"],
+        description="head: the teacher's head keeps learning while it teaches, from the labels, the student's "
+                    "feedback and a trust region (alone); teacher: all its weights (MetaDistil); calibration: a "
+                    "per-class temperature and bias on its logits; kd_params: the KD temperature and alpha; "
+                    "weights: a per-example soft/hard weight from a tiny net. Knobs sit on a frozen teacher "
+                    "unless 'teacher' is listed too")
+    temperature: float | None = Field(2.0, gt=0, description="the KD temperature meta_distill teaches at (the "
+                                                              "start of a learned one); None: kd.temperature")
+    alpha: float | None = Field(1.0, ge=0, le=1, description="weight of the soft term; None: kd.alpha")
+    feedback: float = Field(1.0, ge=0, description="head: weight of the student's feedback, h * CE(teacher, its "
+                                                   "pseudo-labels), h the student's held-out gain from its last "
+                                                   "step (normalised by its running RMS); 0: the ablation")
+    feedback_clip: float = Field(2.0, gt=0, description="head: the normalised h is clipped to +-this")
+    head_lr: float = Field(1e-3, ge=0, description="head: Adam step size of the teacher's head")
+    trust_kl: float = Field(1.0, ge=0, description="head: weight of KL(starting teacher || teacher), the pull back")
+    max_drift: float = Field(0.1, gt=0, description="head: the head stops learning once that KL passes this")
+    guard_every: int = Field(200, ge=0, description="head: student steps between checks of the held-out "
+                                                    "accuracy against the last accepted snapshot (0: no guard)")
+    guard_z: float = Field(2.0, gt=0, description="head: falling behind the snapshot by more than this many "
+                                                  "standard errors reverts to it")
+    guard_damping: float = Field(0.5, gt=0, le=1, description="head: a revert multiplies head_lr by this")
+    learn_temperature: bool = Field(False, description="head: the KD temperature learns too, by forward-mode "
+                                                       "tangents through the student's whole trajectory (RTHO, "
+                                                       "discounted as MARTHE); SGD students; about 3x a kd step")
+    temperature_lr: float = Field(0.05, gt=0, description="learn_temperature: the step of log T once a window "
+                                                           "of hypergradients clears its noise")
+    temperature_box: tuple[float, float] = Field((1.0, 8.0), description="learn_temperature: bounds on T")
+    horizon_discount: float = Field(0.99, ge=0, le=1, description="learn_temperature: the tangent's discount per "
+                                                                  "step (1: RTHO's full horizon; 0: one step)")
+    temperature_share: float = Field(1.0, gt=0, le=1, description="learn_temperature: T learns over this share "
+                                                                  "of the student's steps, then stays where it ends; "
+                                                                  "the tangent costs ~4x a kd step while it runs")
+    horizon_window: int = Field(5, ge=2, description="learn_temperature: hypergradient readings (one per update) "
+                                                     "per decision")
     knob_lr: float = Field(0.03, ge=0, description="Adam/SGD step size of the teaching knobs")
     order: Literal["second", "first"] = Field("second", description="second: MetaDistil; first: MPL-style")
     pilot_steps: int = Field(1, ge=1, description="K pilot SGD steps of the student copy")
@@ -69,13 +99,21 @@ class MetaDistillConfig(Strict):
                                                           "(MetaDistil freezes its teacher for the rest)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="the teacher's and knobs' learning rates over the update window")
-    quiz_batch_size: int = Field(64, gt=0)
+    quiz_batch_size: int = Field(256, gt=0, description="held-out images per evaluation, rotating through the "
+                                                          "quiz and validation splits (head) or drawn from quiz")
     teacher_ce_weight: float = Field(0.0, ge=0, description="adds the teacher's own CE on the batch, against forgetting")
 
     @model_validator(mode="after")
     def _what_is_learned(self) -> MetaDistillConfig:
         if not self.learn or len(set(self.learn)) != len(self.learn):
             raise ValueError(f"meta_distill.learn must list distinct items, got {self.learn}")
+        if "head" in self.learn and self.learn != ["head"]:
+            raise ValueError(f"meta_distill.learn=[head] trains the teacher's head alone; got {self.learn}")
+        if self.learn_temperature and self.learn != ["head"]:
+            raise ValueError("meta_distill.learn_temperature goes with meta_distill.learn=[head]")
+        low, high = self.temperature_box
+        if not 0 < low <= high:
+            raise ValueError(f"meta_distill.temperature_box={list(self.temperature_box)} must be 0 < low <= high")
         if self.order == "first" and self.learn != ["teacher"]:
             raise ValueError("meta_distill.order=first (MPL's estimator) only learns the teacher's weights: "
                              "set meta_distill.learn=[teacher]")

@@ -20,6 +20,29 @@ class FinetuneConfig(TrainConfig):
     optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01))
 
 
+class ImproveConfig(TrainConfig):
+    """``teacher.improve``: the teacher learns from the unlabeled transfer split too, starting
+    from the labelled teacher: consistency training (FixMatch's confident weak-view
+    pseudo-label as the target of a strong view; UDA's sharpened soft target with
+    ``sharpen``).  Its own stage, cached; every teacher-based student learns from the
+    improved teacher.  Skipped when the data has no transfer split."""
+
+    method: Literal["none", "consistency"] = Field(
+        "consistency", description="none: the students learn from the labelled teacher as it is")
+    steps: int = Field(300, gt=0)
+    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.02))
+    unlabeled_ratio: float = Field(3.0, gt=0, description="transfer examples per labelled example in each step")
+    threshold: float = Field(0.9, ge=0, le=1, description="keep a pseudo-label where the weak view's top "
+                                                          "probability reaches this")
+    sharpen: float | None = Field(None, gt=0, description="None: hard pseudo-labels (FixMatch); a temperature: "
+                                                          "soft targets softmax(logits / sharpen) (UDA)")
+    weight: float = Field(1.0, ge=0, description="weight of the consistency term beside the labelled cross-entropy")
+    strong_depth: int = Field(2, ge=1, le=3, description="strong view: ops per image, drawn from every op of "
+                                                         "meta.augment at up to its full range")
+    cutout: float = Field(0.5, ge=0, lt=1, description="strong view: a square of this share of the side, "
+                                                      "set to the mean colour, at a random place (0: none)")
+
+
 class TeacherConfig(FromSource):
     source_field: ClassVar[str] = "source"
     source: TeacherSource = Field("train", description="train: trained here (teacher.model, teacher.train); "
@@ -37,6 +60,7 @@ class TeacherConfig(FromSource):
                                                        "(default: ImageNet's, or the data's without weights)")
     std: list[float] | None = Field(None, description="see mean")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    improve: ImproveConfig = Field(default_factory=ImproveConfig)
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}))
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000))
     seed: int = Field(0, description="training / the new head's initialisation")

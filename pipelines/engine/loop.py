@@ -55,6 +55,14 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+@runtime_checkable
+class AfterStep(Protocol):
+    """A loss that acts on the step just taken (the co-trained teacher's update on the
+    student's held-out gain, and its guard), given the loop's optimiser."""
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None: ...
+
+
 class LoopState:
     """Everything a resumed run needs, saved whole by the checkpoint: the weights, the
     optimiser, the positions of the batch plans, the curves so far, and the state of a
@@ -142,6 +150,8 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             state.optimizer.step()
+            if isinstance(loss_fn, AfterStep):
+                loss_fn.after_step(step, state.optimizer)
             state.step = step
             metrics.add(step, loss, logits, y)
             advance()

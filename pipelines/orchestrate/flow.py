@@ -1,6 +1,7 @@
 """The ``metadistill`` Prefect flow: prepare data -> prepare augmentation -> train teacher
--> train students -> evaluate -> register.  Thin and sequential: each task opens its child run
-and calls the stage's plain functions (``teacher.fit``, ``students.fit``, ``evaluate``, ``register``).
+-> improve the teacher on the transfer split -> train students -> evaluate -> register.
+Thin and sequential: each task opens its child run and calls the stage's plain functions
+(``teacher.fit``, ``teacher.improve``, ``students.fit``, ``evaluate``, ``register``).
 
 No ``from __future__ import annotations`` here: Prefect builds the parameter model from
 the real annotations when a deployment loads this flow from its entrypoint."""
@@ -35,7 +36,7 @@ from pipelines.orchestrate import launch
 from pipelines.orchestrate.worker import load_stage_output
 from pipelines.register.student import lineage_tags, register_student
 from pipelines.students.fit import finish_student, run_student
-from pipelines.teacher import sources
+from pipelines.teacher import improve, sources
 from pipelines.teacher.fit import (
     TeacherOutcome,
     cached_teacher,
@@ -169,6 +170,43 @@ def _register_teacher(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, a
     get_run_logger().info("registered teacher %s v%s (models:/%s/latest)", name, reg.version, name)
 
 
+@task(name="improve-teacher", cache_policy=NO_CACHE)
+def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunLogger, timings: dict):
+    """The teacher's consistency training on the transfer split (``teacher.improve``), in
+    its own child run; returns the teacher the students learn from (the labelled one when
+    the stage is off or there is no transfer split)."""
+    if not improve.improves(cfg, prepared):
+        return teacher
+    with tracking.child_run(parent, "teacher-improve", _tags()) as run:
+        run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.improve.")})
+        start = time.perf_counter()
+        folder = improve.improved_folder(cfg, prepared)
+        if cfg.dist.uses_torchrun() and not (folder / "model.safetensors").is_file():
+            model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "improve",
+                                                              "--teacher", str(teacher_folder(cfg, prepared))])
+            save_weights(unwrap(model), folder, teacher_spec(cfg, prepared))
+            outcome = improve.improve_teacher(cfg, prepared, teacher)  # reads what the workers trained
+            outcome.result, outcome.cached = result, False
+        else:
+            outcome = improve.improve_teacher(cfg, prepared, teacher, on_log=lambda step, m: run.log_metrics(m, step))
+        ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
+        timings["teacher_improve"] = time.perf_counter() - start
+        metrics = {**ev.metrics(), "teacher_improve_seconds": outcome.seconds}
+        if outcome.mask_rate is not None:
+            metrics["teacher_improve_mask_rate"] = outcome.mask_rate
+        run.log_metrics(metrics, step=cfg.teacher.improve.steps)
+        run.set_tags({"teacher.improve.cached": outcome.cached, "teacher.improve.key": outcome.key})
+        if outcome.result is not None:
+            _log_curve(run, outcome.result.curve, "teacher-improve")
+    get_run_logger().info("improved teacher: test acc %.2f%% (cached=%s)", 100 * ev.accuracy, outcome.cached)
+    return outcome.model
+
+
+def student_teacher_folder(cfg: PipelineConfig, prepared: Prepared):
+    """Where the teacher the students learn from is saved (for torchrun workers)."""
+    return improve.improved_folder(cfg, prepared) if improve.improves(cfg, prepared) else teacher_folder(cfg, prepared)
+
+
 @task(name="train-student", cache_policy=NO_CACHE)
 def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str, seed: int,
                   parent: RunLogger, timings: dict) -> StudentOutcome:
@@ -183,7 +221,7 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
         if cfg.dist.uses_torchrun():
             model, result, learned_teacher = _torchrun(
                 cfg, run, prepared, ["--stage", "student", "--method", method, "--seed", str(seed),
-                                     "--teacher", str(teacher_folder(cfg, prepared)),
+                                     "--teacher", str(student_teacher_folder(cfg, prepared)),
                                      *(["--init", str(init.folder)] if init else [])])
             outcome = finish_student(method, seed, model, result, prepared, learned_teacher)
         else:
@@ -355,6 +393,7 @@ def metadistill_flow(config: PipelineConfig) -> dict:
         parent.set_tags({"dist.device": str(prepared.device)})
         prepare_augmentation(cfg, prepared, parent, timings)
         teacher, teacher_eval = train_teacher(cfg, prepared, parent, timings)
+        teacher = improve_teacher_task(cfg, prepared, teacher, parent, timings)
         outcomes, students_wall = student_sweep(cfg, prepared, teacher, parent, timings)
         rows = compare(outcomes, prepared.class_names, parent)
         registered, choice = None, None

@@ -36,6 +36,7 @@ from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import TrainResult
 from pipelines.students.fit import fit_student
 from pipelines.teacher.fit import fit_teacher, load_teacher, teacher_inputs, teacher_spec
+from pipelines.teacher.improve import fit_improved
 from pipelines.teacher.sources import WeightsSource
 
 
@@ -53,10 +54,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=Path,
                    help="the pipeline config, JSON or YAML (`metadistill config ... > stage.yaml`)")
-    p.add_argument("--stage", required=True, choices=["teacher", "student"])
+    p.add_argument("--stage", required=True, choices=["teacher", "improve", "student"])
     p.add_argument("--method", help="student method (stage student)")
     p.add_argument("--seed", type=int, default=0, help="student seed (stage student)")
-    p.add_argument("--teacher", type=Path, help="teacher weights folder (stage student)")
+    p.add_argument("--teacher", type=Path, help="teacher weights folder (stages improve, student)")
     p.add_argument("--source", type=Path, help="the brought teacher's materialised source (stage teacher)")
     p.add_argument("--init", type=Path, help="the student's materialised init source (stage student)")
     p.add_argument("--out", required=True, type=Path)
@@ -65,6 +66,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stage == "student" and (args.method is None or args.teacher is None):
         p.error("--stage student needs --method and --teacher")
+    if args.stage == "improve" and args.teacher is None:
+        p.error("--stage improve needs --teacher")
     return args
 
 
@@ -101,6 +104,11 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
         source, augment = teacher_inputs(cfg, data, source)
         model, result = fit_teacher(cfg.teacher, data, augment, on_log, checkpoint, source)
         spec = teacher_spec(cfg, data, source)
+    elif args.stage == "improve":
+        _, weak = teacher_inputs(cfg, data)
+        model, result, _ = fit_improved(load_teacher(args.teacher, data), cfg.teacher.improve, data, weak,
+                                        cfg.teacher.seed, on_log)
+        spec = json.loads((args.teacher / "spec.json").read_text())
     else:
         teacher = load_teacher(args.teacher, data)
         init = WeightsSource.from_folder(args.init) if args.init else None

@@ -65,6 +65,12 @@ class StudentContext:
             self.rng_after_init = torch.get_rng_state()
         return model.to(self.data.device)
 
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled images that steer a method's choices (``kd_tuned``'s grid point,
+        ``meta_distill``'s teacher and guard): the quiz and validation splits, never trained on."""
+        return (torch.cat([self.data.x("quiz"), self.data.x("val")]),
+                torch.cat([self.data.y("quiz"), self.data.y("val")]))
+
     def transfer(self) -> Transfer | None:
         """The unlabeled examples drawn beside each labelled batch (teacher-based methods)."""
         x, per_step = self.data.transfer(), self.kd.transfer_batch(self.student.train.batch_size)

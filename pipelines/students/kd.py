@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from meta.distill import distillation_loss
+from models.external import features_before_head
 from pipelines.common.home import cache_dir, cache_key, write_json
 from pipelines.config.students import KDConfig
 from pipelines.engine import distributed
@@ -24,43 +25,48 @@ from pipelines.students.context import StudentContext
 
 
 class FrozenTeacher:
-    """The frozen teacher's logits for a batch.  When the student's inputs are not
-    augmented, they are computed once for the whole training pool (train rows, then
+    """The frozen teacher's logits for a batch (``part="features"``: what its head
+    receives, for a method that trains a copy of the head).  When the student's inputs are
+    not augmented, they are computed once for the whole training pool (train rows, then
     transfer rows) and looked up by row: a teacher forward per step costs 10-30x the small
-    student's step.  The table is kept for the last (teacher, data) pair of each device, so
-    the seeds and methods of a sweep share it; ``seconds`` is what building it cost this
-    student (0 when it was already there), counted in the student's compute."""
+    student's step.  The table is kept for the last (teacher, data) pair of each device and
+    part, so the seeds and methods of a sweep share it; ``seconds`` is what building it
+    cost this student (0 when it was already there), counted in the student's compute."""
 
-    _tables: dict[str, torch.Tensor] = {}
+    _tables: dict[tuple[str, str, str, str], torch.Tensor] = {}
     _lock = threading.Lock()
 
-    def __init__(self, ctx: StudentContext):
-        self.teacher, self.table, self.seconds = ctx.teacher.eval(), None, 0.0
+    def __init__(self, ctx: StudentContext, part: str = "logits"):
+        self.teacher, self.part, self.table, self.seconds = ctx.teacher.eval(), part, None, 0.0
         if ctx.augment is None:
-            key = f"{_teacher_fingerprint(ctx.teacher)}/{ctx.data.key}/{ctx.data.device}"
+            device = str(ctx.data.device)
+            key = (_teacher_fingerprint(ctx.teacher), part, ctx.data.key, device)
             with FrozenTeacher._lock:  # concurrent students of one sweep compute it once
                 if key not in FrozenTeacher._tables:
-                    # One table per device (concurrent students may train on several GPUs).
+                    # One table per device and part (concurrent students may train on several GPUs).
                     FrozenTeacher._tables = {k: v for k, v in FrozenTeacher._tables.items()
-                                             if k.rsplit("/", 1)[1] != str(ctx.data.device)}
+                                             if (k[1], k[3]) != (part, device)}
                     start = time.perf_counter()
-                    FrozenTeacher._tables[key] = self._logits_of_pool(ctx)
+                    FrozenTeacher._tables[key] = self._outputs_of_pool(ctx)
                     if ctx.data.device.type == "cuda":  # other threads' streams read it next
                         torch.cuda.current_stream(ctx.data.device).synchronize()
                     self.seconds = time.perf_counter() - start
                 self.table = FrozenTeacher._tables[key]
 
-    def _logits_of_pool(self, ctx: StudentContext) -> torch.Tensor:
+    def _outputs(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images) if self.part == "logits" else features_before_head(self.teacher, images)
+
+    def _outputs_of_pool(self, ctx: StudentContext) -> torch.Tensor:
         pool = [ctx.data.x("train"), ctx.data.transfer()]
         with torch.no_grad():
-            return torch.cat([self.teacher(images) for x in pool if x is not None
+            return torch.cat([self._outputs(images) for x in pool if x is not None
                               for images in in_batches(x, inference_batch(x), ctx.data.device)])
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.table is not None:
             return self.table[index]
         with torch.no_grad():
-            return self.teacher(x)
+            return self._outputs(x)
 
 
 def kd_loss(teacher: FrozenTeacher, kd: KDConfig):
@@ -97,11 +103,12 @@ def _teacher_fingerprint(teacher: nn.Module) -> str:
 def kd_grid(ctx: StudentContext) -> dict:
     """``kd_tuned``'s search, once per setting: every (alpha, temperature[, transfer
     ratio]) point of the grid trains a ``kd`` student with seed ``kd.grid_seed`` and is
-    scored on the validation split.  Cached under the project home by data, teacher,
+    scored on the held-out labelled images (quiz and validation splits, as ``meta_distill``
+    sees them).  Cached under the project home by data, teacher,
     student and grid, so the seeds of a sweep (and torchrun workers) share one search.
     Returns ``{"point", "grid_seconds", "table"}``."""
     kd, student_cfg = ctx.kd, ctx.student
-    key = cache_key(2, data=ctx.data.key, teacher=_teacher_fingerprint(ctx.teacher),
+    key = cache_key(3, data=ctx.data.key, teacher=_teacher_fingerprint(ctx.teacher),
                     student=student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
                     init=ctx.init.sha256 if ctx.init else None,
                     kd=kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
@@ -126,7 +133,7 @@ def _search_grid(ctx: StudentContext, path) -> dict:
                 sub = with_kd(ctx, point, seed=kd.grid_seed, on_log=None, checkpoint=None,
                               desc=f"{ctx.desc} grid alpha={alpha} T={temperature} ratio={ratio}")
                 student, result = train_kd(sub)
-                table.append({**point, "val_acc": validation_accuracy(student, ctx.data.x("val"), ctx.data.y("val")),
+                table.append({**point, "val_acc": validation_accuracy(student, *ctx.held_out()),
                               "seconds": result.seconds})
     best = max(table, key=lambda row: row["val_acc"])  # ties: the first point of the grid
     record = {"point": {k: best[k] for k in ("alpha", "temperature", "transfer_ratio")},
@@ -137,7 +144,7 @@ def _search_grid(ctx: StudentContext, path) -> dict:
 
 
 def train_kd_tuned(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
-    """``kd`` at the grid point that scored best on the validation split; its compute is
+    """``kd`` at the grid point that scored best on the held-out images; its compute is
     the whole grid's plus its own."""
     grid = kd_grid(ctx)
     tuned = with_kd(ctx, grid["point"])

@@ -5,7 +5,6 @@ the pilot student's quiz loss.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +17,16 @@ from pipelines.engine import distributed
 from pipelines.engine.device import rows
 from pipelines.engine.loop import TrainResult
 from pipelines.engine.metrics import check_finite
-
-if TYPE_CHECKING:
-    pass
 from pipelines.students.context import StudentContext
 from pipelines.students.kd import FrozenTeacher
 from pipelines.students.maml_init import maml_initialised
+
+
+def teaching_point(ctx: StudentContext) -> tuple[float, float]:
+    """The temperature and alpha ``meta_distill`` teaches at (``kd``'s where it sets none)."""
+    cfg, kd = ctx.meta_distill, ctx.kd
+    return (kd.temperature if cfg.temperature is None else cfg.temperature,
+            kd.alpha if cfg.alpha is None else cfg.alpha)
 
 
 class MetaDistillLoss:
@@ -48,7 +51,7 @@ class MetaDistillLoss:
         self.teacher = copy.deepcopy(ctx.teacher).eval().requires_grad_(self.learns_teacher)
         self.frozen = None if self.learns_teacher else FrozenTeacher(ctx)
         with global_rng(state=ctx.rng_after_init):  # the draws that follow the student's, as in a run alone
-            self.knobs = TeachingKnobs(ctx.data.num_classes, kd.temperature, kd.alpha, kd.soft_loss,
+            self.knobs = TeachingKnobs(ctx.data.num_classes, *teaching_point(ctx), kd.soft_loss,
                                        [k for k in cfg.learn if k != "teacher"]).to(ctx.data.device)
         groups = ([{"params": list(self.teacher.parameters()), "lr": cfg.teacher_lr}] if self.learns_teacher else [])
         if self.knobs.knobs:
@@ -57,7 +60,7 @@ class MetaDistillLoss:
             group["base_lr"] = group["lr"]
         self.optimizer = torch.optim.Adam(groups) if cfg.teacher_optimizer == "adam" else torch.optim.SGD(groups)
         self.pilot = Pilot(cfg.pilot_steps, cfg.pilot_lr or ctx.student.train.optimizer.lr,
-                           kd.temperature, kd.alpha, kd.soft_loss, average=distributed.differentiable_mean)
+                           *teaching_point(ctx), kd.soft_loss, average=distributed.differentiable_mean)
         self.quiz = (ctx.data.x("quiz"), ctx.data.y("quiz"))
         self.generator = torch.Generator().manual_seed(10_000 + ctx.seed)  # never the data order's
         self.step, self.updates = 0, 0
@@ -156,6 +159,10 @@ class MetaDistillLoss:
 
 
 def _meta_distill(ctx: StudentContext, student: nn.Module) -> TrainResult:
+    if ctx.meta_distill.learn == ["head"]:
+        from pipelines.students.cotrain import co_teach
+
+        return co_teach(ctx, student)
     loss = MetaDistillLoss(ctx, student)
     result = ctx.teach(student, loss)
     result.seconds += loss.frozen.seconds if loss.frozen is not None else 0.0

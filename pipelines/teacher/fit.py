@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from models.normalize import unwrap
 from models.registry import build_model
 from models.weights import load_weights, save_weights
 from pipelines.augment.search import augmenter_for, policy_fingerprint
-from pipelines.common.home import cache_dir, cache_key
+from pipelines.common.home import cache_dir, cache_key, write_json
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.config.teacher import TeacherConfig
 from pipelines.data.prepared import Prepared, model_spec
@@ -32,6 +33,18 @@ class TeacherOutcome:
     key: str
     seconds: float
     cached: bool = False
+    train_seconds: float | None = None  # what training it cost, this run or the one that cached it
+
+
+def record_cost(folder: Path, seconds: float) -> None:
+    """Remember beside cached weights what producing them cost, so a run that reuses them
+    can still count it (the benchmarks' end-to-end costs)."""
+    write_json(folder / "cost.json", {"train_seconds": seconds})
+
+
+def recorded_cost(folder: Path) -> float | None:
+    path = folder / "cost.json"
+    return float(json.loads(path.read_text())["train_seconds"]) if path.is_file() else None
 
 
 def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
@@ -67,7 +80,8 @@ def cached_teacher(cfg: PipelineConfig, data: Prepared) -> TeacherOutcome | None
     folder = teacher_folder(cfg, data)
     if not (folder / "model.safetensors").is_file():
         return None
-    return TeacherOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, cached=True)
+    return TeacherOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, cached=True,
+                          train_seconds=recorded_cost(folder))
 
 
 def fit_teacher(teacher: TeacherConfig, data: Prepared, augment: Augment | None, on_log: LogFn | None = None,
@@ -128,4 +142,6 @@ def obtain_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = N
     source, augment = teacher_inputs(cfg, data)
     model, result = fit_teacher(cfg.teacher, data, augment, on_log, source=source)
     save_teacher(model, cfg, data)  # also a brought one as it is: torchrun workers read this folder
-    return TeacherOutcome(model, result, teacher_key(cfg, data), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    record_cost(teacher_folder(cfg, data), seconds)
+    return TeacherOutcome(model, result, teacher_key(cfg, data), seconds, train_seconds=seconds)

@@ -1,0 +1,236 @@
+"""Learning to teach, round 3: consistency training of the teacher on the transfer split,
+the co-trained head's feedback sign, the trust region, and the guard's revert."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meta.consistency import consistency_loss, pseudo_targets
+from meta.cotrain import drift, feedback_h, feedback_loss
+from meta.distill import UNLABELED
+from meta.guard import Guard
+from pipelines import data as data_stage
+from pipelines.config.loader import load_config
+from pipelines.students.context import StudentContext
+from pipelines.students.cotrain import CoTeacher
+from pipelines.teacher import improve
+from pipelines.teacher.fit import obtain_teacher
+
+TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=80",
+        "student.train.steps=30", "data.label_budget=500", "teacher.improve.steps=20",
+        "teacher.improve.batch_size=32"]
+
+
+# --- consistency (hand-computed) ------------------------------------------------------------
+
+def test_fixmatch_loss_keeps_confident_hard_labels_and_averages_over_all():
+    weak = torch.tensor([[4.0, 0.0], [0.1, 0.0]])  # confident (0.982) / unsure (0.525)
+    strong = torch.tensor([[1.0, 2.0], [3.0, -3.0]])
+    loss, rate = consistency_loss(weak, strong, threshold=0.9)
+    expected = -math.log(math.exp(1) / (math.exp(1) + math.exp(2))) / 2  # row 1 only, mean over 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert rate == 0.5
+
+
+def test_uda_targets_are_the_sharpened_weak_prediction():
+    weak = torch.tensor([[1.0, 0.0, -1.0]])
+    targets, mask = pseudo_targets(weak, threshold=0.0, sharpen=0.5)
+    sharp = torch.tensor([2.0, 0.0, -2.0]).softmax(-1)
+    assert torch.allclose(targets[0], sharp) and mask.item() == 1.0
+    strong = torch.tensor([[0.0, 1.0, 0.0]])
+    loss, _ = consistency_loss(weak, strong, threshold=0.0, sharpen=0.5)
+    assert loss.item() == pytest.approx(float(-(sharp * strong.log_softmax(-1)[0]).sum()), rel=1e-6)
+
+
+def test_consistency_gradient_reaches_only_the_strong_view():
+    weak = torch.randn(4, 3, requires_grad=True)
+    strong = torch.randn(4, 3, requires_grad=True)
+    consistency_loss(weak, strong, threshold=0.0)[0].backward()
+    assert weak.grad is None and strong.grad.abs().sum() > 0
+
+
+# --- the feedback's sign (MPL, first order) ------------------------------------------------
+
+def test_feedback_gradient_is_the_exact_score_function_gradient():
+    """For a teacher distribution p(z) over labels, the expected feedback gradient
+    E_y[h(y) dCE(z, y)/dz] equals d/dz E_y[L_heldout(theta'(y))] (computed exactly by
+    enumerating labels): descending it lowers the student's expected held-out loss."""
+    torch.manual_seed(0)
+    x, xq, yq, lr = torch.randn(4).double(), torch.randn(4).double(), 2, 0.5
+    theta = torch.randn(3, 4).double() * 0.1  # a linear softmax student: logits = theta @ x
+
+    def heldout(t):
+        return float(F.cross_entropy((t @ xq)[None], torch.tensor([yq])))
+
+    def step(label):
+        t = theta.clone().requires_grad_()
+        loss = F.cross_entropy((t @ x)[None], torch.tensor([label]))
+        (g,) = torch.autograd.grad(loss, t)
+        return (t - lr * g).detach()
+
+    before = heldout(theta)
+    after = {c: heldout(step(c)) for c in range(3)}
+    z = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    expected = sum(z.softmax(-1)[c] * after[c] for c in range(3))
+    (exact,) = torch.autograd.grad(expected, z)
+    estimate = torch.zeros(3, dtype=torch.float64)
+    for c in range(3):
+        zc = z.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(feedback_loss(zc[None], torch.tensor([c]), feedback_h(before, after[c], 1e9)), zc)
+        estimate += z.softmax(-1)[c].detach() * g
+    # The score-function identity: d E[L] / dz = E[(L - L_before) dlogp/dz] = E[h dCE/dz].
+    assert torch.allclose(estimate, exact, atol=1e-12)
+
+
+def test_feedback_raises_a_helpful_label_and_lowers_a_harmful_one():
+    z = torch.zeros(1, 3, requires_grad=True)
+    (helped,) = torch.autograd.grad(feedback_loss(z, torch.tensor([1]), feedback_h(1.0, 0.8, 5.0)), z)
+    (hurt,) = torch.autograd.grad(feedback_loss(z, torch.tensor([1]), feedback_h(1.0, 1.2, 5.0)), z)
+    assert (z - 0.1 * helped).softmax(-1)[0, 1] > 1 / 3 > (z - 0.1 * hurt).softmax(-1)[0, 1]
+    assert feedback_h(1.0, -9.0, 2.0) == 2.0 and feedback_h(0.0, 0.1, 1.0, scale=0.1) == pytest.approx(-1.0)
+
+
+def test_drift_is_zero_at_the_start_and_the_kl_of_the_distributions():
+    a = torch.tensor([[1.0, 0.0]])
+    assert drift(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    p, q = a.softmax(-1)[0], torch.tensor([0.0, 1.0]).softmax(-1)
+    assert drift(torch.tensor([[0.0, 1.0]]), a).item() == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
+
+
+# --- the guard ----------------------------------------------------------------------------
+
+def test_guard_accepts_noise_and_reverts_a_real_drop():
+    part = torch.nn.Linear(2, 1)
+    guard = Guard(z=2.0, damping=0.5)
+    assert guard.check(0.80, 400, {"p": part})
+    kept = copy.deepcopy(part.state_dict())
+    margin = guard.margin(0.80, 400)  # 2 * sqrt(0.16 / 400) = 0.04
+    assert margin == pytest.approx(0.04)
+    assert guard.check(0.80 - 0.9 * margin, 400, {"p": part}) and guard.reverts == 0
+    with torch.no_grad():
+        part.weight.fill_(7.0)
+    assert not guard.check(0.80 - 1.1 * margin, 400, {"p": part})
+    assert torch.equal(part.weight, kept["weight"]) and guard.scale == 0.5 and guard.reverts == 1
+
+
+@pytest.fixture
+def setting(home):
+    cfg = load_config(overrides=TINY)
+    prepared = data_stage.prepare(cfg.data)
+    return cfg, prepared, obtain_teacher(cfg, prepared).model
+
+
+def test_a_harmful_teacher_step_is_reverted_and_damped(setting):
+    """Force the co-trained head to teach garbage after the first guard check: the next
+    check finds the student behind its snapshot, restores student and head, and halves
+    the head's step size; the returned student is the better one."""
+    cfg, prepared, teacher = setting
+    cfg = load_config(overrides=TINY + ["student.train.steps=60", "meta_distill.guard_every=20",
+                                        "meta_distill.max_drift=1e9"])
+    ctx = StudentContext.from_config(cfg, prepared, teacher, seed=0)
+    student = ctx.new_student()
+    loss = CoTeacher(ctx, student)
+    harm = {}
+
+    def after_step(step, optimizer, original=loss.after_step):
+        original(step, optimizer)
+        if step == 20:
+            harm["snapshot_head"] = copy.deepcopy(loss.head.state_dict())
+            with torch.no_grad():  # a harmful meta step: the head now points at the wrong class
+                loss.head.weight.copy_(-10 * loss.head.weight.roll(1, 0))
+                loss.head.bias.zero_()
+            for group in optimizer.param_groups:  # and the student follows it fast
+                group["lr"] = 0.5
+        if step == 40:
+            harm["reverts"] = loss.guard.reverts
+            harm["head"] = copy.deepcopy(loss.head.state_dict())
+
+    loss.after_step = after_step
+    ctx.teach(student, loss)
+    assert harm["reverts"] == 1 and loss.guard.scale == 0.5
+    for k, v in harm["snapshot_head"].items():
+        assert torch.equal(harm["head"][k], v)
+    loss.finish()
+    from pipelines.engine.metrics import accuracy
+    assert accuracy(student, *ctx.held_out()) >= loss.guard.best
+
+
+# --- the improvement stage -----------------------------------------------------------------
+
+def test_improved_teacher_never_sees_a_transfer_label_and_is_cached(setting, home, monkeypatch):
+    cfg, prepared, teacher = setting
+    assert "transfer_y" not in prepared.tensors and prepared.transfer() is not None
+    seen = []
+    original = improve.ConsistencyLoss.__call__
+
+    def spy(self, logits, x, y, index):
+        n_train = len(prepared.y("train"))
+        seen.append((y[index >= n_train], y[index < n_train]))
+        return original(self, logits, x, y, index)
+
+    monkeypatch.setattr(improve.ConsistencyLoss, "__call__", spy)
+    first = improve.improve_teacher(cfg, prepared, teacher)
+    assert not first.cached and first.result.steps == 20 and 0 <= first.mask_rate <= 1
+    assert len(seen) == 20
+    assert all((t == UNLABELED).all() and len(t) == 96 for t, _ in seen)  # 3 x 32 transfer rows, unlabeled
+    assert all((lab >= 0).all() and len(lab) == 32 for _, lab in seen)
+    changed = any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
+                                                        first.model.state_dict().values()))
+    assert changed
+    again = improve.improve_teacher(cfg, prepared, teacher)
+    assert again.cached and len(seen) == 20
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    off = load_config(overrides=TINY + ["teacher.improve.method=none"])
+    assert not improve.improves(off, prepared)
+
+
+# --- the long-horizon temperature -------------------------------------------------------
+
+def _co_taught(cfg, prepared, teacher, smooth: bool = False):
+    ctx = StudentContext.from_config(cfg, prepared, teacher, seed=0)
+    student = ctx.new_student()
+    if smooth:  # tanh for ReLU: see the tangent test
+        student.net[2] = torch.nn.Tanh()
+    loss = CoTeacher(ctx, student)
+    ctx.teach(student, loss)
+    return student, loss
+
+
+def test_the_tangent_carried_through_the_real_loop_equals_finite_differences(setting):
+    """The follower's d theta / d log T after 30 real steps (cosine schedule, momentum,
+    weight decay, gradient clipping at 5) against the difference of two runs at
+    T * exp(+-eps); the head and T stay put (head_lr 0, no decision within the run).  The
+    student's hidden layer is tanh: with ReLU, the 128 x 16 pre-activations of a batch put
+    kinks within eps of the trajectory, and the runs' difference measures the jumps (35%
+    off at eps = 0.01 while the same jvp matched a one-step difference to 3e-4)."""
+    cfg, prepared, teacher = setting
+    fixed = TINY + ["meta_distill.head_lr=0", "meta_distill.guard_every=0", "meta_distill.horizon_window=1000",
+                    "meta_distill.interval=5", "meta_distill.horizon_discount=1"]
+    _, loss = _co_taught(load_config(overrides=fixed + ["meta_distill.learn_temperature=true"]), prepared, teacher,
+                         smooth=True)
+    eps, temperature = 0.01, 2.0
+    plus, _ = _co_taught(load_config(overrides=fixed + [f"meta_distill.temperature={temperature * math.exp(eps)}"]),
+                         prepared, teacher, smooth=True)
+    minus, _ = _co_taught(load_config(overrides=fixed + [f"meta_distill.temperature={temperature * math.exp(-eps)}"]),
+                          prepared, teacher, smooth=True)
+    assert loss.follower.moves == 0 and len(loss.follower.readings) == 6  # one reading per update (30 / 5)
+    minus_params = dict(minus.named_parameters())
+    for name, p in plus.named_parameters():
+        numeric = (p.detach() - minus_params[name].detach()) / (2 * eps)
+        assert numeric.abs().max() > 1e-4, name
+        error = (loss.follower.d_params[name] - numeric).norm() / numeric.norm()
+        assert error < 1e-3, (name, error.item())
+
+
+def test_the_temperature_moves_inside_its_box_when_the_readings_agree(setting):
+    cfg, prepared, teacher = setting
+    cfg = load_config(overrides=TINY + ["meta_distill.learn_temperature=true", "meta_distill.interval=1",
+                                        "meta_distill.horizon_window=2", "meta_distill.temperature_lr=0.5",
+                                        "meta_distill.temperature_box=[1.5, 2.5]", "meta_distill.guard_every=0"])
+    _, loss = _co_taught(cfg, prepared, teacher)
+    assert loss.follower.moves > 0
+    assert 1.5 - 1e-9 <= loss.follower.temperature <= 2.5 + 1e-9
