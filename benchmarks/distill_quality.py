@@ -9,8 +9,9 @@ Rows (``--rows``, default all), each a student method with the teacher it learns
 - ``kd_tuned@original``: standard practice, the supervised teacher and the tuned KD grid;
 - ``kd@original``, ``kd@improved``, ``kd_tuned@improved``: plain and tuned KD, from the
   labelled teacher or the one improved on the transfer split (``teacher.improve``);
-- ``meta_distill``: the default (improved teacher, its head co-trained with the student's
-  feedback, the guard); ``meta_distill@feedback0``, its ablation without the feedback;
+- ``meta_distill``: the default (improved teacher, its head co-trained, the guard);
+  ``meta_distill@feedback0`` and ``@feedback1``, without and with the student's feedback
+  (the JSON of commit f170c51 has ``meta_distill`` at feedback 1, that commit's default);
   ``meta_distill@temperature``, with the long-horizon temperature learned too, and
   ``meta_distill@temperature20``, learned over the first 20% of the steps only.
 
@@ -35,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 ROWS = ("scratch", "kd_tuned@original", "kd@original", "kd@improved", "kd_tuned@improved", "meta_distill",
-        "meta_distill@feedback0", "meta_distill@temperature", "meta_distill@temperature20")
-VARIANTS = {"feedback0": ["meta_distill.feedback=0"], "temperature": ["meta_distill.learn_temperature=true"],
+        "meta_distill@feedback0", "meta_distill@feedback1", "meta_distill@temperature", "meta_distill@temperature20")
+VARIANTS = {"feedback0": ["meta_distill.feedback=0"], "feedback1": ["meta_distill.feedback=1"],
+            "temperature": ["meta_distill.learn_temperature=true"],
             "temperature20": ["meta_distill.learn_temperature=true", "meta_distill.temperature_share=0.2"]}
 STANDARD = "kd_tuned@original"
 

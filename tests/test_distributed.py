@@ -144,6 +144,7 @@ def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
                       "meta_distill.learn=[kd_params, calibration, weights]", "data.label_budget=600"]),
     # The default: the co-trained head (feedback, trust region), the guard, and the temperature's tangent.
     ("meta_distill", ["meta_distill.interval=1", "meta_distill.head_lr=0.05", "student.train.steps=6",
+                      "meta_distill.feedback=1",
                       "meta_distill.guard_every=3", "meta_distill.learn_temperature=true",
                       "meta_distill.horizon_window=2", "meta_distill.temperature_lr=0.3", "data.label_budget=600"]),
 ])
@@ -302,3 +303,22 @@ def test_stage_command_per_launcher(tmp_path):
         load_config(overrides=["dist.nnodes=2"])
     with pytest.raises(Exception, match="does not split evenly over 3 processes"):
         load_config(overrides=["dist.nproc=3"])
+
+
+def test_teacher_improvement_over_two_ranks_equals_one_process(stage_home, tmp_path):
+    """The improve stage under torchrun: each rank trains on its half of the labelled and
+    transfer rows, with the strong views' second forward beside DDP's (seeded per row and
+    step, so the shards draw what one process draws): the improved teacher equals one
+    process's."""
+    home, teacher = stage_home
+    config = _write_config(tmp_path, ["data.label_budget=600", "teacher.improve.steps=4", "teacher.improve.threshold=0",
+                                      "teacher.improve.batch_size=16", "dist.nproc=2"], "improve")
+
+    def stage(out: Path) -> list[str]:
+        return ["-m", "pipelines.orchestrate.worker", "--config", str(config), "--stage", "improve",
+                "--teacher", str(teacher), "--out", str(out)]
+
+    _run(_torchrun(2, free_port()) + stage(tmp_path / "two"), home)
+    _run([sys.executable] + stage(tmp_path / "one"), home)
+    assert _max_diff(tmp_path / "one" / "model", teacher) > 1e-4
+    assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5

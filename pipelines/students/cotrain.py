@@ -7,7 +7,8 @@ an Adam step on
 
 where ``h`` is the student's held-out gain from the step it just took on those targets
 (``meta.cotrain``; normalised by its running RMS and clipped), measured on 256 held-out
-images rotating through the quiz and validation splits.  Once the KL passes
+images rotating through the quiz and validation splits (``feedback`` is 0 by default: it
+measured nothing, docs/distill_ablation.md).  Once the KL passes
 ``max_drift`` the head stops learning.  Every ``guard_every`` steps the guard
 (``meta.guard``) scores the student on the whole held-out set and reverts student, head
 and both optimisers to the last accepted snapshot when the student fell behind it by
@@ -84,7 +85,9 @@ class CoTeacher:
         updates = (self.step - 1) % self.cfg.interval == 0
         if updates and (not self.stopped or self._following()):
             idx = self.plan.next()[1]
-            self.pending = (features, targets.argmax(-1), y, idx, self._held_loss(idx))
+            # The held-out loss before the step only feeds h: without feedback it is not paid for.
+            before = self._held_loss(idx) if self.cfg.feedback > 0 else None
+            self.pending = (features, targets.argmax(-1), y, idx, before)
         if self._following():
             self.temperature = self.follower.temperature
             self.stepped = ({k: v.detach().clone() for k, v in self.student.named_parameters()}, x, y, targets)
@@ -104,19 +107,20 @@ class CoTeacher:
         if self.cfg.guard_every and step % self.cfg.guard_every == 0:
             self._check(optimizer)
 
-    def _update_head(self, features, pseudo, y, idx, before: float) -> None:
-        after = self._held_loss(idx)
-        check_finite(after, self.ctx.desc, self.step, "held-out loss")
-        gain = before - after
-        self.h_square = gain**2 if self.h_square is None else 0.99 * self.h_square + 0.01 * gain**2
-        h = feedback_h(before, after, self.cfg.feedback_clip, scale=math.sqrt(self.h_square) + 1e-12)
+    def _update_head(self, features, pseudo, y, idx, before: float | None) -> None:
         logits = self.head(features)
         labelled = y >= 0
         loss = self.cfg.trust_kl * drift(logits, self.start(features))
         if labelled.any():
             loss = loss + F.cross_entropy(logits[labelled], y[labelled])
-        if self.cfg.feedback > 0:
+        if before is not None:  # feedback > 0
+            after = self._held_loss(idx)
+            check_finite(after, self.ctx.desc, self.step, "held-out loss")
+            gain = before - after
+            self.h_square = gain**2 if self.h_square is None else 0.99 * self.h_square + 0.01 * gain**2
+            h = feedback_h(before, after, self.cfg.feedback_clip, scale=math.sqrt(self.h_square) + 1e-12)
             loss = loss + self.cfg.feedback * feedback_loss(logits, pseudo, h)
+            self.last.update({"teacher_feedback_h": h, "teacher_heldout_gain": gain})
         grads = torch.autograd.grad(loss, list(self.head.parameters()))
         distributed.average_(list(grads))  # this rank's shard -> the global batch's gradient
         for group in self.optimizer.param_groups:
@@ -129,7 +133,7 @@ class CoTeacher:
         with torch.no_grad():  # every rank decides on the global batch's drift
             moved = distributed.mean_scalars([float(drift(self.head(features), self.start(features)))])[0]
         self.stopped = moved > self.cfg.max_drift
-        self.last = {"teacher_feedback_h": h, "teacher_heldout_gain": gain, "teacher_drift": moved}
+        self.last["teacher_drift"] = moved
         if self.ctx.on_log is not None and self.updates % 10 == 1:
             self.ctx.on_log(self.step, self.last)
 
