@@ -147,11 +147,7 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                 loss = loss_fn(logits, x, y, index)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            state.optimizer.step()
-            if isinstance(loss_fn, AfterStep):
-                loss_fn.after_step(step, state.optimizer)
+            _step(state, cfg.grad_clip, step)
             state.step = step
             metrics.add(step, loss, logits, y)
             advance()
@@ -169,6 +165,16 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the clock measures work done, not work queued
     return TrainResult(state.curve, time.perf_counter() - start, cfg.steps)
+
+
+def _step(state: LoopState, grad_clip: float | None, step: int) -> None:
+    """The optimiser's step on the clipped gradient; then a loss that acts on the step
+    just taken (:class:`AfterStep`) does."""
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    state.optimizer.step()
+    if isinstance(state.loss_fn, AfterStep):
+        state.loss_fn.after_step(step, state.optimizer)
 
 
 def _log(step: int, metrics: dict[str, float], state: LoopState, val: tuple[torch.Tensor, torch.Tensor] | None,
