@@ -17,6 +17,7 @@ from pipelines.common.rng import global_rng
 from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, StudentConfig
 from pipelines.engine.batches import Augment, Transfer
 from pipelines.engine.checkpoint import Checkpointer
+from pipelines.engine.device import in_batches, inference_batch
 from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
 from pipelines.teacher.sources import WeightsSource, start_from
 
@@ -68,7 +69,10 @@ class StudentContext:
     def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The labelled images that steer a method's choices (``kd_tuned``'s grid point,
         ``meta_distill``'s teacher and guard): the quiz and validation splits, never trained on."""
-        return (torch.cat([self.data.x("quiz"), self.data.x("val")]),
+        def whole(x) -> torch.Tensor:  # a stream split is decoded once: these splits are small
+            return x if isinstance(x, torch.Tensor) else torch.cat(list(in_batches(x, inference_batch(x), x.device)))
+
+        return (torch.cat([whole(self.data.x("quiz")), whole(self.data.x("val"))]),
                 torch.cat([self.data.y("quiz"), self.data.y("val")]))
 
     def transfer(self) -> Transfer | None:
