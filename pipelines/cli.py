@@ -19,6 +19,10 @@ def _prepare_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(project_home() / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # A tracking server that stops answering fails the stage within seconds, not MLflow's
+    # default of 7 retries (about 4 minutes of back-off).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +96,18 @@ def _schedule_commands(sub) -> None:
     psrv.add_argument("--host", default="127.0.0.1")
     psrv.add_argument("--port", type=int, default=4200)
 
+    svc = sub.add_parser("services", help="start a team's servers: PostgreSQL, MLflow and Prefect on it",
+                         description="Start PostgreSQL (a cluster under the project home, loopback only), the "
+                                     "MLflow tracking server on it with --serve-artifacts, and the Prefect server "
+                                     "on it; print the variables a node sets; stop all three on Ctrl-C. "
+                                     "README: Team set-up.")
+    svc.add_argument("--host", default="127.0.0.1",
+                     help="bind address of the MLflow and Prefect servers (default 127.0.0.1: this machine only)")
+    svc.add_argument("--pg-port", type=int, default=5433)
+    svc.add_argument("--mlflow-port", type=int, default=5000)
+    svc.add_argument("--prefect-port", type=int, default=4200)
+    svc.add_argument("--pg-user", default="postgres", help="who runs PostgreSQL when this command runs as root")
+
 
 
 def _registry_commands(sub) -> None:
@@ -148,19 +164,10 @@ def _load(args):
 
 
 def _fit_threads(cfg, sample=None) -> int:
-    """Intra-op threads of this process: ``dist.threads``, else the usable CPUs that other
-    processes left free since ``sample`` started (a busy core makes every step wait; see
-    common.threads)."""
-    import torch
+    """Intra-op threads of this process (see common.threads.fit_threads), said once."""
+    from pipelines.common.threads import fit_threads
 
-    from pipelines.common.threads import CpuSample, auto_threads, usable_cpus
-
-    if cfg.dist.threads:
-        threads, why = cfg.dist.threads, "dist.threads"
-    else:
-        free = (sample or CpuSample()).free()
-        threads, why = auto_threads(1, free), f"{free:.1f} of {len(usable_cpus())} usable CPUs free"
-    torch.set_num_threads(threads)
+    threads, why = fit_threads(cfg.dist.threads, sample)
     print(f"metadistill uses {threads} intra-op thread(s) ({why}; --set dist.threads=N to choose)", file=sys.stderr)
     return threads
 
@@ -204,9 +211,10 @@ def cmd_run(args) -> int:
 
     start, sample = time.perf_counter(), CpuSample()  # the machine's load, read over the start-up below
     cfg = _load(args)
-    from pipelines.orchestrate.preflight import check_inputs
+    from pipelines.orchestrate.preflight import check_inputs, check_servers
 
     check_inputs(cfg)  # data, batch sizes, brought weights, device: exit 2 before any work
+    check_servers()  # and the servers the environment names
     threads = _fit_threads(cfg, sample)
     _prepare_env()
     api = None
@@ -297,6 +305,38 @@ def cmd_server(args) -> int:
     return 0
 
 
+def _interrupted(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_services(args) -> int:
+    import signal
+
+    from pipelines.common.home import project_home
+    from pipelines.orchestrate.services import Ports, Services
+
+    services = Services(project_home() / "services", Ports(args.host, args.pg_port, args.mlflow_port,
+                                                           args.prefect_port), args.pg_user)
+    signal.signal(signal.SIGTERM, _interrupted)  # a service manager's stop: the same clean shutdown as Ctrl-C
+    print(f"starting PostgreSQL, MLflow and Prefect under {services.root} ...", file=sys.stderr, flush=True)
+    services.start()
+    try:
+        print("servers up; on every node that runs or reads the pipeline:", file=sys.stderr)
+        for key, value in services.env().items():
+            print(f"  export {key}={value}", file=sys.stderr)
+        print("Ctrl-C stops all three", file=sys.stderr, flush=True)
+        while all(p.poll() is None for p in services.processes.values()):
+            time.sleep(1.0)
+        dead = [name for name, p in services.processes.items() if p.poll() is not None]
+        print(f"metadistill: the {' and '.join(dead)} server exited; stopping the others (logs in {services.root})",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        services.stop()
+
+
 def cmd_serve(args) -> int:
     from deploy.serve import ServeConfig, serve
 
@@ -343,9 +383,14 @@ def cmd_config(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from pipelines import tracking
     from pipelines.tracking.runs import tracking_uri
     from pipelines.tracking.ui import experiment_links, serve_ui
 
+    if tracking.is_server(tracking_uri()):  # the tracking server serves the UI itself
+        for name, link in experiment_links(tracking_uri().rstrip("/")).items():
+            print(f"  {name}: {link}")
+        return 0
     base = f"http://{args.host}:{args.port}"
     print(f"starting the MLflow UI on {base} over {tracking_uri()} ...", file=sys.stderr)
 
@@ -367,6 +412,8 @@ def _known_errors() -> dict[type, tuple[int, str]]:
     from pipelines.evaluate.compare import NoStudentLearned
     from pipelines.orchestrate.launch import StageFailed
     from pipelines.orchestrate.schedule import ScheduleError
+    from pipelines.orchestrate.services import ServicesError
+    from pipelines.tracking import TrackingError, tracking_uri
     from pipelines.tracking.registry import VersionNotFound
 
     return {ConfigError: (EXIT_CONFIG, ""),  # its message names the setting and what is allowed
@@ -375,8 +422,11 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             NoStudentLearned: (1, "no student learned: train longer or check the data"),
             StageFailed: (1, "a torchrun stage failed; its workers' output is above"),
             ScheduleError: (1, "see `metadistill server` and `metadistill schedule --help`"),
+            ServicesError: (1, "see README: Team set-up"),
             ModelLoadError: (1, "see `metadistill promote` / `metadistill run`"),
             VersionNotFound: (1, "list versions in the MLflow UI (`metadistill ui`)"),
+            TrackingError: (1, f"MLflow at {tracking_uri()} failed: when it answers again, run again (the "
+                                 f"data, teacher and grid caches are kept)"),
             ValueError: (1, "")}
 
 
@@ -396,7 +446,7 @@ class _OneLineErrors:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "fewshot": cmd_fewshot, "config": cmd_config, "ui": cmd_ui, "serve": cmd_serve,
-               "schedule": cmd_schedule, "trigger": cmd_trigger, "server": cmd_server,
+               "schedule": cmd_schedule, "trigger": cmd_trigger, "server": cmd_server, "services": cmd_services,
                "promote": cmd_promote, "rollback": cmd_rollback, "export": cmd_export}[args.command]
     known = _known_errors()
     if not args.debug:
@@ -424,8 +474,9 @@ def known_multiline() -> tuple[type, ...]:
     """Errors whose message is a list (a config's invalid keys, a stage's last output lines)."""
     from pipelines.config.errors import ConfigError
     from pipelines.orchestrate.launch import StageFailed
+    from pipelines.orchestrate.services import ServicesError
 
-    return ConfigError, StageFailed
+    return ConfigError, StageFailed, ServicesError
 
 
 def entry() -> None:

@@ -23,7 +23,7 @@ from meta.augment import AugmentPolicy, draw_noise, policy_hypergrad
 from meta.functional import params_of
 from models.registry import build_model
 from pipelines.augment.policies import Augmenter, make_augmenter
-from pipelines.common.home import cache_dir, cache_key, write_json
+from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.common.progress import progress_bar
 from pipelines.common.rng import global_rng
 from pipelines.config.data import read_policy_file
@@ -65,12 +65,19 @@ def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> Se
     if cfg.data.augment_policy_file is not None:
         return SearchResult(read_policy_file(cfg.data.augment_policy_file.expanduser()), cached=True)
     path = cache_dir("augment") / f"{search_key(cfg, data)}.json"
-    if path.is_file():
+
+    def cached() -> SearchResult | None:
+        if not path.is_file():
+            return None
         saved = json.loads(path.read_text())
         return SearchResult(saved["policy"], saved["history"], saved["seconds"], cached=True)
-    result = search(cfg, data, on_log)
-    write_json(path, {"policy": result.spec, "history": result.history, "seconds": result.seconds})
-    return result
+
+    def make() -> SearchResult:
+        result = search(cfg, data, on_log)
+        write_json(path, {"policy": result.spec, "history": result.history, "seconds": result.seconds})
+        return result
+
+    return made_once(f"augment-{path.stem}", cached, make)
 
 
 def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:

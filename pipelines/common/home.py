@@ -1,17 +1,24 @@
-"""The project home, and the two patterns everything written below it follows: a cache
-key is a pure function of what went into the artifact, and a write is atomic (a reader
-sees the old file or the whole new one, never a torn one)."""
+"""The project home, and the three patterns everything written below it follows: a cache
+key is a pure function of what went into the artifact, a write is atomic (a reader sees
+the old file or the whole new one, never a torn one), and what must happen once is made
+under a lock on the home (runs that overlap, as two schedules firing together do, take
+turns at it: the first makes it, the others wait and read it)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
+
+T = TypeVar("T")
 
 
 def project_home() -> Path:
@@ -80,3 +87,43 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_held = threading.local()  # the names of the home locks this thread holds
+
+
+@contextlib.contextmanager
+def home_lock(name: str) -> Iterator[None]:
+    """An exclusive lock named ``name`` over every process (and thread) that shares the
+    project home: ``flock`` on ``locks/<name>.lock``, released by the kernel if the holder
+    dies, so a killed run never leaves it stuck.  Re-entrant within a thread (a stage that
+    holds it may call a function that takes it again).  Works across machines only where
+    the home's filesystem honours ``flock``."""
+    held = getattr(_held, "names", None)
+    if held is None:
+        held = _held.names = set()
+    if name in held:
+        yield
+        return
+    folder = project_home() / "locks"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        held.add(name)
+        try:
+            yield
+        finally:
+            held.discard(name)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def made_once(name: str, load: Callable[[], T | None], make: Callable[[], T]) -> T:
+    """``load()`` when the artifact exists; else, under ``home_lock(name)``, ``load()``
+    again (another run may have made it while this one waited) or ``make()``.  A cache hit
+    never waits; two runs that miss together make the artifact once."""
+    found = load()
+    if found is not None:
+        return found
+    with home_lock(name):
+        found = load()
+        return found if found is not None else make()

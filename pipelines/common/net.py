@@ -28,3 +28,12 @@ def wait_http(url: str, timeout: float, alive: Callable[[], bool] = lambda: True
                 raise RuntimeError(f"{url}: the server exited before answering\n{why()}") from None
             time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether ``url`` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:  # refused, unreachable, timed out, or an HTTP error status
+        return False

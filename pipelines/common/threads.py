@@ -8,13 +8,20 @@ busy process, 2 threads 43 and 3.2, 1 thread 122 and 11.7.  Passive OpenMP waits
 sleep instead of spinning) rescued only part of that (40 and 8.1) and cost a third to two
 thirds when idle (50 and 14.9), so the waiting stays as it is and the count adapts: each
 process gets its share of the usable CPUs that are free when it starts.
+Runs that overlap on one project home (two schedules firing together) also split the
+cores between them: each leaves its pid under ``runs/`` of the home, and every training
+stage re-fits its count to the cores over the runs alive at that moment (one thread each
+when there are more runs than cores, which time-share without OpenMP's waits).
 ``dist.threads`` sets the count by hand.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
+
+from pipelines.common.home import project_home
 
 
 def usable_cpus() -> list[int]:
@@ -79,3 +86,77 @@ def auto_threads(processes: int = 1, free: float | None = None) -> int:
     cpus = usable_cpus()
     free = free_cpus(cpus) if free is None else free
     return max(1, min(len(cpus), int(free + 0.5)) // processes)
+
+
+_budget: int | None = None  # this run's automatic thread count at start; None: chosen by hand
+
+
+def fit_threads(chosen: int | None, sample: CpuSample | None = None) -> tuple[int, str]:
+    """This run's intra-op threads, and why: ``chosen`` (``dist.threads``), else the CPUs
+    other processes left free since ``sample`` started, capped by this run's share over the
+    runs on the home.  Counts this process among those runs (once)."""
+    import torch
+
+    join_home_runs()
+    if chosen:
+        torch.set_num_threads(chosen)
+        share_threads(None)
+        return chosen, "dist.threads"
+    free = (sample or CpuSample()).free()
+    threads, runs = share_threads(auto_threads(1, free)), home_runs()
+    return threads, f"{free:.1f} of {len(usable_cpus())} usable CPUs free" + (f", {runs} runs on this home" if runs > 1 else "")
+
+
+_joined: list[str] = []  # the home this process counts itself on
+
+
+def join_home_runs() -> None:
+    """Count this process among the runs on the project home until it exits."""
+    if _joined:
+        return
+    _joined.append(str(project_home()))
+    folder = project_home() / "runs"
+    folder.mkdir(exist_ok=True)
+    mine = folder / str(os.getpid())
+    mine.touch()
+    atexit.register(mine.unlink, missing_ok=True)
+
+
+def home_runs() -> int:
+    """Runs alive on the project home now, this one included (a killed run's file is removed)."""
+    folder = project_home() / "runs"
+    alive = 0
+    for entry in folder.glob("*") if folder.is_dir() else []:
+        try:
+            os.kill(int(entry.name), 0)
+            alive += 1
+        except ProcessLookupError:
+            entry.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not a pid, or another user's live process
+            alive += entry.name.isdigit()
+    return max(1, alive)
+
+
+def share_threads(auto: int | None) -> int:
+    """This run's intra-op threads: ``auto`` (the free CPUs at start) capped by its share of
+    the usable CPUs over the runs alive on the home; ``auto=None`` keeps a count chosen by
+    hand.  Remembers ``auto`` for :func:`refit_threads`."""
+    import torch  # here: the CPU sample above starts before torch's import
+
+    global _budget
+    _budget = auto
+    if auto is None:
+        return torch.get_num_threads()
+    threads = max(1, min(auto, len(usable_cpus()) // home_runs()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def refit_threads() -> int:
+    """At the start of a training stage: the share again, as runs came or went."""
+    return share_threads(_budget)
+
+
+def joined() -> bool:
+    """Whether this process already fitted its threads (the CLI does before the flow starts)."""
+    return bool(_joined)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.common.home import cache_dir
+from pipelines.common.home import cache_dir, made_once
 from pipelines.config.data import DataConfig
 from pipelines.data.decode import IMAGE_SUFFIXES, image_files
 from pipelines.data.errors import DataError
@@ -54,9 +54,10 @@ def prepare(cfg: DataConfig) -> Prepared:
         source_hash = hashlib.sha256((source_hash + sha256_files(transfer_files)).encode()).hexdigest()
     key = data_key(cfg, source_hash)
     folder = cache_dir("data") / key
-    cached = load_cached(folder)
-    if cached is not None:
-        return cached
+    return made_once(f"data-{key}", lambda: load_cached(folder), lambda: _build(cfg, raw, transfer_files, key, folder))
+
+
+def _build(cfg: DataConfig, raw, transfer_files: list[Path], key: str, folder: Path) -> Prepared:
     splits = make_splits(raw, cfg)
     skipped = list(raw.skipped)
     if transfer_files:

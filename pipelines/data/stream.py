@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.common.home import atomic_folder, cache_dir
+from pipelines.common.home import atomic_folder, cache_dir, made_once
 from pipelines.common.progress import progress_bar
 from pipelines.config.data import DataConfig
 from pipelines.data import shards
@@ -257,8 +257,12 @@ def prepare_stream(cfg: DataConfig) -> Prepared:
     key = data_key(cfg, fingerprint, "stream")
     folder = cache_dir("data") / key
     workers = cfg.workers if cfg.workers is not None else shards.default_workers()
-    if (cached := load(folder, workers)) is not None:
-        return cached
+    return made_once(f"data-{key}", lambda: load(folder, workers),
+                     lambda: _build(cfg, source, transfer_files, key, folder, workers, fingerprint))
+
+
+def _build(cfg: DataConfig, source: SourceListing, transfer_files: list[Path], key: str, folder: Path, workers: int,
+           fingerprint: str) -> Prepared:
     with atomic_folder(folder) as tmp:
         index, locations = _write(cfg, source, transfer_files, key, tmp, max(1, workers))
         index["fingerprint"] = fingerprint  # the source's, and data.transfer_root's when set

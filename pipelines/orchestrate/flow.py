@@ -16,7 +16,7 @@ import torch
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.normalize import unwrap
@@ -24,7 +24,8 @@ from models.weights import save_weights
 from pipelines import data as data_stage
 from pipelines import tracking
 from pipelines.augment import search as augment_search
-from pipelines.common.home import project_home
+from pipelines.common.home import made_once, project_home
+from pipelines.common.threads import fit_threads, joined, refit_threads
 from pipelines.config.data import DataConfig
 from pipelines.config.loader import flatten
 from pipelines.config.pipeline import PipelineConfig
@@ -131,6 +132,7 @@ def _teacher_run_name(cfg: PipelineConfig) -> str:
 @task(name="train-teacher", cache_policy=NO_CACHE)
 def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
     """Train the teacher, or bring it (``teacher.source``) and fine-tune it; its own child run."""
+    refit_threads()
     with tracking.child_run(parent, _teacher_run_name(cfg), _tags()) as run:
         run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
         source = sources.teacher_source(cfg, prepared.input_shape)
@@ -140,7 +142,8 @@ def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, ti
         steps = cfg.teacher.finetune.steps if cfg.teacher.brought() else cfg.teacher.train.steps
         trains = not cfg.teacher.brought() or cfg.teacher.finetune.mode != "none"
         if cfg.dist.uses_torchrun() and trains:
-            outcome = cached_teacher(cfg, prepared) or _teacher_under_torchrun(cfg, prepared, run, source)
+            outcome = made_once(f"teacher-{teacher_key(cfg, prepared)}", lambda: cached_teacher(cfg, prepared),
+                                lambda: _teacher_under_torchrun(cfg, prepared, run, source))
         else:
             outcome = obtain_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
         start = time.perf_counter()
@@ -177,16 +180,14 @@ def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, paren
     the stage is off or there is no transfer split)."""
     if not improve.improves(cfg, prepared):
         return teacher
+    refit_threads()
     with tracking.child_run(parent, "teacher-improve", _tags()) as run:
         run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.improve.")})
         start = time.perf_counter()
         folder = improve.improved_folder(cfg, prepared)
-        if cfg.dist.uses_torchrun() and not (folder / "model.safetensors").is_file():
-            model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "improve",
-                                                              "--teacher", str(teacher_folder(cfg, prepared))])
-            save_weights(unwrap(model), folder, teacher_spec(cfg, prepared))
-            outcome = improve.improve_teacher(cfg, prepared, teacher)  # reads what the workers trained
-            outcome.result, outcome.cached = result, False
+        if cfg.dist.uses_torchrun():
+            outcome = made_once(f"teacher_improved-{folder.name}", lambda: improve.cached_improved(folder, prepared),
+                                lambda: _improve_under_torchrun(cfg, prepared, run, folder))
         else:
             outcome = improve.improve_teacher(cfg, prepared, teacher, on_log=lambda step, m: run.log_metrics(m, step))
         ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
@@ -200,6 +201,14 @@ def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, paren
             _log_curve(run, outcome.result.curve, "teacher-improve")
     get_run_logger().info("improved teacher: test acc %.2f%% (cached=%s)", 100 * ev.accuracy, outcome.cached)
     return outcome.model
+
+
+def _improve_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, folder) -> improve.ImprovedOutcome:
+    model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "improve", "--teacher", str(teacher_folder(cfg, prepared))])
+    save_weights(unwrap(model), folder, teacher_spec(cfg, prepared))
+    outcome = improve.cached_improved(folder, prepared)  # reads what the workers trained
+    outcome.result, outcome.cached = result, False
+    return outcome
 
 
 def student_teacher_folder(cfg: PipelineConfig, prepared: Prepared):
@@ -276,13 +285,16 @@ def student_sweep(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunL
     workers = min(student_concurrency(cfg, prepared.device), len(jobs))
     start = time.perf_counter()
     if workers == 1:
-        outcomes = [train_student(cfg, prepared, teacher, method, seed, parent, timings) for method, seed in jobs]
+        outcomes = []
+        for method, seed in jobs:
+            refit_threads()  # runs on this home may have come or gone since the last student
+            outcomes.append(train_student(cfg, prepared, teacher, method, seed, parent, timings))
     else:
         gpus = torch.cuda.device_count() if prepared.device.type == "cuda" else 0
         devices = [torch.device("cuda", i) for i in range(gpus)] or [prepared.device]
         copies = {d: (prepared, teacher) if d == prepared.device else
                   (data_stage.place(prepared, d), copy.deepcopy(teacher).to(d)) for d in devices[:workers]}
-        threads = torch.get_num_threads()
+        threads = refit_threads()
         if not gpus:
             torch.set_num_threads(max(1, threads // workers))  # each student its share of the cores
         try:
@@ -366,7 +378,8 @@ def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunL
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: RunLogger) -> dict | None:
     model_name = f"{cfg.tracking.experiment}-student"
-    with tracking.child_run(parent, "register", _tags()) as run:
+    # Overlapping runs register one at a time, each against the champion it actually finds.
+    with tracking.registry_lock(model_name), tracking.child_run(parent, "register", _tags()) as run:
         spec = model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
         champion = tracking.current_champion(model_name)
         lineage = lineage_tags(cfg.teacher.source, teacher_key(cfg, prepared),
@@ -384,6 +397,8 @@ def metadistill_flow(config: PipelineConfig) -> dict:
     """Prepare data, train the teacher and every student method over seeds, compare them
     on the test split, and register the best student."""
     cfg = config
+    if deployment.id and not joined():  # started by a worker, not the CLI: fit the threads as it does
+        get_run_logger().info("intra-op threads: %d (%s)", *fit_threads(cfg.dist.threads))
     timings: dict[str, float] = {}
     run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tracking.pipeline_run(cfg.tracking.experiment, run_name, {**_tags(), "preset": cfg.preset}) as parent:

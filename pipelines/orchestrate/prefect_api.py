@@ -11,6 +11,7 @@ parallel with our torch/MLflow imports, and this process never imports the serve
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+from pipelines.common.home import home_lock
 
 
 class PrefectAPIError(RuntimeError):
@@ -32,6 +35,11 @@ class LocalPrefectAPI:
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}
+        # The API creates and migrates its database (under PREFECT_HOME, shared by the runs
+        # of one home) as it boots: overlapping runs boot one at a time, the next once the
+        # schema is in place.  Released when this one answers (or fails).
+        self._booting = contextlib.ExitStack()
+        self._booting.enter_context(home_lock("prefect-api-boot"))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
@@ -42,6 +50,12 @@ class LocalPrefectAPI:
         atexit.register(self.stop)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
+        try:
+            self._wait_ready(timeout)
+        finally:
+            self._booting.close()
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -60,6 +74,7 @@ class LocalPrefectAPI:
     def stop(self) -> None:
         """Send Prefect's queued logs and events first (else ``logging.shutdown`` waits on a
         dead server), then stop the server; every flow state was written before this."""
+        self._booting.close()
         if self.process.poll() is not None:
             return
         if "prefect" in sys.modules:

@@ -4,8 +4,10 @@ brought weights and the training device fail here with one line naming the probl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from pipelines.common.net import answers
 from pipelines.config.errors import ConfigError
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.errors import DataError
@@ -46,3 +48,19 @@ def check_inputs(cfg: PipelineConfig, sources: bool = True) -> None:
     check_device(cfg.dist.device)
     if sources:
         check_sources(cfg)
+
+
+def check_servers() -> None:
+    """A tracking server or Prefect API named by the environment must answer now: a run
+    that would fail at its first log fails here, before any work, naming the URL."""
+    from pipelines.tracking import is_server, tracking_uri
+
+    uri = tracking_uri()
+    if is_server(uri) and not answers(f"{uri.rstrip('/')}/health", timeout=10):
+        raise ConfigError(f"no MLflow tracking server answers at MLFLOW_TRACKING_URI={uri}: start it "
+                          f"(`metadistill services`, README: Team set-up) or unset MLFLOW_TRACKING_URI for the "
+                          f"project home's own store")
+    api = os.environ.get("PREFECT_API_URL")
+    if api and not answers(f"{api.rstrip('/')}/health", timeout=10):
+        raise ConfigError(f"no Prefect server answers at PREFECT_API_URL={api}: start it (`metadistill services` "
+                          f"or `metadistill server`) or unset PREFECT_API_URL for a run's own API")

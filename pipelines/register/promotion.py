@@ -87,6 +87,11 @@ def _now() -> str:
 def promote(model_name: str, version: str, reason: str, actor: str | None = None) -> dict:
     """Move ``champion`` to ``version`` by hand; the old champion becomes ``challenger``.
     Who, when, why and the metric delta are recorded in the version's tags."""
+    with tracking.registry_lock(model_name):
+        return _promote(model_name, version, reason, actor)
+
+
+def _promote(model_name: str, version: str, reason: str, actor: str | None) -> dict:
     target = tracking.resolve_version(model_name, version=str(version))  # names what exists when it does not
     current = tracking.model_version_by_alias(model_name, "champion")
     if current is not None and current["version"] == str(version):
@@ -107,6 +112,11 @@ def promote(model_name: str, version: str, reason: str, actor: str | None = None
 
 def rollback(model_name: str, reason: str = "", actor: str | None = None) -> dict:
     """Move ``champion`` back to the version that held it before the current one."""
+    with tracking.registry_lock(model_name):
+        return _rollback(model_name, reason, actor)
+
+
+def _rollback(model_name: str, reason: str, actor: str | None) -> dict:
     current = tracking.model_version_by_alias(model_name, "champion")
     if current is None:
         raise ValueError(f"{model_name} has no champion to roll back")

@@ -15,7 +15,7 @@ from torch import nn
 
 from meta.distill import distillation_loss
 from models.external import features_before_head
-from pipelines.common.home import cache_dir, cache_key, write_json
+from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.config.students import KDConfig
 from pipelines.engine import distributed
 from pipelines.engine.device import in_batches, inference_batch
@@ -114,13 +114,11 @@ def kd_grid(ctx: StudentContext) -> dict:
                     kd=kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
                     augment=ctx.augment_key)
     path = cache_dir("kd_tuned") / f"{key}.json"
-    with _GRID_LOCK:  # concurrent kd_tuned students of a sweep search once, the others read the cache
-        if path.is_file():
-            return json.loads(path.read_text())
-        return _search_grid(ctx, path)
-
-
-_GRID_LOCK = threading.Lock()
+    cached = lambda: json.loads(path.read_text()) if path.is_file() else None
+    if distributed.world().size > 1:  # every rank searches together: a lock held by one would stall the others
+        return cached() or _search_grid(ctx, path)
+    # Concurrent kd_tuned students (of a sweep, or of overlapping runs) search once; the others read it.
+    return made_once(f"kd_tuned-{key}", cached, lambda: _search_grid(ctx, path))
 
 
 def _search_grid(ctx: StudentContext, path) -> dict:

@@ -14,7 +14,7 @@ from models.normalize import unwrap
 from models.registry import build_model
 from models.weights import load_weights, save_weights
 from pipelines.augment.search import augmenter_for, policy_fingerprint
-from pipelines.common.home import cache_dir, cache_key, write_json
+from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.config.teacher import TeacherConfig
 from pipelines.data.prepared import Prepared, model_spec
@@ -135,9 +135,13 @@ def save_teacher(model: nn.Module, cfg: PipelineConfig, data: Prepared) -> None:
 
 
 def obtain_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
-    """Train the teacher, or reuse the cached one trained on the same inputs."""
-    if (cached := cached_teacher(cfg, data)) is not None:
-        return cached
+    """Train the teacher, or reuse the cached one trained on the same inputs (overlapping
+    runs train it once: the others wait for it)."""
+    return made_once(f"teacher-{teacher_key(cfg, data)}", lambda: cached_teacher(cfg, data),
+                     lambda: _train_teacher(cfg, data, on_log))
+
+
+def _train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None) -> TeacherOutcome:
     start = time.perf_counter()
     source, augment = teacher_inputs(cfg, data)
     model, result = fit_teacher(cfg.teacher, data, augment, on_log, source=source)

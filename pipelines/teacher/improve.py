@@ -26,7 +26,7 @@ from meta.consistency import consistency_loss
 from models.normalize import unwrap
 from models.weights import save_weights
 from pipelines.augment.policies import LearnedOps, uniform
-from pipelines.common.home import cache_dir, cache_key
+from pipelines.common.home import cache_dir, cache_key, made_once
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.config.teacher import ImproveConfig
 from pipelines.data.prepared import Prepared
@@ -133,11 +133,22 @@ class ImprovedOutcome:
 def improve_teacher(cfg: PipelineConfig, data: Prepared, teacher: nn.Module,
                     on_log: LogFn | None = None) -> ImprovedOutcome:
     """The improved teacher of ``cfg``: from the cache, or trained now from ``teacher``."""
-    start = time.perf_counter()
     folder = improved_folder(cfg, data)
-    if (folder / "model.safetensors").is_file():
-        return ImprovedOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, None,
-                               cached=True, train_seconds=recorded_cost(folder))
+    return made_once(f"teacher_improved-{folder.name}", lambda: cached_improved(folder, data),
+                     lambda: _improve(cfg, data, teacher, folder, on_log))
+
+
+def cached_improved(folder: Path, data: Prepared) -> ImprovedOutcome | None:
+    start = time.perf_counter()
+    if not (folder / "model.safetensors").is_file():
+        return None
+    return ImprovedOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, None,
+                           cached=True, train_seconds=recorded_cost(folder))
+
+
+def _improve(cfg: PipelineConfig, data: Prepared, teacher: nn.Module, folder: Path,
+             on_log: LogFn | None) -> ImprovedOutcome:
+    start = time.perf_counter()
     _, weak = teacher_inputs(cfg, data)
     model, result, rate = fit_improved(teacher, cfg.teacher.improve, data, weak, cfg.teacher.seed, on_log)
     save_weights(unwrap(model), folder, teacher_spec(cfg, data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking.runs import RunLogger, client
+from pipelines.common.home import home_lock
+from pipelines.tracking.runs import RunLogger, client, tracking_uri
 
 
 @dataclass
@@ -19,6 +21,14 @@ class Registration:
     version: str
     alias: str
     reason: str
+
+
+def registry_lock(model_name: str):
+    """Held while a version of ``model_name`` is registered or its aliases move (the
+    pipeline's registration, ``promote``, ``rollback``), so that overlapping runs on one
+    home register one at a time, each against the champion it finds."""
+    uri = hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]
+    return home_lock(f"registry-{uri}-{model_name}")
 
 
 def current_champion(model_name: str) -> dict | None:
@@ -100,7 +110,11 @@ def register_model(model_uri: str, model_name: str, alias: str | None, tags: dic
     c = client()
     with contextlib.suppress(MlflowException):
         c.create_registered_model(model_name, description=description)
-    version = c.create_model_version(model_name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    # A logged model's URI (models:/m-<id>) must come with its id: a tracking server checks
+    # that the id holds the source (the local store does not).
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = c.create_model_version(model_name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                     model_id=model_id)
     try:
         _wait_ready(c, model_name, version.version)
         if alias is not None:

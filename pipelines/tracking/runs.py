@@ -22,12 +22,16 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.common.home import project_home
+from pipelines.common.home import home_lock, project_home
 
 _clients: dict[str, MlflowClient] = {}
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
+
+# What MLflow raises when its store or server fails (a server that stopped answering too),
+# for callers that must not import mlflow.
+TrackingError = MlflowException
 
 
 def tracking_uri() -> str:
@@ -46,9 +50,17 @@ def client() -> MlflowClient:
     mlflow.set_registry_uri(uri)
     if uri not in _clients:
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        c.search_experiments(max_results=1)
+        # Runs that start together on a fresh home would both create and migrate the schema
+        # (MLflow's "table ... already exists"); the first does it, the others wait for it.
+        with contextlib.nullcontext() if is_server(uri) else home_lock("tracking-store"):
+            c.search_experiments(max_results=1)
         _clients[uri] = c
     return _clients[uri]
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (HTTP): it owns its store, so the client creates nothing."""
+    return uri.startswith(("http://", "https://"))
 
 
 def ensure_experiment(name: str) -> str:
@@ -75,19 +87,27 @@ class RunLogger:
     run_id: str
     _pending: list[Metric] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
+    _quiet_until: float = 0.0  # after a failed periodic flush, the next try waits until then
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         # Batched for speed, but never older than a few seconds, so the UI follows along.
-        if len(self._pending) >= 200 or time.monotonic() - self._last_flush > 5.0:
-            self.flush()
+        due = len(self._pending) >= 200 or time.monotonic() - self._last_flush > 5.0
+        if due and time.monotonic() >= self._quiet_until:
+            try:
+                self.flush()
+            except MlflowException:
+                # The tracking server is away: the training that logs goes on (its weights reach
+                # the cache, so a rerun reuses them); the metrics wait, and the stage's own end
+                # (the run's final flush, or its next tag) raises.
+                self._quiet_until = time.monotonic() + 60.0
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
         while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            client().log_batch(self.run_id, metrics=batch)
+            client().log_batch(self.run_id, metrics=self._pending[:1000])
+            self._pending = self._pending[1000:]  # dropped once sent, kept for the next try if not
 
     def log_params(self, params: dict[str, object]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -112,8 +132,15 @@ class RunLogger:
 
         dataset = MetaDataset(CodeDatasetSource({"source": source, **{f"n_{k}": v for k, v in counts.items()}}),
                               name=name, digest=digest[:36])
-        client().log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                       [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+        try:
+            client().log_inputs(self.run_id, inputs)
+        except MlflowException:
+            # Two runs of one experiment that log the same dataset at once race for the server's
+            # row of (experiment, name, digest) (on PostgreSQL one gets an IntegrityError); the
+            # second try finds the row.  A second failure is a real one.
+            time.sleep(0.5)
+            client().log_inputs(self.run_id, inputs)
 
 
 @contextlib.contextmanager
