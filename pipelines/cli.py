@@ -413,7 +413,7 @@ def _known_errors() -> dict[type, tuple[int, str]]:
     from pipelines.orchestrate.launch import StageFailed
     from pipelines.orchestrate.schedule import ScheduleError
     from pipelines.orchestrate.services import ServicesError
-    from pipelines.tracking import TrackingError, tracking_uri
+    from pipelines.tracking import TrackingError
     from pipelines.tracking.registry import VersionNotFound
 
     return {ConfigError: (EXIT_CONFIG, ""),  # its message names the setting and what is allowed
@@ -425,8 +425,8 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             ServicesError: (1, "see README: Team set-up"),
             ModelLoadError: (1, "see `metadistill promote` / `metadistill run`"),
             VersionNotFound: (1, "list versions in the MLflow UI (`metadistill ui`)"),
-            TrackingError: (1, f"MLflow at {tracking_uri()} failed: when it answers again, run again (the "
-                                 f"data, teacher and grid caches are kept)"),
+            TrackingError: (1, f"MLflow at {os.environ.get('MLFLOW_TRACKING_URI') or 'the project home'} failed: "
+                                 f"when it answers again, run again (the data, teacher and grid caches are kept)"),
             ValueError: (1, "")}
 
 

@@ -11,7 +11,6 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.common import entrypoints
 from tests.helpers import free_port, wait_http
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
@@ -101,19 +100,6 @@ def test_interval_schedule_runs_and_trigger(prefect_server, home, tmp_path):
         assert missing.returncode == 1 and "no deployment metadistill/nope: create it with" in missing.stderr
         assert "Traceback" not in missing.stderr
 
-        # A cron schedule deployed to a process work pool, as a team would run it.
-        pool = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "pool", "--type", "process"],
-                              capture_output=True, text=True, env=env, timeout=120)
-        assert pool.returncode == 0, pool.stdout[-2000:] + pool.stderr[-2000:]
-        cron = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--cron", "0 2 * * *", "--name",
-                               "nightly", "--work-pool", "pool", *args], capture_output=True, text=True, env=env,
-                              timeout=180)
-        assert cron.returncode == 0, cron.stderr[-3000:]
-        assert "deployment metadistill/nightly created in work pool 'pool'" in cron.stdout
-        inspect = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", "metadistill/nightly"],
-                                 capture_output=True, text=True, env=env, timeout=120)
-        assert inspect.returncode == 0, inspect.stderr[-2000:]
-        assert "0 2 * * *" in inspect.stdout and entrypoints.FLOW in inspect.stdout and "'pool'" in inspect.stdout
     finally:
         stop(serve)
     assert group_gone(serve), "the serving process left children behind"

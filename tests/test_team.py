@@ -4,23 +4,26 @@ services` runs); overlapping runs on one home; a server that dies mid-run or is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sklearn.datasets import load_digits
 
 from pipelines.orchestrate.services import Ports, Services, stop_group
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_http
 
+# One small student method: these tests are about processes, servers and the registry.
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
-        "teacher.improve.method=none", "student.train.steps=30", "student.seeds=[0]",
-        "student.methods=[scratch, kd]"]
+        "teacher.improve.method=none", "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch]"]
 
 
 def cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,6 +95,22 @@ def test_pipeline_registry_and_serving_over_the_tracking_server(team, tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(3, 10)"
+    # ... and `metadistill serve` serves it over HTTP, fetched from the server.
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", "team-student", "--port",
+                              str(port)], env=other_node, stdout=open(tmp_path / "serve.log", "w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", 120, lambda: serve.poll() is None,
+                  lambda: (tmp_path / "serve.log").read_text()[-2000:])
+        body = json.dumps({"instances": (load_digits().images[:4] / 16).tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body,
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            out = json.loads(resp.read())
+        assert len(out["predictions"]) == 4 and out["model"]["version"] == str(champion)
+    finally:
+        stop_group(serve)
 
 
 def test_an_absent_tracking_server_exits_2_before_any_work(tmp_path):
@@ -132,8 +151,9 @@ def test_a_work_pool_runs_two_overlapping_scheduled_runs(team, tmp_path):
     made = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "team-pool", "--type", "process"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
-    cli("schedule", "--cron", "0 3 * * *", "--name", "nightly", "--work-pool", "team-pool",
-        *sets(*TINY, "tracking.experiment=pool"), env=env, timeout=180)
+    made = cli("schedule", "--cron", "0 3 * * *", "--name", "nightly", "--work-pool", "team-pool",
+               *sets(*TINY, "tracking.experiment=pool"), env=env, timeout=180)
+    assert "deployment metadistill/nightly created in work pool 'team-pool'" in made.stdout
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "team-pool",
                                "--limit", "2"], env=env, stdout=open(tmp_path / "worker.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -158,6 +178,21 @@ def test_a_work_pool_runs_two_overlapping_scheduled_runs(team, tmp_path):
     # (a server's version search leaves the aliases out: ask for the champion itself)
     assert int(client.get_model_version_by_alias("pool-student", "champion").version) in (1, 2)
     assert [v.tags["promotion_reason"] for v in versions].count("no champion yet") == 1
+
+
+def test_nodes_with_homes_of_their_own_register_in_turn(team, tmp_path):
+    """Two nodes (homes of their own, no common flock) take their registration turns through
+    the Prefect server's one-slot limit: the two turns never overlap."""
+    turn = ("import json, time; from pipelines.orchestrate.registration import registration_turn\n"
+            "with registration_turn('nodes-student'):\n"
+            "    start = time.time(); time.sleep(3); end = time.time()\n"
+            "print(json.dumps([start, end]))")
+    procs = [subprocess.Popen([sys.executable, "-c", turn], env=node_env(team, tmp_path / f"node{i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    (a0, a1), (b0, b1) = sorted(json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert a1 <= b0, f"the turns overlapped: {a0:.2f}-{a1:.2f} and {b0:.2f}-{b1:.2f}"
 
 
 def overlapping_runs(home: Path, n: int, experiment: str) -> list[subprocess.CompletedProcess]:

@@ -34,6 +34,7 @@ from pipelines.engine import distributed
 from pipelines.evaluate.compare import Choice, StudentOutcome, choose_student, comparison_csv, comparison_markdown, summarise
 from pipelines.evaluate.metrics import evaluate
 from pipelines.orchestrate import launch
+from pipelines.orchestrate.registration import registration_turn
 from pipelines.orchestrate.worker import load_stage_output
 from pipelines.register.student import lineage_tags, register_student
 from pipelines.students.fit import finish_student, run_student
@@ -378,8 +379,7 @@ def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunL
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: RunLogger) -> dict | None:
     model_name = f"{cfg.tracking.experiment}-student"
-    # Overlapping runs register one at a time, each against the champion it actually finds.
-    with tracking.registry_lock(model_name), tracking.child_run(parent, "register", _tags()) as run:
+    with registration_turn(model_name), tracking.child_run(parent, "register", _tags()) as run:
         spec = model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
         champion = tracking.current_champion(model_name)
         lineage = lineage_tags(cfg.teacher.source, teacher_key(cfg, prepared),

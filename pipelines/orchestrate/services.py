@@ -183,10 +183,6 @@ class Services:
         self._spawn("mlflow", self.mlflow_command())
         self._wait(f"{self.tracking_uri}/health", "mlflow")
 
-    def start_prefect(self) -> None:
-        self._spawn("prefect", *self.prefect_command())
-        self._wait(f"{self.prefect_api_url}/health", "prefect")
-
     def _wait(self, url: str, name: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -200,12 +196,15 @@ class Services:
                             f"{self.root / f'{name}.log'}")
 
     def start(self) -> None:
-        """PostgreSQL, then the two servers on it; on any failure what started is stopped."""
+        """PostgreSQL, then the two servers on it, booting side by side; on any failure what
+        started is stopped."""
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             self.start_postgres()
-            self.start_mlflow()
-            self.start_prefect()
+            self._spawn("mlflow", self.mlflow_command())
+            self._spawn("prefect", *self.prefect_command())
+            self._wait(f"{self.tracking_uri}/health", "mlflow")
+            self._wait(f"{self.prefect_api_url}/health", "prefect")
         except BaseException:
             self.stop()
             raise
