@@ -107,14 +107,15 @@ def fit_threads(chosen: int | None, sample: CpuSample | None = None) -> tuple[in
     return threads, f"{free:.1f} of {len(usable_cpus())} usable CPUs free" + (f", {runs} runs on this home" if runs > 1 else "")
 
 
-_joined: list[str] = []  # the home this process counts itself on
+_joined = False  # whether this process counts itself among the home's runs
 
 
 def join_home_runs() -> None:
     """Count this process among the runs on the project home until it exits."""
+    global _joined
     if _joined:
         return
-    _joined.append(str(project_home()))
+    _joined = True
     folder = project_home() / "runs"
     folder.mkdir(exist_ok=True)
     mine = folder / str(os.getpid())
@@ -132,8 +133,10 @@ def home_runs() -> int:
             alive += 1
         except ProcessLookupError:
             entry.unlink(missing_ok=True)
-        except (ValueError, PermissionError):  # not a pid, or another user's live process
-            alive += entry.name.isdigit()
+        except PermissionError:  # another user's live process
+            alive += 1
+        except ValueError:  # not a pid: not ours
+            continue
     return max(1, alive)
 
 
@@ -159,4 +162,4 @@ def refit_threads() -> int:
 
 def joined() -> bool:
     """Whether this process already fitted its threads (the CLI does before the flow starts)."""
-    return bool(_joined)
+    return _joined

@@ -22,11 +22,10 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.common.net import answers
+from pipelines.common.net import wait_http
 
 
 class ServicesError(RuntimeError):
@@ -117,28 +116,22 @@ class Services:
                       f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions"], "initdb")
         finally:
             pwfile.unlink(missing_ok=True)
-        settings = (f"\nlisten_addresses = '127.0.0.1'\nport = {self.ports.postgres}\n"
-                    f"unix_socket_directories = '{self.cluster}'\n")
-        with open(self.cluster / "postgresql.conf", "a") as fh:
-            fh.write(settings)
+        with open(self.cluster / "postgresql.conf", "a") as fh:  # the port is given at each start
+            fh.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.cluster}'\n")
 
     def _check_reachable(self, uid: int) -> None:
         """As root, the cluster's owner must be able to walk down to it."""
         for folder in [*reversed(self.cluster.parents), self.cluster]:
-            mode = folder.stat()
-            if folder.stat().st_uid != uid and not mode.st_mode & 0o001:
+            stat = folder.stat()
+            if stat.st_uid != uid and not stat.st_mode & 0o001:
                 raise ServicesError(f"PostgreSQL runs as {self.pg_user!r} (it refuses root), who cannot enter {folder}: "
                                     f"put the project home (METADISTILL_HOME) where {self.pg_user!r} can reach it, "
                                     f"or `chmod o+x {folder}`")
 
     def start_postgres(self) -> None:
         self.init_postgres()
-        port_in_settings = f"port = {self.ports.postgres}"
-        if port_in_settings not in (self.cluster / "postgresql.conf").read_text():
-            with open(self.cluster / "postgresql.conf", "a") as fh:
-                fh.write(f"\n{port_in_settings}\n")
         self._pg([pg_bin("pg_ctl"), "-D", str(self.cluster), "-l", str(self.cluster / "server.log"), "-w", "-t", "60",
-                  "start"], f"starting PostgreSQL (log: {self.cluster / 'server.log'})")
+                  "-o", f"-p {self.ports.postgres}", "start"], f"starting PostgreSQL (log: {self.cluster / 'server.log'})")
         for database in ("mlflow", "prefect"):
             self._create_database(database)
 
@@ -184,16 +177,11 @@ class Services:
         self._wait(f"{self.tracking_uri}/health", "mlflow")
 
     def _wait(self, url: str, name: str, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.processes[name].poll() is not None:
-                raise ServicesError(f"the {name} server exited with code {self.processes[name].returncode}; its log: "
-                                    f"{self.root / f'{name}.log'}:\n{log_tail(self.root / f'{name}.log')}")
-            if answers(url):
-                return
-            time.sleep(0.3)
-        raise ServicesError(f"the {name} server did not answer {url} within {timeout:.0f} s; its log: "
-                            f"{self.root / f'{name}.log'}")
+        log = self.root / f"{name}.log"
+        try:
+            wait_http(url, timeout, lambda: self.processes[name].poll() is None, lambda: log_tail(log))
+        except RuntimeError as exc:  # it exited, or never answered
+            raise ServicesError(f"the {name} server did not come up (log: {log}): {exc}") from None
 
     def start(self) -> None:
         """PostgreSQL, then the two servers on it, booting side by side; on any failure what
