@@ -42,8 +42,8 @@ def main() -> int:
     args = parser.parse_args()
     policies = args.policies.split(",")
     unsearched = Path(tempfile.mkdtemp()) / "unsearched.json"
-    unsearched.write_text(json.dumps(augment_search.starting_policy(load_config(args.preset, None,
-                                                                               args.overrides)).to_json()))
+    base_cfg = load_config(args.preset, None, args.overrides)
+    unsearched.write_text(json.dumps(augment_search.policy_spec(base_cfg, augment_search.starting_policy(base_cfg))))
     acc: dict[str, list[float]] = {p: [] for p in policies}
     seconds: dict[str, list[float]] = {p: [] for p in policies}
     search_seconds: list[float] = []

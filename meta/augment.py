@@ -8,7 +8,10 @@ strength u in [0, 1); an op is applied at ``sign * u * magnitude`` (``sign * mag
 under ``sampling="exact"``).  Geometric ops go through ``affine_grid`` /
 ``grid_sample`` and colour ops through blends, and the strength is reparameterised, so
 the output is differentiable in the magnitudes and, through the relaxed weights, in the
-logits.
+logits.  Posterize, solarize and equalize are steps: their forward is the real op and
+their backward a smooth stand-in (straight-through).  A policy's ops come from one space
+(:data:`SPACES`): ``narrow`` (the first nine ops) or ``wide`` (TrivialAugmentWide's
+fourteen at its ranges).
 
 The meta-objective is the quiz cross-entropy of a model after one or more unrolled SGD
 steps on augmented batches (``meta.metadistill``'s pilot steps); its gradient with
@@ -27,13 +30,31 @@ from torch import nn
 from meta.functional import Params, cross_entropy, forward
 from meta.metadistill import Pilot, unrolled_steps
 
-# op -> largest magnitude it may take (degrees, fractions of the size, or blend factors)
-MAX_MAGNITUDE = {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 0.3, "translate_y": 0.3,
-                 "scale": 0.3, "brightness": 0.5, "contrast": 0.5, "sharpness": 0.9}
-OPS = tuple(MAX_MAGNITUDE)
+# The op spaces: op -> largest magnitude it may take (degrees, fractions of the size, blend
+# factors, bits removed, or the share of the range solarized).  "narrow" is the first
+# space (the published tables use it); "wide" is TrivialAugmentWide's ops at its ranges
+# (32 px of a 32 px image = 1.0 of the size; posterize 8 down to 2 bits; solarize the
+# whole range), plus identity, so a search can learn how often to augment at all.
+SPACES = {
+    "narrow": {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 0.3, "translate_y": 0.3,
+               "scale": 0.3, "brightness": 0.5, "contrast": 0.5, "sharpness": 0.9},
+    "wide": {"identity": 1.0, "rotate": 135.0, "shear_x": 0.99, "shear_y": 0.99, "translate_x": 1.0,
+             "translate_y": 1.0, "brightness": 0.99, "contrast": 0.99, "saturation": 0.99, "sharpness": 0.99,
+             "posterize": 6.0, "solarize": 1.0, "autocontrast": 1.0, "equalize": 1.0},
+}
+OPS = tuple(SPACES["narrow"])
+ALL_OPS = tuple(dict.fromkeys(op for space in SPACES.values() for op in space))
 SAMPLINGS = ("exact", "uniform")
 MAX_DEPTH = 3
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y", "scale")
+BLENDS = ("brightness", "contrast", "saturation", "sharpness")
+# Ops whose output ignores the magnitude's sign (posterize, solarize) or the magnitude
+# altogether (identity, autocontrast, equalize).
+UNSIGNED = ("identity", "posterize", "solarize", "autocontrast", "equalize")
+# Ops that are not differentiable in the pixels or the magnitude: their forward is the
+# real op, their backward a smooth stand-in (straight-through).
+STRAIGHT_THROUGH = ("posterize", "solarize", "equalize")
+_SOLARIZE_SOFTNESS = 0.05  # width (in [0, 1] pixels) of the sigmoid that stands in for solarize's step
 
 
 class PolicyError(ValueError):
@@ -61,20 +82,72 @@ def _affine(name: str, v: torch.Tensor) -> torch.Tensor:
 
 
 def apply_op(name: str, pixels: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Op ``name`` on images in [0, 1] (N, C, H, W), at signed magnitudes ``v`` (N,)."""
+    """Op ``name`` on images in [0, 1] (N, C, H, W), at signed magnitudes ``v`` (N,); every
+    op is the identity at ``v = 0`` (autocontrast and equalize, which have no magnitude,
+    excepted)."""
     if name in GEOMETRIC:
         grid = F.affine_grid(_affine(name, v).to(pixels.dtype), list(pixels.shape), align_corners=False)
         return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    factor = (1 + v).view(-1, 1, 1, 1)
+    if name in BLENDS:
+        factor = (1 + v).view(-1, 1, 1, 1)
+        degenerate = _degenerate(name, pixels)
+        return (degenerate + factor * (pixels - degenerate)).clamp(0, 1)
+    if name == "identity":
+        return pixels
+    if name == "autocontrast":  # each channel stretched to [0, 1] (a flat channel is left alone)
+        lo, hi = pixels.amin(dim=(2, 3), keepdim=True), pixels.amax(dim=(2, 3), keepdim=True)
+        flat = hi - lo < 1e-6
+        return ((pixels - torch.where(flat, 0, lo)) / torch.where(flat, 1, hi - lo)).clamp(0, 1)
+    strength = v.abs().view(-1, 1, 1, 1)
+    if name == "solarize":
+        # Pixels above 1 - |v| are inverted ("above", not PIL's "at or above", so v = 0 is the
+        # identity); the gradient is that of a sigmoid step of width _SOLARIZE_SOFTNESS.
+        threshold = 1 - strength
+        hard = torch.where(pixels > threshold, 1 - pixels, pixels)
+        soft = pixels + torch.sigmoid((pixels - threshold) / _SOLARIZE_SOFTNESS) * (1 - 2 * pixels)
+        return hard.detach() + soft - soft.detach()
+    if name == "posterize":
+        # |v| bits of the 8-bit value dropped (fractional in the search); the gradient is that
+        # of the mean loss of a drop, half a step, and the identity in the pixels.
+        step = 2 ** strength
+        quantized = torch.floor((pixels * 255).round() / step) * step / 255
+        hard = torch.where(strength > 0, quantized, pixels)
+        soft = pixels - (step - 1) / (2 * 255)
+        return hard.detach() + soft - soft.detach()
+    if name == "equalize":
+        return _equalize(pixels.detach()) + pixels - pixels.detach()
+    raise ValueError(f"unknown augmentation op {name!r}")
+
+
+def _degenerate(name: str, pixels: torch.Tensor) -> torch.Tensor:
+    """What a blend op moves the image away from (factor 0), as in PIL's ImageEnhance."""
     if name == "brightness":
-        degenerate = torch.zeros_like(pixels)
-    elif name == "contrast":
-        degenerate = pixels.mean(dim=(1, 2, 3), keepdim=True).expand_as(pixels)
-    else:  # sharpness: blend with a 3x3 smoothed copy (PIL's kernel)
-        kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=pixels.dtype, device=pixels.device) / 13
-        weight = kernel.expand(pixels.shape[1], 1, 3, 3)
-        degenerate = F.conv2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), weight, groups=pixels.shape[1])
-    return (degenerate + factor * (pixels - degenerate)).clamp(0, 1)
+        return torch.zeros_like(pixels)
+    if name == "contrast":
+        return pixels.mean(dim=(1, 2, 3), keepdim=True).expand_as(pixels)
+    if name == "saturation":  # the ITU-R 601-2 luma grey of an RGB image; a grey image is its own
+        if pixels.shape[1] != 3:
+            return pixels
+        grey = (pixels * pixels.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        return grey.expand_as(pixels)
+    # sharpness: a 3x3 smoothed copy (PIL's kernel)
+    kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=pixels.dtype, device=pixels.device) / 13
+    weight = kernel.expand(pixels.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), weight, groups=pixels.shape[1])
+
+
+def _equalize(pixels: torch.Tensor) -> torch.Tensor:
+    """PIL's histogram equalisation of each channel, on the image's 8-bit levels, batched."""
+    n, c, h, w = pixels.shape
+    levels = (pixels * 255).round().long().clamp(0, 255).view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=pixels.device).scatter_add_(1, levels,
+                                                                                       torch.ones_like(levels))
+    cumulative = hist.cumsum(1)
+    last = hist.gather(1, cumulative.argmax(1, keepdim=True))  # the count of the highest level present
+    step = (h * w - last) // 255
+    lut = ((cumulative - hist + step // 2) // step.clamp(min=1)).clamp(max=255)
+    equalized = torch.where(step > 0, lut.gather(1, levels), levels)
+    return (equalized.to(pixels.dtype) / 255).view(n, c, h, w)
 
 
 class Noise(NamedTuple):
@@ -87,20 +160,24 @@ class Noise(NamedTuple):
 
 
 class AugmentPolicy(nn.Module):
-    """Probabilities and magnitudes of :data:`OPS` (or a subset), learned or loaded;
-    ``depth`` ops per image, at exact or uniformly drawn magnitudes (``sampling``)."""
+    """Probabilities and magnitudes of the ops of a space (:data:`SPACES`; all of them or a
+    subset), learned or loaded; ``depth`` ops per image, at exact or uniformly drawn
+    magnitudes (``sampling``)."""
 
     def __init__(self, ops: tuple[str, ...] | list[str] = OPS, init_magnitude: float = 0.3, depth: int = 1,
-                 sampling: str = "exact"):
+                 sampling: str = "exact", space: str = "narrow"):
         super().__init__()
-        unknown = [op for op in ops if op not in MAX_MAGNITUDE]
+        if space not in SPACES:
+            raise PolicyError(f"space: {space!r} is not one of {', '.join(SPACES)}")
+        unknown = [op for op in ops if op not in SPACES[space]]
         if unknown:
-            raise PolicyError(f"unknown augmentation op(s) {unknown}; allowed: {', '.join(OPS)}")
+            raise PolicyError(f"unknown augmentation op(s) {unknown} in the {space} space; allowed: "
+                              f"{', '.join(SPACES[space])}")
         if sampling not in SAMPLINGS:
             raise PolicyError(f"sampling: {sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
             raise PolicyError(f"depth: {depth!r} is not an integer in [1, {MAX_DEPTH}]")
-        self.ops, self.depth, self.sampling = tuple(ops), depth, sampling
+        self.ops, self.depth, self.sampling, self.space = tuple(ops), depth, sampling, space
         self.logits = nn.Parameter(torch.zeros(len(self.ops)))
         # magnitude = max * sigmoid(raw): bounded to (0, max) whatever the search does
         raw = math.log(init_magnitude / (1 - init_magnitude))
@@ -110,7 +187,7 @@ class AugmentPolicy(nn.Module):
         return self.logits.softmax(0)
 
     def magnitudes(self) -> torch.Tensor:
-        scale = torch.tensor([MAX_MAGNITUDE[op] for op in self.ops], device=self.raw_magnitude.device)
+        scale = torch.tensor([SPACES[self.space][op] for op in self.ops], device=self.raw_magnitude.device)
         return scale * torch.sigmoid(self.raw_magnitude)
 
     def forward(self, pixels: torch.Tensor, noise: Noise, tau: float = 1.0, hard: bool = False) -> torch.Tensor:
@@ -129,25 +206,31 @@ class AugmentPolicy(nn.Module):
 
     def to_json(self) -> dict:
         p, m = self.probabilities().tolist(), self.magnitudes().tolist()
-        return {"version": 2, "depth": self.depth, "sampling": self.sampling,
+        return {"version": 3, "space": self.space, "depth": self.depth, "sampling": self.sampling,
                 "ops": [{"name": op, "probability": p[k], "magnitude": m[k]} for k, op in enumerate(self.ops)]}
 
     @classmethod
     def from_json(cls, spec: dict) -> AugmentPolicy:
-        """The policy ``to_json`` wrote; a field out of range raises :class:`PolicyError` naming it."""
+        """The policy ``to_json`` wrote; a field out of range raises :class:`PolicyError` naming
+        it.  Keys other than the policy's own (a ``base`` the caller applies) are left to the caller."""
         if not isinstance(spec, dict) or not isinstance(spec.get("ops"), list) or not spec["ops"]:
-            raise PolicyError("an augmentation policy is {\"version\": 1, \"ops\": [{\"name\", \"probability\", "
-                              "\"magnitude\"}, ...]}")
+            raise PolicyError("an augmentation policy is {\"version\": 3, \"space\", \"ops\": [{\"name\", "
+                              "\"probability\", \"magnitude\"}, ...]}")
+        space = spec.get("space", "narrow")  # versions 1 and 2 knew one space
+        if space not in SPACES:
+            raise PolicyError(f"space: {space!r} is not one of {', '.join(SPACES)}")
+        ranges = SPACES[space]
         names, probs, mags = [], [], []
         for i, entry in enumerate(spec["ops"]):
             name = entry.get("name") if isinstance(entry, dict) else None
-            if name not in MAX_MAGNITUDE:
-                raise PolicyError(f"ops[{i}].name: unknown augmentation op {name!r}; allowed: {', '.join(OPS)}")
+            if name not in ranges:
+                raise PolicyError(f"ops[{i}].name: unknown augmentation op {name!r} in the {space} space; "
+                                  f"allowed: {', '.join(ranges)}")
             p, m = entry.get("probability"), entry.get("magnitude")
             if not isinstance(p, (int, float)) or not 0 < p <= 1:
                 raise PolicyError(f"ops[{i}].probability ({name}): {p!r} is not in (0, 1]")
-            if not isinstance(m, (int, float)) or not 0 < m < MAX_MAGNITUDE[name]:
-                raise PolicyError(f"ops[{i}].magnitude ({name}): {m!r} is not in (0, {MAX_MAGNITUDE[name]})")
+            if not isinstance(m, (int, float)) or not 0 < m < ranges[name]:
+                raise PolicyError(f"ops[{i}].magnitude ({name}): {m!r} is not in (0, {ranges[name]})")
             names.append(name)
             probs.append(float(p))
             mags.append(float(m))
@@ -156,10 +239,10 @@ class AugmentPolicy(nn.Module):
         if abs(sum(probs) - 1) > 1e-3:
             raise PolicyError(f"ops[*].probability: the probabilities sum to {sum(probs):.6f}, not 1")
         # version 1 (no depth, no sampling) was one op per image at its exact magnitude
-        policy = cls(names, depth=spec.get("depth", 1), sampling=spec.get("sampling", "exact"))
+        policy = cls(names, depth=spec.get("depth", 1), sampling=spec.get("sampling", "exact"), space=space)
         with torch.no_grad():
             policy.logits.copy_(torch.log(torch.tensor(probs)))
-            fraction = torch.tensor([m / MAX_MAGNITUDE[n] for n, m in zip(names, mags)])
+            fraction = torch.tensor([m / ranges[n] for n, m in zip(names, mags)])
             policy.raw_magnitude.copy_(torch.log(fraction / (1 - fraction)))
         return policy
 

@@ -7,7 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from meta.augment import MAX_MAGNITUDE, OPS, AugmentPolicy, Noise, PolicyError, apply_op, draw_noise, policy_hypergrad
+from meta.augment import (
+    OPS,
+    SPACES,
+    STRAIGHT_THROUGH,
+    AugmentPolicy,
+    Noise,
+    PolicyError,
+    apply_op,
+    draw_noise,
+    policy_hypergrad,
+)
 from meta.functional import params_of
 from tests.helpers import worst_relative_error
 
@@ -17,12 +27,62 @@ def _images(n=6, seed=0, dtype=torch.float64):
     return torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_each_op_is_the_identity_at_zero_and_changes_the_image_otherwise(op):
-    x = _images()
+_MAGNITUDE_FREE = ("autocontrast", "equalize")  # no magnitude: not the identity at 0
+_SPACE_OPS = [(space, op) for space, ranges in SPACES.items() for op in ranges
+              if op not in (*_MAGNITUDE_FREE, "identity")]
+
+
+@pytest.mark.parametrize("space,op", _SPACE_OPS)
+def test_each_op_is_the_identity_at_zero_and_changes_the_image_otherwise(space, op):
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(apply_op(op, x, torch.zeros(len(x), dtype=x.dtype)), x, atol=1e-6)
-    moved = apply_op(op, x, torch.full((len(x),), 0.8 * MAX_MAGNITUDE[op], dtype=x.dtype))
+    moved = apply_op(op, x, torch.full((len(x),), 0.8 * SPACES[space][op], dtype=x.dtype))
     assert (moved - x).abs().max() > 0.05 and moved.min() >= 0 and moved.max() <= 1
+
+
+_DIFFERENTIABLE = [op for op in SPACES["narrow"] | SPACES["wide"] if op not in (*STRAIGHT_THROUGH, "identity")]
+
+
+@pytest.mark.parametrize("op", _DIFFERENTIABLE)
+def test_each_differentiable_op_matches_finite_differences(op):
+    """In the magnitude, and in the pixels (autocontrast has no magnitude)."""
+    g = torch.Generator().manual_seed(1)
+    x = (0.1 + 0.8 * torch.rand(3, 3, 6, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    v = torch.tensor([0.21, -0.13, 0.32], dtype=torch.float64) * (SPACES["wide"] | SPACES["narrow"])[op]
+    v.requires_grad_(op != "autocontrast")
+    assert torch.autograd.gradcheck(lambda x, v: apply_op(op, x, v), (x, v), eps=1e-6, atol=1e-5)
+
+
+def test_the_step_ops_are_torchvisions_on_8_bit_images():
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(2)
+    x8 = ((torch.rand(4, 3, 32, 32, generator=g) ** 2) * 180 + 20).round().to(torch.uint8)
+    x8[0, 0] = 7  # a flat channel: equalize and autocontrast leave it alone
+    x = x8.double() / 255
+
+    def level(op, magnitude):
+        return apply_op(op, x, torch.full((4,), float(magnitude), dtype=x.dtype)) * 255
+
+    assert torch.equal(level("equalize", 0).round().to(torch.uint8), TF.equalize(x8))
+    assert (level("autocontrast", 0) - TF.autocontrast(x8).double()).abs().max() <= 1  # torchvision truncates
+    for bits in (2, 5, 7):
+        assert torch.allclose(level("posterize", 8 - bits), TF.posterize(x8, bits).double(), atol=1e-6)
+    # solarize inverts above 1 - |v| (torchvision: at or above its threshold, here between levels)
+    assert torch.allclose(level("solarize", 0.3 + 0.5 / 255), TF.solarize(x8, 255 * 0.7).double(), atol=1e-6)
+
+
+def test_the_step_ops_pass_a_gradient_straight_through():
+    x = (0.1 + 0.8 * torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    apply_op("equalize", x, torch.zeros(2)).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # the identity in the pixels
+    v = torch.tensor([2.0, 3.0], requires_grad=True)
+    apply_op("posterize", x.detach(), v).mean().backward()
+    assert (v.grad < 0).all()  # dropping more bits darkens, as posterize does on average
+    v = torch.tensor([0.3, 0.6], requires_grad=True)
+    dark = torch.full((2, 1, 8, 8), 0.9)  # bright pixels: a lower threshold inverts more of them
+    apply_op("solarize", dark, v).mean().backward()
+    assert (v.grad < 0).all()
 
 
 def test_translate_moves_by_the_fraction_of_the_width():
@@ -121,14 +181,16 @@ def test_two_layers_at_drawn_strengths_compose_two_ops():
     assert torch.allclose(out[1], apply_op("translate_x", shifted, m[1:])[0], atol=1e-6)
 
 
-def test_json_round_trip():
-    policy = AugmentPolicy(("rotate", "brightness", "scale"), depth=2, sampling="uniform")
+@pytest.mark.parametrize("space,ops", [("narrow", ("rotate", "brightness", "scale")),
+                                       ("wide", ("rotate", "posterize", "equalize"))])
+def test_json_round_trip(space, ops):
+    policy = AugmentPolicy(ops, depth=2, sampling="uniform", space=space)
     with torch.no_grad():
         policy.logits.copy_(torch.tensor([1.0, 0.0, -1.0]))
         policy.raw_magnitude.copy_(torch.tensor([0.5, -1.0, 2.0]))
     spec = json.loads(json.dumps(policy.to_json()))
     again = AugmentPolicy.from_json(spec)
-    assert (again.ops, again.depth, again.sampling) == (policy.ops, 2, "uniform")
+    assert (again.ops, again.depth, again.sampling, again.space) == (policy.ops, 2, "uniform", space)
     assert torch.allclose(again.probabilities(), policy.probabilities(), atol=1e-6)
     assert torch.allclose(again.magnitudes(), policy.magnitudes(), atol=1e-6)
 
@@ -145,6 +207,12 @@ def test_json_round_trip():
       "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 5.0}]}, "depth: 4 is not an integer in"),
     ({"version": 2, "depth": 1, "sampling": "gaussian",
       "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 5.0}]}, "sampling: 'gaussian'"),
+    ({"version": 3, "space": "huge", "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 5.0}]},
+     "space: 'huge'"),
+    ({"version": 3, "space": "wide", "ops": [{"name": "scale", "probability": 1.0, "magnitude": 0.1}]},
+     "ops[0].name: unknown augmentation op 'scale' in the wide space"),
+    ({"version": 3, "space": "wide", "ops": [{"name": "rotate", "probability": 1.0, "magnitude": 140.0}]},
+     "ops[0].magnitude"),
 ])
 def test_bad_policy_is_refused_naming_the_field(spec, field):
     with pytest.raises(PolicyError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -164,6 +232,23 @@ def test_learned_ops_are_seeded_per_example(depth, sampling):
     assert ((out - x).flatten(1).abs().amax(1) > 1e-3).float().mean() > 0.8  # every op moves the image
 
 
+def test_a_base_runs_under_the_searched_ops_on_draws_of_its_own():
+    from pipelines.augment.policies import FixedOps, LearnedOps
+    from pipelines.config.data import AugmentConfig
+
+    base = [{"name": "horizontal_flip"}]
+    spec = {**AugmentPolicy(("identity",), space="wide").to_json(), "base": base}
+    x, seeds = _images(64, dtype=torch.float32), torch.arange(64) * 7919
+    out = LearnedOps(spec, [0.0], [1.0])(x, seeds)
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    assert 16 < int(flipped.sum()) < 48 and torch.equal(out[~flipped], x[~flipped])
+    # the base's draws are not the searched ops' (which start at draw 0)
+    at_zero = FixedOps([AugmentConfig(**base[0])], [0.0], [1.0])(x, seeds)
+    assert not torch.equal(out, at_zero)
+    with pytest.raises(PolicyError, match=r"base\[0\]"):
+        LearnedOps({**spec, "base": [{"name": "mixup"}]}, [0.0], [1.0])
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_torchvision_export_runs(depth):
     from torchvision.transforms import v2
@@ -176,6 +261,19 @@ def test_torchvision_export_runs(depth):
     x = torch.rand(3, 16, 16)
     outs = [transform(x) for _ in range(5)]  # one draw may be a shift that rounds to 0 pixels
     assert all(out.shape == (3, 16, 16) for out in outs) and not all(torch.equal(out, x) for out in outs)
+
+
+def test_torchvision_export_of_the_wide_space_with_a_base_runs():
+    from pipelines.augment.policies import to_torchvision
+
+    spec = {**AugmentPolicy(SPACES["wide"], init_magnitude=0.9, space="wide").to_json(),
+            "base": [{"name": "random_crop", "padding": 4}, {"name": "horizontal_flip"}]}
+    transform = to_torchvision(spec)
+    torch.manual_seed(0)
+    x = torch.rand(3, 16, 16)
+    outs = [transform(x) for _ in range(40)]  # every op drawn, most likely
+    assert all(out.shape == (3, 16, 16) and out.dtype == x.dtype for out in outs)
+    assert sum(not torch.equal(out, x) for out in outs) > 30
 
 
 def _search_cfg(*extra):
@@ -206,6 +304,33 @@ def test_search_writes_a_valid_policy_once_and_keys_the_teacher_by_it(home):
     assert augment(x, torch.arange(8)).shape == x.shape
 
 
+def test_a_wide_search_with_a_base_writes_both_into_its_policy(home):
+    from pipelines import data as data_stage
+    from pipelines.augment import search as augment_search
+
+    cfg = _search_cfg("data.augment_search.space=wide", "data.augment_search.base=fixed",
+                      "data.augment_search.depth=1")
+    prepared = data_stage.prepare(cfg.data)
+    spec = augment_search.learned_policy(cfg, prepared).spec
+    assert spec["space"] == "wide" and [op["name"] for op in spec["ops"]] == list(SPACES["wide"])
+    assert spec["base"] == [op.model_dump(mode="json") for op in cfg.data.augment] != []
+    assert AugmentPolicy.from_json(spec).magnitudes()[1] > SPACES["narrow"]["rotate"]  # wide ranges
+    x = prepared.x("train")[:8]
+    assert augment_search.augmenter_for(cfg, prepared)(x, torch.arange(8)).shape == x.shape
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["data.augment_search.ops=[solarize]"], "out of the narrow space's"),
+    (["data.augment_search.space=wide", "data.augment_search.ops=[scale]"], "out of the wide space's"),
+    (["data.augment=[]", "data.augment_search.base=fixed"], "data.augment is empty"),
+])
+def test_a_search_config_out_of_its_space_is_refused(sets, message):
+    from pipelines.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _search_cfg(*sets)
+
+
 def test_bad_policy_file_exits_2_naming_the_field(tmp_path, capsys):
     from pipelines.cli import main
 
@@ -224,6 +349,10 @@ def test_bad_policy_file_exits_2_naming_the_field(tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(AugmentPolicy(("rotate", "scale")).to_json()))
     assert exit_code("data.augment_policy=learned", f"data.augment_policy_file={good}") == 0
+    bad.write_text(json.dumps({**AugmentPolicy(("rotate",)).to_json(), "base": [{"name": "random_crop",
+                                                                                  "padding": -1}]}))
+    assert exit_code("data.augment_policy=learned", f"data.augment_policy_file={bad}") == 2
+    assert "base[0]" in capsys.readouterr().err
 
 
 def test_the_flow_logs_the_search_the_policy_and_the_examples(home, prefect_server):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from pipelines.common.rng import global_rng
-from pipelines.config.data import AugmentConfig, DataConfig
+from pipelines.config.data import AugmentConfig, DataConfig, policy_base
 from pipelines.data.prepared import Normalization
 
 _MASK = 0x7FFFFFFF
@@ -40,13 +40,15 @@ def uniform(seeds: torch.Tensor, draw: int) -> torch.Tensor:
 class FixedOps:
     """The ``data.augment`` list as batched tensor ops on normalised images (N, C, H, W)."""
 
-    def __init__(self, configs: list[AugmentConfig], mean: list[float], std: list[float]):
-        self.configs, self.normalization = configs, Normalization(mean, std)
+    def __init__(self, configs: list[AugmentConfig], mean: list[float], std: list[float], first_draw: int = 0):
+        # first_draw: where this list's draws start, so a learned policy's base draws
+        # numbers of its own, not the searched ops' (which start at 0)
+        self.configs, self.normalization, self.first_draw = configs, Normalization(mean, std), first_draw
 
     def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         seeds = seeds.to(x.device, non_blocking=True)
         for i, cfg in enumerate(self.configs):
-            draws = lambda j, i=i: uniform(seeds, 8 * i + j)  # noqa: E731
+            draws = lambda j, i=i: uniform(seeds, self.first_draw + 8 * i + j)  # noqa: E731
             x = getattr(self, cfg.name)(x, cfg, draws)
         return x
 
@@ -92,16 +94,22 @@ class FixedOps:
         return self.normalization.from_pixels(pixels)
 
 
+_BASE_FIRST_DRAW = 1000  # past any searched op's draws (3 per layer)
+
+
 class LearnedOps:
-    """A learned policy (``meta.augment``), batched: for each of the policy's ``depth``
-    layers, each image draws one op from the policy's probabilities, a sign and (under
-    uniform sampling) a strength, from its seed, and gets that op at sign x strength x the
-    policy's magnitude.  Every op runs on the whole batch and each image keeps its own op's
-    result (no data-dependent shapes, so no host sync on CUDA)."""
+    """A learned policy (``meta.augment``), batched: first its ``base`` (fixed ops, if any),
+    then for each of the policy's ``depth`` layers, each image draws one op from the
+    policy's probabilities, a sign and (under uniform sampling) a strength, from its seed,
+    and gets that op at sign x strength x the policy's magnitude.  Every op runs on the
+    whole batch and each image keeps its own op's result (no data-dependent shapes, so no
+    host sync on CUDA)."""
 
     def __init__(self, spec: dict, mean: list[float], std: list[float]):
         from meta.augment import AugmentPolicy
 
+        base = policy_base(spec)
+        self.base = FixedOps(base, mean, std, first_draw=_BASE_FIRST_DRAW) if base else None
         policy = AugmentPolicy.from_json(spec)
         self.ops, self.depth, self.uniform = policy.ops, policy.depth, policy.sampling == "uniform"
         with torch.no_grad():
@@ -114,6 +122,8 @@ class LearnedOps:
 
         seeds = seeds.to(x.device, non_blocking=True)
         cumulative, magnitudes = self.cumulative.to(x.device), self.magnitudes.to(x.device, x.dtype)
+        if self.base is not None:
+            x = self.base(x, seeds)
         pixels = self.normalization.to_pixels(x)
         for layer in range(self.depth):
             choice = torch.searchsorted(cumulative, uniform(seeds, 3 * layer).contiguous()).clamp(max=len(self.ops) - 1)
@@ -186,31 +196,67 @@ def make_augmenter(cfg: DataConfig, data, learned: dict | None = None) -> Augmen
 
 def to_torchvision(spec: dict) -> v2.Transform:
     """A learned policy as a torchvision v2 transform on [0, 1] image tensors, for other
-    training stacks: ``depth`` ops per image in turn, each with the policy's probabilities,
-    magnitudes as symmetric ranges drawn uniformly (as ``sampling="uniform"`` does; an
-    ``exact`` policy applies exactly +-magnitude, and sharpness is applied at 1 +
-    magnitude, torchvision having no random sharpness range)."""
+    training stacks: its base (crop, flip, ...), then ``depth`` ops per image in turn, each
+    with the policy's probabilities, magnitudes as symmetric ranges drawn uniformly (as
+    ``sampling="uniform"`` does; an ``exact`` policy applies exactly +-magnitude).
+    torchvision has no random range for sharpness, posterize or solarize: they are applied
+    at the range's mean strength (sharpness at 1 + magnitude)."""
 
     from meta.augment import AugmentPolicy
 
     policy = AugmentPolicy.from_json(spec)
     probs, mags = policy.probabilities().tolist(), policy.magnitudes().tolist()
+    layer = lambda: v2.RandomChoice([_torchvision_op(n, m) for n, m in zip(policy.ops, mags)], p=probs)  # noqa: E731
+    base = [_torchvision_base(cfg) for cfg in policy_base(spec)]
+    layers = [layer() for _ in range(policy.depth)]
+    return layers[0] if not base and policy.depth == 1 else v2.Compose([*base, *layers])
 
-    def op(name: str, m: float) -> v2.Transform:
-        if name == "rotate":
-            return v2.RandomAffine(degrees=m)
-        if name in ("shear_x", "shear_y"):
-            deg = math.degrees(math.atan(m))
-            return v2.RandomAffine(degrees=0, shear=(-deg, deg, 0, 0) if name == "shear_x" else (0, 0, -deg, deg))
-        if name in ("translate_x", "translate_y"):
-            return v2.RandomAffine(degrees=0, translate=(m, 0) if name == "translate_x" else (0, m))
-        if name == "scale":
-            return v2.RandomAffine(degrees=0, scale=(1 / (1 + m), 1 + m))
-        if name == "brightness":
-            return v2.ColorJitter(brightness=m)
-        if name == "contrast":
-            return v2.ColorJitter(contrast=m)
+
+def _torchvision_op(name: str, m: float) -> v2.Transform:
+    if name == "rotate":
+        return v2.RandomAffine(degrees=m)
+    if name in ("shear_x", "shear_y"):
+        deg = math.degrees(math.atan(m))
+        return v2.RandomAffine(degrees=0, shear=(-deg, deg, 0, 0) if name == "shear_x" else (0, 0, -deg, deg))
+    if name in ("translate_x", "translate_y"):
+        return v2.RandomAffine(degrees=0, translate=(m, 0) if name == "translate_x" else (0, m))
+    if name == "scale":
+        return v2.RandomAffine(degrees=0, scale=(1 / (1 + m), 1 + m))
+    if name in ("brightness", "contrast", "saturation"):
+        return v2.ColorJitter(**{name: m})
+    if name == "sharpness":
         return v2.RandomAdjustSharpness(1 + m, p=1.0)
+    if name == "posterize":
+        return v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.RandomPosterize(bits=8 - round(m / 2), p=1.0),
+                           v2.ToDtype(torch.float32, scale=True)])
+    if name == "solarize":
+        return v2.RandomSolarize(threshold=1 - m / 2, p=1.0)
+    if name == "autocontrast":
+        return v2.RandomAutocontrast(p=1.0)
+    if name == "equalize":
+        return v2.RandomEqualize(p=1.0)
+    return v2.Identity()
 
-    layer = lambda: v2.RandomChoice([op(n, m) for n, m in zip(policy.ops, mags)], p=probs)  # noqa: E731
-    return layer() if policy.depth == 1 else v2.Compose([layer() for _ in range(policy.depth)])
+
+def _torchvision_base(cfg: AugmentConfig) -> v2.Transform:
+    if cfg.name == "random_crop":
+        return _PaddedCrop(cfg.padding)
+    if cfg.name == "horizontal_flip":
+        return v2.RandomHorizontalFlip()
+    if cfg.name == "random_affine":
+        return v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate))
+    return v2.ColorJitter(brightness=cfg.strength, contrast=cfg.strength)
+
+
+class _PaddedCrop(torch.nn.Module):
+    """Zero padding, then a crop of the image's own size at a random offset (torchvision's
+    RandomCrop needs the size up front; this takes it from each image)."""
+
+    def __init__(self, padding: int):
+        super().__init__()
+        self.padding = padding
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        p, (h, w) = self.padding, img.shape[-2:]
+        top, left = (int(torch.randint(0, 2 * p + 1, ())) for _ in range(2))
+        return F.pad(img, (p, p, p, p))[..., top:top + h, left:left + w]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from meta.augment import AugmentPolicy, draw_noise, policy_hypergrad
 from meta.functional import params_of
 from models.registry import build_model
-from pipelines.augment.policies import Augmenter, make_augmenter
+from pipelines.augment.policies import Augmenter, FixedOps, make_augmenter
 from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.common.progress import progress_bar
 from pipelines.common.rng import global_rng
@@ -33,7 +33,7 @@ from pipelines.engine.device import rows
 from pipelines.engine.loop import LogFn
 from pipelines.engine.metrics import check_finite
 
-SEARCH_VERSION = 2  # 2: depth, uniform sampling, teacher proxy
+SEARCH_VERSION = 2  # 2: depth, uniform sampling, teacher proxy (the op space and base are in the key's settings)
 
 
 @dataclass
@@ -57,7 +57,15 @@ def proxy_model(cfg: PipelineConfig):
 def starting_policy(cfg: PipelineConfig) -> AugmentPolicy:
     """Where the search starts: equal probabilities, ``init_magnitude`` of each range."""
     s = cfg.data.augment_search
-    return AugmentPolicy(s.ops, s.init_magnitude, s.depth, s.sampling)
+    return AugmentPolicy(s.op_names, s.init_magnitude, s.depth, s.sampling, s.space)
+
+
+def policy_spec(cfg: PipelineConfig, policy: AugmentPolicy) -> dict:
+    """``policy``'s JSON, with the ops it runs on top of (``base``) when the search has one."""
+    spec = policy.to_json()
+    if cfg.data.augment_search.base == "fixed":
+        spec["base"] = [op.model_dump(mode="json") for op in cfg.data.augment]
+    return spec
 
 
 def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
@@ -90,15 +98,16 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
     stats = Normalization(data.mean, data.std).to(device)
+    base = FixedOps(cfg.data.augment, data.mean, data.std) if s.base == "fixed" else None
     history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
     start = time.perf_counter()
     proxy.train()
     with progress_bar("augmentation search", total=s.steps) as advance:
         for step in range(1, s.steps + 1):
             idx = torch.randint(len(data.y("train")), (s.batch_size,), generator=generator)
-            pixels, labels = _train_pixels(data, idx, stats)
+            pixels, labels = _train_pixels(data, idx, stats, base, generator)
             if step % s.interval == 0:
-                grads, quiz_loss = _hypergrad(proxy, policy, pixels, labels, data, generator, stats, s)
+                grads, quiz_loss = _hypergrad(proxy, policy, pixels, labels, data, generator, stats, s, base)
                 check_finite(quiz_loss, "augmentation search", step, "quiz loss")
                 policy_opt.zero_grad(set_to_none=True)
                 for name, p in policy.named_parameters():
@@ -113,21 +122,25 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
             loss.backward()
             model_opt.step()
             advance()
-    return SearchResult(policy.to_json(), history, time.perf_counter() - start)
+    return SearchResult(policy_spec(cfg, policy), history, time.perf_counter() - start)
 
 
-def _train_pixels(data, idx: torch.Tensor, stats):
-    """Training rows ``idx`` as [0, 1] pixels (what the policy augments), and their labels."""
-    pixels = stats.to_pixels(rows(data.x("train"), idx, data.device))
-    return pixels, rows(data.y("train"), idx, data.device)
+def _train_pixels(data, idx: torch.Tensor, stats, base: FixedOps | None, generator: torch.Generator):
+    """Training rows ``idx`` as [0, 1] pixels (what the policy augments; under the base's ops
+    when there is one), and their labels."""
+    x = rows(data.x("train"), idx, data.device)
+    if base is not None:
+        x = base(x, torch.randint(0, 2**31 - 1, (len(idx),), generator=generator))
+    return stats.to_pixels(x), rows(data.y("train"), idx, data.device)
 
 
-def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: torch.Generator, stats, s):
+def _hypergrad(proxy, policy: AugmentPolicy, pixels, labels, data, generator: torch.Generator, stats, s,
+               base: FixedOps | None):
     """The policy's hypergradient: unrolled steps on this step's batch and ``s.unroll_steps - 1``
     fresh ones, scored on a quiz batch (with one step, the random stream of search version 2)."""
     if s.unroll_steps > 1:
         idx = torch.randint(len(data.y("train")), (s.batch_size * (s.unroll_steps - 1),), generator=generator)
-        more, more_labels = _train_pixels(data, idx, stats)
+        more, more_labels = _train_pixels(data, idx, stats, base, generator)
         pixels, labels = torch.cat([pixels, more]), torch.cat([labels, more_labels])
     q = torch.randint(len(data.y("quiz")), (s.batch_size,), generator=generator)
     noise = draw_noise(policy, len(labels), generator, data.device)
@@ -194,17 +207,20 @@ def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: 
     return fig
 
 
-def history_figure(history: dict, ops: list[str]):
-    """Op probabilities and magnitudes (as a share of each op's range) over the search."""
+def history_figure(history: dict, spec: dict):
+    """Op probabilities and magnitudes (as a share of each op's range) over the search of
+    the policy ``spec``."""
     from matplotlib.figure import Figure
 
-    from meta.augment import MAX_MAGNITUDE
+    from meta.augment import SPACES
+
+    ops, ranges = [op["name"] for op in spec["ops"]], SPACES[spec.get("space", "narrow")]
 
     fig = Figure(figsize=(10, 3.4))
     ax_p, ax_m = fig.subplots(1, 2)
     for k, op in enumerate(ops):
         ax_p.plot(history["step"], [p[k] for p in history["probabilities"]], label=op)
-        ax_m.plot(history["step"], [m[k] / MAX_MAGNITUDE[op] for m in history["magnitudes"]], label=op)
+        ax_m.plot(history["step"], [m[k] / ranges[op] for m in history["magnitudes"]], label=op)
     ax_p.set_title("op probability")
     ax_m.set_title("magnitude / its range")
     for ax in (ax_p, ax_m):

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from meta.augment import OPS as AUGMENT_OPS
+from meta.augment import SPACES as AUGMENT_SPACES
 from pipelines.config.errors import Strict
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "omniglot",
@@ -43,8 +43,17 @@ class AugmentSearchConfig(Strict):
                                                           "times the cost")
     tau: float = Field(1.0, gt=0, description="Gumbel-softmax temperature of the relaxed op choice")
     init_magnitude: float = Field(0.8, gt=0, lt=1, description="starting magnitudes, as a share of each op's range")
-    ops: list[str] = Field(default_factory=lambda: list(AUGMENT_OPS),
-                           description="the ops searched over: " + ", ".join(AUGMENT_OPS))
+    space: Literal["narrow", "wide"] = Field(
+        "narrow", description="the op space (meta.augment.SPACES): narrow, the nine ops of the published "
+                              "tables; wide, TrivialAugmentWide's fourteen ops (identity, posterize, solarize, "
+                              "equalize, autocontrast, saturation ... ) at its ranges")
+    ops: list[str] | None = Field(None, description="the ops searched over; default: all of the space's. narrow: "
+                                                    + ", ".join(AUGMENT_SPACES["narrow"]) + "; wide: "
+                                                    + ", ".join(AUGMENT_SPACES["wide"]))
+    base: Literal["none", "fixed"] = Field(
+        "none", description="fixed: every image first gets the data.augment list (a padded crop and a flip in "
+                            "the fashion-mnist and cifar10 presets), then the searched ops; in the search and "
+                            "in training")
     depth: int = Field(2, ge=1, le=3, description="ops applied to each image in turn")
     sampling: Literal["exact", "uniform"] = Field(
         "uniform", description="an op's magnitude: exactly the learned one (random sign), or drawn uniformly "
@@ -52,14 +61,19 @@ class AugmentSearchConfig(Strict):
     proxy: Literal["student", "teacher"] = Field("student", description="the architecture of the proxy network")
     seed: int = 0
 
-    @field_validator("ops")
-    @classmethod
-    def _ops(cls, ops: list[str]) -> list[str]:
-        unknown = [op for op in ops if op not in AUGMENT_OPS]
-        if unknown or not ops or len(set(ops)) != len(ops):
-            raise ValueError(f"data.augment_search.ops must be distinct ops out of {', '.join(AUGMENT_OPS)}; "
-                             f"got {ops}")
-        return ops
+    @model_validator(mode="after")
+    def _ops(self) -> AugmentSearchConfig:
+        allowed = AUGMENT_SPACES[self.space]
+        if self.ops is not None and (not self.ops or len(set(self.ops)) != len(self.ops)
+                                     or any(op not in allowed for op in self.ops)):
+            raise ValueError(f"data.augment_search.ops must be distinct ops out of the {self.space} space's "
+                             f"{', '.join(allowed)}; got {self.ops}")
+        return self
+
+    @property
+    def op_names(self) -> list[str]:
+        """The ops searched over: ``ops``, or all of the space's."""
+        return list(self.ops) if self.ops is not None else list(AUGMENT_SPACES[self.space])
 
 
 class DataConfig(Strict):
@@ -115,6 +129,15 @@ class DataConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _search_base(self) -> DataConfig:
+        searched = self.augment_policy == "learned" and self.augment_policy_file is None
+        if searched and self.augment_search.base == "fixed" and not self.augment:
+            raise ValueError("data.augment_search.base=fixed puts the data.augment list under the searched ops, "
+                             "but data.augment is empty; list its ops (e.g. [{name: random_crop}, "
+                             "{name: horizontal_flip}]) or set data.augment_search.base=none")
+        return self
+
+    @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.quiz_fraction + self.val_fraction >= 0.9:
             raise ValueError(f"data.quiz_fraction + data.val_fraction = "
@@ -124,14 +147,32 @@ class DataConfig(Strict):
 
 
 def read_policy_file(path: Path) -> dict:
-    """A learned policy's JSON, checked field by field (``meta.augment.AugmentPolicy``)."""
+    """A learned policy's JSON, checked field by field (``meta.augment.AugmentPolicy``, and
+    its ``base``: a ``data.augment`` list)."""
     from meta.augment import AugmentPolicy, PolicyError
 
     try:
         spec = json.loads(path.read_text())
         AugmentPolicy.from_json(spec)
+        policy_base(spec)
     except FileNotFoundError:
         raise ValueError(f"data.augment_policy_file: {path} does not exist") from None
     except (json.JSONDecodeError, PolicyError) as exc:
         raise ValueError(f"data.augment_policy_file {path}: {exc}") from None
     return spec
+
+
+def policy_base(spec: dict) -> list[AugmentConfig]:
+    """The ops a learned policy's JSON puts under its searched ops (``base``; none when absent)."""
+    from meta.augment import PolicyError
+
+    base = spec.get("base", [])
+    if not isinstance(base, list):
+        raise PolicyError(f"base: {base!r} is not a list of data.augment ops")
+    configs = []
+    for i, entry in enumerate(base):
+        try:
+            configs.append(AugmentConfig.model_validate(entry))
+        except ValueError as exc:
+            raise PolicyError(f"base[{i}]: {exc}") from None
+    return configs

@@ -112,7 +112,7 @@ def prepare_augmentation(cfg: PipelineConfig, prepared: Prepared, parent: RunLog
             run.log_metrics({"augment_search_seconds": result.seconds}, step=0)
             run.set_tags({"augment.cached": result.cached})
             if result.history.get("step"):
-                fig = augment_search.history_figure(result.history, [op["name"] for op in result.spec["ops"]])
+                fig = augment_search.history_figure(result.history, result.spec)
                 run.log_figure(fig, "augment_policy_search.png")
                 plots.close(fig)
             get_run_logger().info("learned augmentation policy (cached=%s): %s", result.cached,
