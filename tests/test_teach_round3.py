@@ -188,6 +188,30 @@ def test_improved_teacher_never_sees_a_transfer_label_and_is_cached(setting, hom
     assert not improve.improves(off, prepared)
 
 
+def test_the_learned_policy_can_be_the_strong_view(setting):
+    """``teacher.improve.strong=learned``: the strong view is the searched policy (its base
+    included) and the improvement's cache key follows the search; the default stays
+    FixMatch's RandAugment over the narrow ops."""
+    cfg, prepared, _ = setting
+    learned = ["teacher.improve.strong=learned", "data.augment_search.steps=20", "data.augment_search.space=wide",
+               "data.augment_search.base=fixed", "data.augment=[{name: horizontal_flip}]"]
+    on = load_config(overrides=TINY + learned)
+    view = improve.strong_view(on, prepared)
+    from pipelines.augment.search import learned_policy
+
+    spec = learned_policy(on, prepared).spec
+    assert view.ops.ops == tuple(op["name"] for op in spec["ops"]) and view.ops.base is not None
+    default = improve.strong_view(cfg, prepared)
+    assert default.ops.base is None and default.ops.ops == ("rotate", "shear_x", "shear_y", "translate_x",
+                                                            "translate_y", "scale", "brightness", "contrast",
+                                                            "sharpness")
+    other_search = load_config(overrides=TINY + learned + ["data.augment_search.seed=1"])
+    keys = {improve.improve_key(c, prepared) for c in (cfg, on, other_search)}
+    assert len(keys) == 3
+    x = prepared.x("train")[:8]
+    assert view(x, torch.arange(8)).shape == x.shape
+
+
 # --- the long-horizon temperature -------------------------------------------------------
 
 def _co_taught(cfg, prepared, teacher, smooth: bool = False):

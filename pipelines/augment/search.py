@@ -176,11 +176,22 @@ def policy_fingerprint(cfg: PipelineConfig, data) -> dict:
         return augment
     fingerprint = {"policy": cfg.data.augment_policy, "fixed": augment}
     if cfg.data.augment_policy == "learned":
-        if cfg.data.augment_policy_file is not None:
-            fingerprint["learned"] = read_policy_file(cfg.data.augment_policy_file.expanduser())
-        else:
-            fingerprint["learned_search"] = search_key(cfg, data)
+        fingerprint.update(learned_fingerprint(cfg, data))
     return fingerprint
+
+
+def learned_fingerprint(cfg: PipelineConfig, data) -> dict:
+    """The learned policy, for a cache key: the file's policy, or the key of its search."""
+    if cfg.data.augment_policy_file is not None:
+        return {"learned": read_policy_file(cfg.data.augment_policy_file.expanduser())}
+    return {"learned_search": search_key(cfg, data)}
+
+
+def searches(cfg: PipelineConfig) -> bool:
+    """Whether a stage of ``cfg`` uses the learned policy: the training augmentation, or the
+    strong view of the teacher's improvement."""
+    improve = cfg.teacher.improve
+    return cfg.data.augment_policy == "learned" or (improve.method != "none" and improve.strong == "learned")
 
 
 def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: int = 7):

@@ -37,8 +37,13 @@ class ImproveConfig(TrainConfig):
     sharpen: float | None = Field(None, gt=0, description="None: hard pseudo-labels (FixMatch); a temperature: "
                                                           "soft targets softmax(logits / sharpen) (UDA)")
     weight: float = Field(1.0, ge=0, description="weight of the consistency term beside the labelled cross-entropy")
-    strong_depth: int = Field(2, ge=1, le=3, description="strong view: ops per image, drawn from every op of "
-                                                         "meta.augment at up to its full range")
+    strong: Literal["randaugment", "learned"] = Field(
+        "randaugment", description="the strong view's ops: randaugment, strong_depth ops per image drawn "
+                                   "uniformly from meta.augment's narrow ops, each at up to its full range "
+                                   "(FixMatch's RandAugment); learned: the learned augmentation policy "
+                                   "(data.augment_search, or data.augment_policy_file), its base included")
+    strong_depth: int = Field(2, ge=1, le=3, description="strong view (randaugment): ops per image, drawn from "
+                                                         "every narrow op of meta.augment at up to its full range")
     cutout: float = Field(0.5, ge=0, lt=1, description="strong view: a square of this share of the side, "
                                                       "set to the mean colour, at a random place (0: none)")
 

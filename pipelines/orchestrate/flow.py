@@ -104,7 +104,7 @@ def prepare_augmentation(cfg: PipelineConfig, prepared: Prepared, parent: RunLog
         start = time.perf_counter()
         policy = cfg.data.augment_policy
         run.log_params({"data.augment_policy": policy, "data.augment": cfg.data.model_dump(mode="json")["augment"]})
-        if policy == "learned":
+        if augment_search.searches(cfg):
             run.log_params({f"data.augment_search.{k}": v
                             for k, v in cfg.data.augment_search.model_dump(mode="json").items()})
             result = augment_search.learned_policy(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))

@@ -36,7 +36,7 @@ from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import TrainResult
 from pipelines.students.fit import fit_student
 from pipelines.teacher.fit import fit_teacher, load_teacher, teacher_inputs, teacher_spec
-from pipelines.teacher.improve import fit_improved
+from pipelines.teacher.improve import fit_improved, strong_view
 from pipelines.teacher.sources import WeightsSource
 
 
@@ -107,7 +107,7 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     elif args.stage == "improve":
         _, weak = teacher_inputs(cfg, data)
         model, result, _ = fit_improved(load_teacher(args.teacher, data), cfg.teacher.improve, data, weak,
-                                        cfg.teacher.seed, on_log)
+                                        strong_view(cfg, data), cfg.teacher.seed, on_log)
         spec = json.loads((args.teacher / "spec.json").read_text())
     else:
         teacher = load_teacher(args.teacher, data)

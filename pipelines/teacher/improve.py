@@ -26,6 +26,7 @@ from meta.consistency import consistency_loss
 from models.normalize import unwrap
 from models.weights import save_weights
 from pipelines.augment.policies import LearnedOps, uniform
+from pipelines.augment.search import learned_fingerprint, learned_policy
 from pipelines.common.home import cache_dir, cache_key, made_once
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.config.teacher import ImproveConfig
@@ -38,13 +39,11 @@ IMPROVE_CACHE_VERSION = 1
 
 
 class StrongView:
-    """FixMatch's strong view, batched and seeded per image: ``depth`` ops of
-    ``meta.augment`` drawn uniformly, each at a uniformly drawn share of its full range,
+    """FixMatch's strong view, batched and seeded per image: a policy's ops (``LearnedOps``),
     then a cutout square set to the mean colour (0 in normalised units)."""
 
-    def __init__(self, mean: list[float], std: list[float], depth: int, cutout: float):
-        spec = AugmentPolicy(OPS, 0.999, depth, "uniform").to_json()
-        self.ops, self.cutout = LearnedOps(spec, mean, std), cutout
+    def __init__(self, ops: LearnedOps, cutout: float):
+        self.ops, self.cutout = ops, cutout
 
     def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         x = self.ops(x, seeds)
@@ -90,9 +89,21 @@ class ConsistencyLoss:
         self.step = state["step"]
 
 
+def strong_view(cfg: PipelineConfig, data: Prepared) -> StrongView:
+    """``teacher.improve.strong``'s view: FixMatch's RandAugment (``strong_depth`` narrow ops
+    drawn uniformly, each at up to its full range) or the learned policy, then cutout."""
+    improve = cfg.teacher.improve
+    if improve.strong == "learned":
+        spec = learned_policy(cfg, data).spec
+    else:
+        spec = AugmentPolicy(OPS, 0.999, improve.strong_depth, "uniform").to_json()
+    return StrongView(LearnedOps(spec, data.mean, data.std), improve.cutout)
+
+
 def improve_key(cfg: PipelineConfig, data: Prepared) -> str:
+    strong = learned_fingerprint(cfg, data) if cfg.teacher.improve.strong == "learned" else {}
     return cache_key(IMPROVE_CACHE_VERSION, teacher=teacher_key(cfg, data),
-                     improve=cfg.teacher.improve.model_dump(mode="json"))
+                     improve=cfg.teacher.improve.model_dump(mode="json"), **strong)
 
 
 def improved_folder(cfg: PipelineConfig, data: Prepared) -> Path:
@@ -104,12 +115,11 @@ def improves(cfg: PipelineConfig, data: Prepared) -> bool:
     return cfg.teacher.improve.method != "none" and data.transfer() is not None
 
 
-def fit_improved(teacher: nn.Module, improve: ImproveConfig, data: Prepared, weak: Augment | None, seed: int,
-                 on_log: LogFn | None = None) -> tuple[nn.Module, TrainResult, float]:
-    """A copy of ``teacher`` after consistency training on the transfer split; its
-    training result and the mean share of pseudo-labels kept."""
+def fit_improved(teacher: nn.Module, improve: ImproveConfig, data: Prepared, weak: Augment | None,
+                 strong: Augment, seed: int, on_log: LogFn | None = None) -> tuple[nn.Module, TrainResult, float]:
+    """A copy of ``teacher`` after consistency training on the transfer split (``weak`` and
+    ``strong`` views); its training result and the mean share of pseudo-labels kept."""
     model = copy.deepcopy(teacher).train().requires_grad_(True)
-    strong = StrongView(data.mean, data.std, improve.strong_depth, improve.cutout)
     loss = ConsistencyLoss(model, strong, improve, seed)
     transfer = Transfer(data.transfer(), int(round(improve.unlabeled_ratio * improve.batch_size)))
     result = train_classifier(model, data.x("train"), data.y("train"), improve, loss, seed=seed,
@@ -150,7 +160,8 @@ def _improve(cfg: PipelineConfig, data: Prepared, teacher: nn.Module, folder: Pa
              on_log: LogFn | None) -> ImprovedOutcome:
     start = time.perf_counter()
     _, weak = teacher_inputs(cfg, data)
-    model, result, rate = fit_improved(teacher, cfg.teacher.improve, data, weak, cfg.teacher.seed, on_log)
+    model, result, rate = fit_improved(teacher, cfg.teacher.improve, data, weak, strong_view(cfg, data),
+                                       cfg.teacher.seed, on_log)
     save_weights(unwrap(model), folder, teacher_spec(cfg, data))
     seconds = time.perf_counter() - start
     record_cost(folder, seconds)
