@@ -2,21 +2,25 @@
 
     python -m benchmarks.augment_quality [--preset P] [--set k=v ...]
         [--policies learned,trivialaugment,randaugment,fixed,none,unsearched] [--seeds 5]
-        [--first-seed 0] [--threads N] --json F
-    python -m benchmarks.augment_quality --merge A.json B.json ... --json F
+        [--first-seed 0] [--threads N] [--row-set ROW:k=v ...] [--versus ROW] --json F
+    python -m benchmarks.augment_quality --merge A.json B.json ... [--versus ROW] --json F
 
 Seed s trains one teacher per policy with ``teacher.seed=s`` (same data, same budget);
 the learned policy is searched with ``data.augment_search.seed=s`` first, and its cost is
 reported against one teacher training (``search_cost_ratio``: mean search seconds over the
-mean seconds of a teacher training).  Against ``learned``, each other policy gets the
-paired difference (learned minus it), its 95% CI and the paired t-test's p-value.
-``unsearched`` is the ablation of the search: the learned policy's starting point (equal
-probabilities, ``init_magnitude``, the same depth and sampling), used as it is.
+mean seconds of a teacher training).  Each row is compared with the ``--versus`` row
+(``learned``): the paired difference (the ``--versus`` row minus it), its 95% CI and the paired
+t-test's p-value.  ``unsearched`` is the ablation of the search: the learned policy's
+starting point (equal probabilities, ``init_magnitude``, the same depth and sampling),
+used as it is.
 
-A long table can be measured in parts: runs over disjoint seeds (``--first-seed``) with
-the same preset, overrides, policies and ``--threads`` (a teacher's numbers depend on its
-thread count), then ``--merge`` of their JSON, which refuses parts that differ in any of
-those and recomputes the statistics over every seed.
+A row is a policy, or ``NAME=POLICY`` with overrides of its own (``--row-set NAME:k=v``),
+e.g. ``--policies population=learned --row-set population:data.augment_search.method=population``.
+
+A long table can be measured in parts, then combined by ``--merge`` (which recomputes the
+statistics): parts over disjoint seeds with the same rows, or parts over the same seeds
+with different rows.  Parts must share the preset, the ``--set`` overrides and
+``--threads`` (a teacher's numbers depend on its thread count); a merge refuses any other.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# what parts must share to be merged into one table
-_SETTINGS = ("preset", "overrides", "policies_run", "threads")
+# what every part of one table must share
+_SETTINGS = ("preset", "overrides", "threads")
 
 
 def main() -> int:
@@ -37,23 +41,36 @@ def main() -> int:
     parser.add_argument("--preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--policies", default="learned,trivialaugment,randaugment,fixed,none")
+    parser.add_argument("--row-set", dest="row_sets", action="append", default=[],
+                        help="ROW:key=value, an override for one row only")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
-    parser.add_argument("--merge", nargs="+", type=Path, help="JSON of runs over disjoint seeds, to combine")
+    parser.add_argument("--merge", nargs="+", type=Path, help="JSON of parts of one table, to combine")
+    parser.add_argument("--versus", default="learned", help="the row every other is compared with")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     from benchmarks.common import write_json
 
-    if args.merge:
-        write_json(args.json, summarise(_merged([json.loads(p.read_text()) for p in args.merge], parser)))
-        return 0
-    write_json(args.json, summarise(measure(args)))
+    raw = _merged([json.loads(p.read_text()) for p in args.merge], parser) if args.merge else measure(args, parser)
+    write_json(args.json, summarise(raw, args.versus))
     return 0
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Per-seed accuracies and seconds of every policy, and the search's seconds."""
+def _rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Row name -> policy, and row name -> its own overrides."""
+    rows = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.policies.split(","))
+    own: dict[str, list[str]] = {row: [] for row in rows}
+    for item in args.row_sets:
+        row, _, override = item.partition(":")
+        if row not in rows or "=" not in override:
+            parser.error(f"--row-set {item!r}: expected ROW:key=value with ROW one of {', '.join(rows)}")
+        own[row].append(override)
+    return rows, own
+
+
+def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Per-seed accuracies and seconds of every row, and the searches' seconds."""
     import torch
 
     from pipelines import data as data_stage
@@ -65,77 +82,109 @@ def measure(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    policies = args.policies.split(",")
-    base_cfg = load_config(args.preset, None, args.overrides)
-    unsearched = Path(tempfile.mkdtemp()) / "unsearched.json"
-    unsearched.write_text(json.dumps(augment_search.policy_spec(base_cfg, augment_search.starting_policy(base_cfg))))
-    raw = {"preset": args.preset or "digits", "overrides": args.overrides, "policies_run": policies,
-           "threads": torch.get_num_threads(), "seed_list": [], "acc": {p: [] for p in policies},
-           "seconds": {p: [] for p in policies}, "search_seconds": [], "learned_policy_first_seed": None}
+    rows, own = _rows(args, parser)
+    unsearched = Path(tempfile.mkdtemp())
+    raw = {"preset": args.preset or "digits", "overrides": args.overrides, "threads": torch.get_num_threads(),
+           "policies_run": list(rows), "row_policy": rows, "row_overrides": own, "seed_list": [],
+           "acc": {r: [] for r in rows}, "seconds": {r: [] for r in rows},
+           "search_seconds": {r: [] for r, p in rows.items() if p == "learned"}, "learned_policy_first_seed": {}}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         raw["seed_list"].append(seed)
-        for policy in policies:
-            chosen = ["data.augment_policy=learned", f"data.augment_policy_file={unsearched}"] \
-                if policy == "unsearched" else [f"data.augment_policy={policy}"]
-            cfg = load_config(args.preset, None, [*args.overrides, *chosen, f"teacher.seed={seed}",
+        for row, policy in rows.items():
+            overrides = [*args.overrides, *own[row]]
+            if policy == "unsearched":
+                start_cfg = load_config(args.preset, None, overrides)
+                path = unsearched / f"{row}.json"
+                path.write_text(json.dumps(augment_search.policy_spec(start_cfg,
+                                                                      augment_search.starting_policy(start_cfg))))
+                chosen = ["data.augment_policy=learned", f"data.augment_policy_file={path}"]
+            else:
+                chosen = [f"data.augment_policy={policy}"]
+            cfg = load_config(args.preset, None, [*overrides, *chosen, f"teacher.seed={seed}",
                                                   f"data.augment_search.seed={seed}"])
             data = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
             if policy == "learned":
                 searched = augment_search.learned_policy(cfg, data)
-                raw["search_seconds"].append(searched.seconds)
-                raw["learned_policy_first_seed"] = raw["learned_policy_first_seed"] or searched.spec
+                raw["search_seconds"][row].append(searched.seconds)
+                raw["learned_policy_first_seed"].setdefault(row, searched.spec)
             start = time.perf_counter()
             source, augment = teacher_inputs(cfg, data)
             model, _ = fit_teacher(cfg.teacher, data, augment, source=source)
-            raw["seconds"][policy].append(time.perf_counter() - start)
-            raw["acc"][policy].append(evaluate(model, data.x("test"), data.y("test"), data.num_classes).accuracy)
-            print(f"seed {seed} {policy}: test acc {raw['acc'][policy][-1]:.4f} "
-                  f"({raw['seconds'][policy][-1]:.0f} s)", flush=True)
+            raw["seconds"][row].append(time.perf_counter() - start)
+            raw["acc"][row].append(evaluate(model, data.x("test"), data.y("test"), data.num_classes).accuracy)
+            print(f"seed {seed} {row}: test acc {raw['acc'][row][-1]:.4f} ({raw['seconds'][row][-1]:.0f} s)",
+                  flush=True)
     return raw
 
 
+def _upgraded(raw: dict) -> dict:
+    """A part written before rows had names and overrides of their own."""
+    rows = raw["policies_run"]
+    searched = raw["search_seconds"]
+    return {**raw, "row_policy": raw.get("row_policy", {r: r for r in rows}),
+            "row_overrides": raw.get("row_overrides", {r: [] for r in rows}),
+            "search_seconds": searched if isinstance(searched, dict) else {"learned": searched} if searched else {},
+            "learned_policy_first_seed": raw["learned_policy_first_seed"]
+            if isinstance(raw.get("learned_policy_first_seed"), dict) or raw.get("learned_policy_first_seed") is None
+            else {"learned": raw["learned_policy_first_seed"]}}
+
+
 def _merged(parts: list[dict], parser: argparse.ArgumentParser) -> dict:
-    """One measurement out of parts over disjoint seeds (each part's ``raw``)."""
-    raws = [part["raw"] for part in parts]
+    """One table out of its parts (each part's ``raw``): over disjoint seeds with the same
+    rows, or over the same seeds with different rows."""
+    raws = [_upgraded(part["raw"]) for part in parts]
     for key in _SETTINGS:
         if any(r[key] != raws[0][key] for r in raws):
             parser.error(f"--merge: the parts differ in {key}: {[r[key] for r in raws]}")
-    seeds = [s for r in raws for s in r["seed_list"]]
-    if len(set(seeds)) != len(seeds):
-        parser.error(f"--merge: a seed appears in two parts: {seeds}")
-    merged = {**raws[0], "seed_list": seeds, "parts": len(raws)}
-    for key in ("acc", "seconds"):
-        merged[key] = {p: [v for r in raws for v in r[key][p]] for p in raws[0]["policies_run"]}
-    merged["search_seconds"] = [v for r in raws for v in r["search_seconds"]]
+    same_rows = all((r["row_policy"], r["row_overrides"]) == (raws[0]["row_policy"], raws[0]["row_overrides"])
+                    for r in raws)
+    if same_rows:
+        seeds = [s for r in raws for s in r["seed_list"]]
+        if len(set(seeds)) != len(seeds):
+            parser.error(f"--merge: a seed appears in two parts: {seeds}")
+        merged = {**raws[0], "seed_list": seeds, "parts": len(raws)}
+        for key in ("acc", "seconds", "search_seconds"):
+            merged[key] = {row: [v for r in raws for v in r[key][row]] for row in raws[0][key]}
+        return merged
+    names = [row for r in raws for row in r["policies_run"]]
+    if any(r["seed_list"] != raws[0]["seed_list"] for r in raws) or len(set(names)) != len(names):
+        parser.error("--merge: parts must share their rows (and differ in seeds) or their seeds (and differ in "
+                     f"rows); got rows {[r['policies_run'] for r in raws]}, seeds {[r['seed_list'] for r in raws]}")
+    merged = {**raws[0], "policies_run": names, "parts": len(raws)}
+    for key in ("row_policy", "row_overrides", "acc", "seconds", "search_seconds", "learned_policy_first_seed"):
+        merged[key] = {row: value for r in raws for row, value in r[key].items()}
     return merged
 
 
-def summarise(raw: dict) -> dict:
-    """Means, spreads and the paired comparisons against ``learned``, over the seeds of ``raw``."""
+def summarise(raw: dict, versus: str = "learned") -> dict:
+    """Means, spreads and the paired comparisons against the ``versus`` row."""
     import numpy as np
 
     from benchmarks.common import paired_stats
 
-    acc, seconds, policies, n = raw["acc"], raw["seconds"], raw["policies_run"], len(raw["seed_list"])
+    raw = _upgraded(raw)
+    acc, seconds, rows, n = raw["acc"], raw["seconds"], raw["policies_run"], len(raw["seed_list"])
     result = {"preset": raw["preset"], "overrides": raw["overrides"], "seeds": n, "seed_list": raw["seed_list"],
               "threads": raw["threads"],
-              "policies": {p: {"test_acc": float(np.mean(acc[p])), "test_acc_std": float(np.std(acc[p], ddof=1))
-                               if n > 1 else 0.0, "seconds": float(np.mean(seconds[p])),
-                               "per_seed": acc[p]} for p in policies}}
-    if "learned" in policies:
-        result["vs_learned"] = {}
-        for p in policies:
-            if p == "learned":
+              "policies": {r: {"policy": raw["row_policy"][r], "overrides": raw["row_overrides"][r],
+                               "test_acc": float(np.mean(acc[r])),
+                               "test_acc_std": float(np.std(acc[r], ddof=1)) if n > 1 else 0.0,
+                               "seconds": float(np.mean(seconds[r])), "per_seed": acc[r]} for r in rows}}
+    if versus in rows:
+        result["versus"] = versus
+        result[f"vs_{versus}"] = {}
+        for r in rows:
+            if r == versus:
                 continue
-            diff = np.array(acc["learned"]) - np.array(acc[p])
+            diff = np.array(acc[versus]) - np.array(acc[r])
             paired = paired_stats(diff) if len(diff) > 1 else {"ci95": [float("nan")] * 2, "p": float("nan")}
-            result["vs_learned"][p] = {"diff": float(diff.mean()), "ci95": paired["ci95"][1] - float(diff.mean()),
-                                       "p": paired["p"]}
-        teacher_seconds = float(np.mean([s for p in policies for s in seconds[p]]))
-        result["learned_policy_seed0"] = raw["learned_policy_first_seed"]
-        result["search_seconds"] = float(np.mean(raw["search_seconds"]))
-        result["search_cost_ratio"] = result["search_seconds"] / teacher_seconds
-        result["target_search_cost_ratio_max"] = 1.5
+            result[f"vs_{versus}"][r] = {"diff": float(diff.mean()),
+                                         "ci95": paired["ci95"][1] - float(diff.mean()), "p": paired["p"]}
+    teacher_seconds = float(np.mean([s for r in rows for s in seconds[r]]))
+    result["search_seconds"] = {r: float(np.mean(v)) for r, v in raw["search_seconds"].items() if v}
+    result["search_cost_ratio"] = {r: v / teacher_seconds for r, v in result["search_seconds"].items()}
+    result["target_search_cost_ratio_max"] = 1.5
+    result["learned_policy_first_seed"] = raw["learned_policy_first_seed"]
     result["raw"] = raw
     return result
 

@@ -319,7 +319,28 @@ def test_a_wide_search_with_a_base_writes_both_into_its_policy(home):
     assert augment_search.augmenter_for(cfg, prepared)(x, torch.arange(8)).shape == x.shape
 
 
+def test_a_population_search_keeps_the_candidate_whose_proxy_scores_best_on_held_out_data(home):
+    from pipelines import data as data_stage
+    from pipelines.augment import search as augment_search
+
+    cfg = _search_cfg("data.augment_search.method=population", "data.augment_search.space=wide",
+                      "data.augment_search.population_magnitudes=[0.2, 0.95]", "data.augment_search.population_depths=[1]",
+                      "data.augment_search.population_steps=60")
+    prepared = data_stage.prepare(cfg.data)
+    result = augment_search.learned_policy(cfg, prepared)
+    scores, candidates = result.history["quiz_accuracy"], result.history["candidates"]
+    assert len(scores) == 2 and all(0 < a <= 1 for a in scores)
+    best = result.history["chosen"]
+    assert scores[best] == max(scores) and result.spec == candidates[best]
+    shares = [c["ops"][1]["magnitude"] / SPACES["wide"]["rotate"] for c in candidates]
+    assert shares[0] == pytest.approx(0.2, abs=1e-4) and shares[1] == pytest.approx(0.95, abs=1e-4)
+    # each score is a proxy trained under that candidate alone: scoring it again gives the same
+    again = augment_search._candidate_score(cfg, prepared, candidates[0], "again")
+    assert again.accuracy == scores[0]
+
+
 @pytest.mark.parametrize("sets,message", [
+    (["data.augment_search.population_magnitudes=[1.5]"], "population_magnitudes must be shares"),
     (["data.augment_search.ops=[solarize]"], "out of the narrow space's"),
     (["data.augment_search.space=wide", "data.augment_search.ops=[scale]"], "out of the wide space's"),
     (["data.augment=[]", "data.augment_search.base=fixed"], "data.augment is empty"),

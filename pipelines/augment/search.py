@@ -5,9 +5,10 @@ The search (``data.augment_policy=learned``) trains a proxy network (the student
 architecture, or the teacher's) on the policy's augmented batches (hard ops); every
 ``interval`` steps the policy takes one Adam step on its hypergradient
 (``meta.augment.policy_hypergrad``: the quiz cross-entropy after ``unroll_steps`` unrolled
-SGD steps of the proxy on softly augmented batches).  The result is cached under the home by data key,
-search settings and proxy architecture, so the teacher, the students and torchrun workers
-share one search.
+SGD steps of the proxy on softly augmented batches).  ``method=population`` instead scores
+a few candidate policies by the held-out accuracy of a proxy trained under each.  The
+result is cached under the home by data key, search settings and proxy architecture, so
+the teacher, the students and torchrun workers share one search.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from meta.augment import AugmentPolicy, draw_noise, policy_hypergrad
 from meta.functional import params_of
 from models.registry import build_model
-from pipelines.augment.policies import Augmenter, FixedOps, make_augmenter
+from pipelines.augment.policies import Augmenter, FixedOps, LearnedOps, make_augmenter
 from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.common.progress import progress_bar
 from pipelines.common.rng import global_rng
@@ -30,8 +31,9 @@ from pipelines.config.data import read_policy_file
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.prepared import Normalization
 from pipelines.engine.device import rows
-from pipelines.engine.loop import LogFn
+from pipelines.engine.loop import LogFn, supervised_loss, train_classifier
 from pipelines.engine.metrics import check_finite
+from pipelines.evaluate.metrics import evaluate
 
 SEARCH_VERSION = 2  # 2: depth, uniform sampling, teacher proxy (the op space and base are in the key's settings)
 
@@ -90,6 +92,8 @@ def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> Se
 
 def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
     s, device = cfg.data.augment_search, data.device
+    if s.method == "population":
+        return population_search(cfg, data, on_log)
     generator = torch.Generator().manual_seed(s.seed)
     with global_rng(s.seed):
         proxy_cfg = proxy_model(cfg)
@@ -123,6 +127,43 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
             model_opt.step()
             advance()
     return SearchResult(policy_spec(cfg, policy), history, time.perf_counter() - start)
+
+
+def population_search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+    """``method=population``: each candidate (a magnitude share and a depth, equal
+    probabilities) trains a fresh proxy, the same initialisation for all, for
+    ``population_steps`` steps under it; the candidate whose proxy scores best on the
+    held-out quiz split (accuracy, then the lower loss) is the policy.  A zero-order outer
+    loop on the held-out score after a longer horizon than the hypergradient's few steps."""
+    s = cfg.data.augment_search
+    candidates = [policy_spec(cfg, AugmentPolicy(s.op_names, m, d, s.sampling, s.space))
+                  for d in s.population_depths for m in s.population_magnitudes]
+    history: dict[str, list] = {"candidates": candidates, "quiz_accuracy": [], "quiz_loss": []}
+    start = time.perf_counter()
+    for k, spec in enumerate(candidates):
+        scored = _candidate_score(cfg, data, spec, f"augment candidate {k + 1}/{len(candidates)}")
+        check_finite(scored.loss, "augmentation population", k, "quiz loss")
+        history["quiz_accuracy"].append(scored.accuracy)
+        history["quiz_loss"].append(scored.loss)
+        if on_log is not None:
+            on_log(k, {"augment_population_quiz_acc": scored.accuracy, "augment_population_quiz_loss": scored.loss,
+                       "augment_population_depth": spec["depth"]})
+    best = max(range(len(candidates)), key=lambda k: (history["quiz_accuracy"][k], -history["quiz_loss"][k]))
+    history["chosen"] = best
+    return SearchResult(candidates[best], history, time.perf_counter() - start)
+
+
+def _candidate_score(cfg: PipelineConfig, data, spec: dict, desc: str):
+    """The quiz evaluation of a proxy trained under the policy ``spec``."""
+    s = cfg.data.augment_search
+    proxy_cfg = proxy_model(cfg)
+    train = (cfg.student.train if s.proxy == "student" else cfg.teacher.train).model_copy(
+        update={"steps": s.population_steps})
+    with global_rng(s.seed):
+        proxy = build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(data.device)
+    train_classifier(proxy, data.x("train"), data.y("train"), train, supervised_loss, seed=s.seed,
+                     augment=LearnedOps(spec, data.mean, data.std), desc=desc, device=data.device)
+    return evaluate(proxy, data.x("quiz"), data.y("quiz"), data.num_classes)
 
 
 def _train_pixels(data, idx: torch.Tensor, stats, base: FixedOps | None, generator: torch.Generator):

@@ -59,7 +59,28 @@ class AugmentSearchConfig(Strict):
         "uniform", description="an op's magnitude: exactly the learned one (random sign), or drawn uniformly "
                              "in [0, learned] (random sign), as TrivialAugment draws its magnitudes")
     proxy: Literal["student", "teacher"] = Field("student", description="the architecture of the proxy network")
+    method: Literal["hypergradient", "population"] = Field(
+        "hypergradient", description="hypergradient: the online search above; population: a few candidate "
+                                     "policies (every population_magnitudes x population_depths, equal "
+                                     "probabilities; they replace init_magnitude and depth), each scored by the "
+                                     "held-out (quiz) accuracy of a proxy trained population_steps steps under it "
+                                     "with the proxy role's own training settings; the best is the policy")
+    population_magnitudes: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.99],
+                                               description="population: candidate magnitudes, as a share of each "
+                                                           "op's range")
+    population_depths: list[int] = Field(default_factory=lambda: [1, 2],
+                                         description="population: candidate numbers of ops per image")
+    population_steps: int = Field(500, gt=0, description="population: training steps of each candidate's proxy")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _population(self) -> AugmentSearchConfig:
+        if not self.population_magnitudes or any(not 0 < m < 1 for m in self.population_magnitudes):
+            raise ValueError(f"data.augment_search.population_magnitudes must be shares in (0, 1); "
+                             f"got {self.population_magnitudes}")
+        if not self.population_depths or any(not 1 <= d <= 3 for d in self.population_depths):
+            raise ValueError(f"data.augment_search.population_depths must be in [1, 3]; got {self.population_depths}")
+        return self
 
     @model_validator(mode="after")
     def _ops(self) -> AugmentSearchConfig:
