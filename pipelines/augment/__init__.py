@@ -1,7 +1,7 @@
 """Training-time augmentation: the policies and the search of the learned one.
 
 Owns: the fixed ops, torchvision's search-free policies and a learned policy (its base too) applied per
-image from its seed (``policies``), and the hypergradient search of the learned policy,
-its cache and figures (``search``).
+image from its seed (``policies``), and the search of the learned policy (hypergradient
+or population), its cache and figures (``search``).
 May import: ``pipelines.evaluate`` and the layers below it, ``models``, ``meta``.
 """

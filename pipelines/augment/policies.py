@@ -249,8 +249,10 @@ def _torchvision_base(cfg: AugmentConfig) -> v2.Transform:
 
 
 class _PaddedCrop(torch.nn.Module):
-    """Zero padding, then a crop of the image's own size at a random offset (torchvision's
-    RandomCrop needs the size up front; this takes it from each image)."""
+    """Zero padding (black: the export knows no normalisation, where the pipeline's
+    ``random_crop`` pads with the mean colour), then a crop of the image's own size at a
+    random offset (torchvision's RandomCrop needs the size up front; this takes it from
+    each image)."""
 
     def __init__(self, padding: int):
         super().__init__()

@@ -26,7 +26,8 @@ class AugmentConfig(Strict):
 
 
 class AugmentSearchConfig(Strict):
-    """``data.augment_policy=learned``: the online hypergradient search of ``meta.augment``.
+    """``data.augment_policy=learned``: the online hypergradient search of ``meta.augment``
+    (or, ``method=population``, a few candidates scored on held-out data).
     A proxy network (``proxy``: ``student.model``'s architecture or ``teacher.model``'s)
     trains on the policy's augmented batches; every ``interval`` steps the policy takes one
     Adam step on the quiz cross-entropy after ``unroll_steps`` unrolled SGD steps of the proxy.  The
