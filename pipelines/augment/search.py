@@ -30,6 +30,7 @@ from pipelines.common.rng import global_rng
 from pipelines.config.data import read_policy_file
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.prepared import Normalization
+from pipelines.engine import distributed
 from pipelines.engine.device import rows
 from pipelines.engine.loop import LogFn, supervised_loss, train_classifier
 from pipelines.engine.metrics import check_finite
@@ -136,6 +137,12 @@ def population_search(cfg: PipelineConfig, data, on_log: LogFn | None = None) ->
     held-out quiz split (accuracy, then the lower loss) is the policy.  A zero-order outer
     loop on the held-out score after a longer horizon than the hypergradient's few steps."""
     s = cfg.data.augment_search
+    if distributed.world().size > 1:
+        # its proxies train through the shared loop, which would wrap them for DDP while the
+        # other ranks wait on the search's lock: the flow searches before torchrun starts
+        raise RuntimeError("data.augment_search.method=population runs in the augmentation stage, not under "
+                           "torchrun: run the flow (metadistill run), which searches first, or set "
+                           "data.augment_policy_file")
     candidates = [policy_spec(cfg, AugmentPolicy(s.op_names, m, d, s.sampling, s.space))
                   for d in s.population_depths for m in s.population_magnitudes]
     history: dict[str, list] = {"candidates": candidates, "quiz_accuracy": [], "quiz_loss": []}
