@@ -119,14 +119,14 @@ def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
 def _upgraded(raw: dict) -> dict:
     """A part written before rows had names and overrides of their own."""
-    rows = raw["policies_run"]
-    searched = raw["search_seconds"]
+    rows, searched, first = raw["policies_run"], raw["search_seconds"], raw.get("learned_policy_first_seed")
+    if not isinstance(searched, dict):  # one list, of the row "learned"
+        searched = {"learned": searched} if searched else {}
+    if first is None or "ops" in first:  # one policy (or none), of the row "learned"
+        first = {"learned": first} if first else {}
     return {**raw, "row_policy": raw.get("row_policy", {r: r for r in rows}),
             "row_overrides": raw.get("row_overrides", {r: [] for r in rows}),
-            "search_seconds": searched if isinstance(searched, dict) else {"learned": searched} if searched else {},
-            "learned_policy_first_seed": raw["learned_policy_first_seed"]
-            if isinstance(raw.get("learned_policy_first_seed"), dict) or raw.get("learned_policy_first_seed") is None
-            else {"learned": raw["learned_policy_first_seed"]}}
+            "search_seconds": searched, "learned_policy_first_seed": first}
 
 
 def _merged(parts: list[dict], parser: argparse.ArgumentParser) -> dict:
