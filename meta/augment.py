@@ -43,7 +43,6 @@ SPACES = {
              "posterize": 6.0, "solarize": 1.0, "autocontrast": 1.0, "equalize": 1.0},
 }
 OPS = tuple(SPACES["narrow"])
-ALL_OPS = tuple(dict.fromkeys(op for space in SPACES.values() for op in space))
 SAMPLINGS = ("exact", "uniform")
 MAX_DEPTH = 3
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y", "scale")

@@ -57,6 +57,14 @@ def proxy_model(cfg: PipelineConfig):
     return cfg.student.model if cfg.data.augment_search.proxy == "student" else cfg.teacher.model
 
 
+def fresh_proxy(cfg: PipelineConfig, data):
+    """A new proxy network on the data's device, initialised from the search's seed (the
+    same weights for every search and candidate of that seed)."""
+    proxy_cfg = proxy_model(cfg)
+    with global_rng(cfg.data.augment_search.seed):
+        return build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(data.device)
+
+
 def starting_policy(cfg: PipelineConfig) -> AugmentPolicy:
     """Where the search starts: equal probabilities, ``init_magnitude`` of each range."""
     s = cfg.data.augment_search
@@ -96,10 +104,7 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
     if s.method == "population":
         return population_search(cfg, data, on_log)
     generator = torch.Generator().manual_seed(s.seed)
-    with global_rng(s.seed):
-        proxy_cfg = proxy_model(cfg)
-        proxy = build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(device)
-        policy = starting_policy(cfg).to(device)
+    proxy, policy = fresh_proxy(cfg, data), starting_policy(cfg).to(device)
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
     stats = Normalization(data.mean, data.std).to(device)
@@ -163,11 +168,9 @@ def population_search(cfg: PipelineConfig, data, on_log: LogFn | None = None) ->
 def _candidate_score(cfg: PipelineConfig, data, spec: dict, desc: str):
     """The quiz evaluation of a proxy trained under the policy ``spec``."""
     s = cfg.data.augment_search
-    proxy_cfg = proxy_model(cfg)
     train = (cfg.student.train if s.proxy == "student" else cfg.teacher.train).model_copy(
         update={"steps": s.population_steps})
-    with global_rng(s.seed):
-        proxy = build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(data.device)
+    proxy = fresh_proxy(cfg, data)
     train_classifier(proxy, data.x("train"), data.y("train"), train, supervised_loss, seed=s.seed,
                      augment=LearnedOps(spec, data.mean, data.std), desc=desc, device=data.device)
     return evaluate(proxy, data.x("quiz"), data.y("quiz"), data.num_classes)
