@@ -40,6 +40,32 @@ def test_search_free_policies_are_seeded_per_example_and_stay_in_pixel_range(pol
     assert torch.allclose(pixels * 255, (pixels * 255).round(), atol=1e-3)  # 8-bit pixels, renormalised
 
 
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
+def test_a_search_free_policy_runs_over_the_fixed_list_when_asked(policy):
+    sets = ["data.augment=[{name: horizontal_flip}]", f"data.augment_policy={policy}"]
+    plain = make_augmenter(load_config(overrides=sets).data, _data())
+    based = make_augmenter(load_config(overrides=[*sets, "data.augment_policy_base=fixed"]).data, _data())
+    x, seeds = _images(64), torch.arange(64) * 7919
+    out, as_is, flipped = based(x, seeds), plain(x, seeds), plain(x.flip(-1), seeds)
+    # each image is the policy's on the image or on its mirror image (same seed, same op)
+    was_flipped = (out == flipped).flatten(1).all(1)
+    assert torch.equal(out[~was_flipped], as_is[~was_flipped])
+    assert 16 < int(was_flipped.sum()) < 48  # the flip's own coin, about half the images
+    assert torch.equal(out, based(x, seeds))
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["data.augment_policy=learned"], "a learned policy takes its base from data.augment_search.base"),
+    (["data.augment_policy=fixed"], "data.augment_policy is 'fixed'"),
+    (["data.augment_policy=trivialaugment", "data.augment=[]"], "data.augment is empty"),
+])
+def test_a_base_under_anything_but_a_search_free_policy_is_refused(sets, message):
+    from pipelines.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[*sets, "data.augment_policy_base=fixed"])
+
+
 def test_fixed_and_none():
     fixed = load_config(overrides=["data.augment=[{name: horizontal_flip}]"]).data
     assert make_augmenter(fixed, _data()) is not None
@@ -56,7 +82,10 @@ def test_teacher_cache_key_follows_the_policy(home):
     prepared = data_stage.prepare(cfg.data)
     keys = {teacher_key(load_config(overrides=[f"data.augment_policy={p}"]), prepared)
             for p in ("fixed", "none", "trivialaugment", "randaugment")}
-    assert len(keys) == 4
+    crop = ["data.augment_policy=trivialaugment", "data.augment=[{name: random_crop}]"]
+    keys |= {teacher_key(load_config(overrides=[*crop, f"data.augment_policy_base={b}"]), prepared)
+             for b in ("none", "fixed")}
+    assert len(keys) == 6
     trained = load_config(overrides=["data.augment_policy=trivialaugment", "teacher.model.arch=mlp",
                                      "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150"])
     outcome = obtain_teacher(trained, data_stage.prepare(trained.data))

@@ -152,12 +152,15 @@ class InPixels(torch.nn.Module):
 
 
 class PerImage:
-    """A torchvision transform applied image by image, each under its own seed."""
+    """A torchvision transform applied image by image, each under its own seed (after a
+    ``base`` of fixed ops on the whole batch, if any)."""
 
-    def __init__(self, transform: v2.Transform):
-        self.transform = transform
+    def __init__(self, transform: v2.Transform, base: FixedOps | None = None):
+        self.transform, self.base = transform, base
 
     def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        if self.base is not None:
+            x = self.base(x, seeds)
         # v2 transforms draw from the global RNG: seed it per image so runs repeat exactly.
         out = []
         with global_rng(), torch.random.fork_rng(devices=[]):
@@ -171,9 +174,10 @@ Augmenter = FixedOps | PerImage | LearnedOps
 
 
 def build_augmenter(name: str, configs: list[AugmentConfig], mean: list[float],
-                    std: list[float], learned: dict | None = None) -> Augmenter | None:
+                    std: list[float], learned: dict | None = None, base: str = "none") -> Augmenter | None:
     """``data.augment_policy``'s augmentation of a batch, or None for no augmentation;
-    ``learned`` is the learned policy's JSON (policy ``learned``)."""
+    ``learned`` is the learned policy's JSON (policy ``learned``); ``base="fixed"`` runs
+    ``configs`` under a search-free policy (``data.augment_policy_base``)."""
     if name == "fixed":
         return FixedOps(configs, mean, std) if configs else None
     if name == "learned":
@@ -181,17 +185,18 @@ def build_augmenter(name: str, configs: list[AugmentConfig], mean: list[float],
             raise ValueError("data.augment_policy=learned needs its policy: run the prepare-augmentation stage "
                              "(pipelines.augment_search.learned_policy) or set data.augment_policy_file")
         return LearnedOps(learned, mean, std)
+    under = FixedOps(configs, mean, std, first_draw=_BASE_FIRST_DRAW) if base == "fixed" else None
     if name == "trivialaugment":
-        return PerImage(InPixels(v2.TrivialAugmentWide(), mean, std))
+        return PerImage(InPixels(v2.TrivialAugmentWide(), mean, std), under)
     if name == "randaugment":
-        return PerImage(InPixels(v2.RandAugment(), mean, std))
+        return PerImage(InPixels(v2.RandAugment(), mean, std), under)
     return None
 
 
 def make_augmenter(cfg: DataConfig, data, learned: dict | None = None) -> Augmenter | None:
     """The training augmentation of ``cfg.augment_policy`` for the prepared ``data`` (None:
     none); ``learned``: the policy JSON when the policy is ``learned``."""
-    return build_augmenter(cfg.augment_policy, cfg.augment, data.mean, data.std, learned)
+    return build_augmenter(cfg.augment_policy, cfg.augment, data.mean, data.std, learned, cfg.augment_policy_base)
 
 
 def to_torchvision(spec: dict) -> v2.Transform:

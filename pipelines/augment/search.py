@@ -226,6 +226,8 @@ def policy_fingerprint(cfg: PipelineConfig, data) -> dict:
     if cfg.data.augment_policy == "fixed":  # keys of "fixed" (the default) stay as they were
         return augment
     fingerprint = {"policy": cfg.data.augment_policy, "fixed": augment}
+    if cfg.data.augment_policy_base != "none":  # keys without a base stay as they were
+        fingerprint["base"] = cfg.data.augment_policy_base
     if cfg.data.augment_policy == "learned":
         fingerprint.update(learned_fingerprint(cfg, data))
     return fingerprint

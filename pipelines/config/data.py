@@ -120,6 +120,10 @@ class DataConfig(Strict):
                              "randaugment: torchvision's search-free policies, on 8-bit pixels; learned: "
                              "searched by the prepare-augmentation stage (data.augment_search), or read "
                              "from data.augment_policy_file")
+    augment_policy_base: Literal["none", "fixed"] = Field(
+        "none", description="trivialaugment or randaugment: fixed runs the data.augment list (the presets' "
+                            "padded crop and flip) first, then the policy: the fair baseline of a learned "
+                            "policy with data.augment_search.base=fixed")
     augment_search: AugmentSearchConfig = Field(default_factory=AugmentSearchConfig)
     augment_policy_file: Path | None = Field(None, description="a learned policy's JSON (as the search writes "
                                                                 "it) to use instead of searching")
@@ -157,6 +161,20 @@ class DataConfig(Strict):
             raise ValueError("data.augment_search.base=fixed puts the data.augment list under the searched ops, "
                              "but data.augment is empty; list its ops (e.g. [{name: random_crop}, "
                              "{name: horizontal_flip}]) or set data.augment_search.base=none")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_base(self) -> DataConfig:
+        if self.augment_policy_base == "none":
+            return self
+        if self.augment_policy not in ("trivialaugment", "randaugment"):
+            raise ValueError(f"data.augment_policy_base=fixed puts the data.augment list under trivialaugment or "
+                             f"randaugment, but data.augment_policy is {self.augment_policy!r}; a learned policy "
+                             f"takes its base from data.augment_search.base")
+        if not self.augment:
+            raise ValueError("data.augment_policy_base=fixed puts the data.augment list under the policy, but "
+                             "data.augment is empty; list its ops (e.g. [{name: random_crop}, "
+                             "{name: horizontal_flip}]) or set data.augment_policy_base=none")
         return self
 
     @model_validator(mode="after")
