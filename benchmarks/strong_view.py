@@ -1,7 +1,7 @@
 """The strong view of the teacher's consistency training: FixMatch's RandAugment against
 the learned policy, over paired seeds, in one run.
 
-    python -m benchmarks.strong_view [--preset P] [--set k=v ...] [--seeds 5] --json F
+    python -m benchmarks.strong_view [--preset P] [--set k=v ...] [--seeds 5] [--threads N] --json F
 
 Seed s trains the labelled teacher once (``teacher.seed=s``), then improves it on the
 transfer split twice from that same teacher, once per ``teacher.improve.strong``
@@ -9,6 +9,7 @@ transfer split twice from that same teacher, once per ``teacher.improve.strong``
 ``data.augment_search.seed=s``, the ``--set`` overrides choosing its space).  Reported:
 each teacher's test accuracy (the labelled one too), the paired difference learned minus
 randaugment with its 95% CI and the t-test's p-value, and the seconds of each stage.
+A teacher's numbers depend on its thread count (``--threads``, recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ VIEWS = ("randaugment", "learned")
 
 def main() -> int:
     import numpy as np
+    import torch
 
     from benchmarks.common import paired_stats, write_json
     from pipelines import data as data_stage
@@ -36,8 +38,11 @@ def main() -> int:
     parser.add_argument("--preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     acc: dict[str, list[float]] = {v: [] for v in ("labelled", *VIEWS)}
     seconds: dict[str, list[float]] = {v: [] for v in ("labelled", *VIEWS, "search")}
     for seed in range(args.seeds):
@@ -64,6 +69,7 @@ def main() -> int:
     diff = np.array(acc["learned"]) - np.array(acc["randaugment"])
     paired = paired_stats(diff)
     result = {"preset": args.preset or "digits", "overrides": args.overrides, "seeds": args.seeds,
+              "threads": torch.get_num_threads(),
               "teachers": {v: {"test_acc": float(np.mean(a)), "test_acc_std": float(np.std(a, ddof=1))
                                if len(a) > 1 else 0.0, "per_seed": a} for v, a in acc.items()},
               "seconds": {k: float(np.mean(v)) for k, v in seconds.items()},
