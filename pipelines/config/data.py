@@ -155,26 +155,24 @@ class DataConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _search_base(self) -> DataConfig:
-        searched = self.augment_policy == "learned" and self.augment_policy_file is None
-        if searched and self.augment_search.base == "fixed" and not self.augment:
-            raise ValueError("data.augment_search.base=fixed puts the data.augment list under the searched ops, "
-                             "but data.augment is empty; list its ops (e.g. [{name: random_crop}, "
-                             "{name: horizontal_flip}]) or set data.augment_search.base=none")
-        return self
-
-    @model_validator(mode="after")
-    def _policy_base(self) -> DataConfig:
-        if self.augment_policy_base == "none":
-            return self
-        if self.augment_policy not in ("trivialaugment", "randaugment"):
+    def _base(self) -> DataConfig:
+        # a base is the data.augment list under a policy: the searched ops' (augment_search.base)
+        # or a search-free policy's (augment_policy_base); either needs the list
+        if self.augment_policy_base == "fixed" and self.augment_policy not in ("trivialaugment", "randaugment"):
             raise ValueError(f"data.augment_policy_base=fixed puts the data.augment list under trivialaugment or "
                              f"randaugment, but data.augment_policy is {self.augment_policy!r}; a learned policy "
                              f"takes its base from data.augment_search.base")
+        searched = self.augment_policy == "learned" and self.augment_policy_file is None
+        if searched and self.augment_search.base == "fixed":
+            field, under = "data.augment_search.base", "the searched ops"
+        elif self.augment_policy_base == "fixed":
+            field, under = "data.augment_policy_base", "the policy"
+        else:
+            return self
         if not self.augment:
-            raise ValueError("data.augment_policy_base=fixed puts the data.augment list under the policy, but "
-                             "data.augment is empty; list its ops (e.g. [{name: random_crop}, "
-                             "{name: horizontal_flip}]) or set data.augment_policy_base=none")
+            raise ValueError(f"{field}=fixed puts the data.augment list under {under}, but data.augment is empty; "
+                             f"list its ops (e.g. [{{name: random_crop}}, {{name: horizontal_flip}}]) or set "
+                             f"{field}=none")
         return self
 
     @model_validator(mode="after")
