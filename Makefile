@@ -9,7 +9,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install install-dev system-deps run lint test bench
+.PHONY: install install-dev system-deps run lint docs test bench
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
@@ -19,19 +19,25 @@ install-dev: $(BIN)/python
 run: install
 	$(BIN)/metadistill run
 
-# The browser test drives Debian's Chromium; install it when missing (needs root).
+# The browser test drives Debian's Chromium; the serving benchmark's smoke loads the server
+# with wrk. Install them when missing (needs root).
 system-deps:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v wrk >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
-	  else echo "install chromium and chromium-driver (Debian packages) for the browser test" >&2; exit 1; fi; fi
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver wrk >/dev/null; \
+	  else echo "install chromium, chromium-driver and wrk (Debian packages) for the browser test and the serving benchmark" >&2; exit 1; fi; fi
 
 # Lint and the import contracts (pyproject.toml: [tool.ruff], [tool.importlinter]).
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint system-deps
+# The documentation site (mkdocs.yml); strict: a broken link or anchor, or a page left out
+# of nav, fails it. The configuration reference page is generated from the schema.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint system-deps docs
 	$(BIN)/python -m pytest -q
 
 bench: install-dev

@@ -4,6 +4,7 @@
         [--policies learned,trivialaugment,randaugment,fixed,none,unsearched] [--seeds 5]
         [--first-seed 0] [--threads N] [--row-set ROW:k=v ...] [--versus ROW] --json F
     python -m benchmarks.augment_quality --merge A.json B.json ... [--versus ROW] --json F
+    python -m benchmarks.augment_quality --smoke --json F  # seconds: learned, fixed, unsearched; tiny sizes
 
 Seed s trains one teacher per policy with ``teacher.seed=s`` (same data, same budget);
 the learned policy is searched with ``data.augment_search.seed=s`` first, and its cost is
@@ -34,9 +35,15 @@ from pathlib import Path
 
 # what every part of one table must share
 _SETTINGS = ("preset", "overrides", "threads")
+# --smoke: the search, a search-free policy and the search's ablation, 2 seeds, tiny sizes.
+SMOKE = ["--seeds", "2", "--policies", "learned,fixed,unsearched", *[x for item in (
+    "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5",
+    "data.augment_search.steps=4") for x in ("--set", item)]]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -49,9 +56,7 @@ def main() -> int:
     parser.add_argument("--merge", nargs="+", type=Path, help="JSON of parts of one table, to combine")
     parser.add_argument("--versus", default="learned", help="the row every other is compared with")
     parser.add_argument("--json", required=True)
-    args = parser.parse_args()
-    from benchmarks.common import write_json
-
+    args = parse_args(parser, argv, SMOKE)
     raw = _merged([json.loads(p.read_text()) for p in args.merge], parser) if args.merge else measure(args, parser)
     write_json(args.json, summarise(raw, args.versus))
     return 0
@@ -78,6 +83,7 @@ def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     from pipelines.config.loader import load_config
     from pipelines.engine import distributed
     from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import fit_teacher, teacher_inputs
 
     if args.threads:
@@ -95,8 +101,8 @@ def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             if policy == "unsearched":
                 start_cfg = load_config(args.preset, None, overrides)
                 path = unsearched / f"{row}.json"
-                path.write_text(json.dumps(augment_search.policy_spec(start_cfg,
-                                                                      augment_search.starting_policy(start_cfg))))
+                initial = augment_search.starting_policy(start_cfg.data.augment_search)
+                path.write_text(json.dumps(augment_search.policy_spec(start_cfg.data, initial)))
                 chosen = ["data.augment_policy=learned", f"data.augment_policy_file={path}"]
             else:
                 chosen = [f"data.augment_policy={policy}"]
@@ -104,11 +110,11 @@ def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
                                                   f"data.augment_search.seed={seed}"])
             data = data_stage.place(data_stage.prepare(cfg.data), distributed.device(cfg.dist.device))
             if policy == "learned":
-                searched = augment_search.learned_policy(cfg, data)
+                searched = augment_search.learned_policy(augment_search.AugmentContext.from_config(cfg, data))
                 raw["search_seconds"][row].append(searched.seconds)
                 raw["learned_policy_first_seed"].setdefault(row, searched.spec)
             start = time.perf_counter()
-            source, augment = teacher_inputs(cfg, data)
+            source, augment = teacher_inputs(TeacherContext.from_config(cfg, data))
             model, _ = fit_teacher(cfg.teacher, data, augment, source=source)
             raw["seconds"][row].append(time.perf_counter() - start)
             raw["acc"][row].append(evaluate(model, data.x("test"), data.y("test"), data.num_classes).accuracy)

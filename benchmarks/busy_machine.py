@@ -2,6 +2,7 @@
 shared box or a CI runner, against the same machine idle, side by side in one run.
 
     python -m benchmarks.busy_machine --json docs/benchmarks/busy_machine.json
+    python -m benchmarks.busy_machine --smoke --json PATH  # 3 steps on 8x8 only; a tiny pipeline
 
 Part 1, training steps/s of resnet8 (digits 8x8 and random 32x32 images, batch 64) with
 2 threads (spinning OpenMP waits, torch's default), 2 threads with passive waits, and 1
@@ -49,6 +50,9 @@ for _ in range(steps):
 print(steps / (time.perf_counter() - start))
 """
 BURNER = "while True: pass"
+SMOKE = ["--sides", "8", "--steps", "3", *[x for item in (
+    "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5", "teacher.improve.method=none",
+    "student.train.steps=4", "student.seeds=[0]", "student.methods=[scratch]") for x in ("--set", item)]]
 
 
 def _env(**extra) -> dict:
@@ -92,15 +96,21 @@ class Busy:
         self.proc.wait()
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="passed to metadistill run")
     parser.add_argument("--with-old-busy", action="store_true",
                         help="also run the pipeline busy under the old rule (slow: the case this fixes)")
-    args = parser.parse_args()
+    parser.add_argument("--sides", default="8,32", help="image sides of part 1 (8: digits; else random images)")
+    parser.add_argument("--steps", default="300,60", help="timed steps of part 1, one count per side")
+    args = parse_args(parser, argv, SMOKE)
+    sides = [int(v) for v in args.sides.split(",")]
+    counts = [int(v) for v in args.steps.split(",")]
+    if len(counts) != len(sides):
+        parser.error(f"--steps {args.steps}: one count per side of --sides {args.sides}")
     cores = len(os.sched_getaffinity(0))
     settings = {"2 threads, spinning waits": _env(OMP_NUM_THREADS="2"),
                 "2 threads, passive waits": _env(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE"),
@@ -108,7 +118,7 @@ def main() -> int:
     steps = {}
     for load in ("idle", "busy"):
         with Busy() if load == "busy" else _Idle():
-            for side, n in ((8, 300), (32, 60)):
+            for side, n in zip(sides, counts):
                 for name, env in settings.items():
                     steps[f"{load} | {side}x{side} | {name}"] = steps_per_second(side, n, env)
                     print(f"{load} {side}x{side} {name}: {steps[f'{load} | {side}x{side} | {name}']:.1f} steps/s",

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.common import home
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, smoke: Sequence[str]) -> argparse.Namespace:
+    """``parser``'s arguments from ``argv`` (default: the command line), with ``--smoke``: the
+    module's tiny setting ``smoke`` (seconds, for CI: tests/test_benchmarks.py) before them, so
+    that arguments given beside ``--smoke`` win."""
+    parser.add_argument("--smoke", action="store_true", help=f"the tiny setting, for CI: {' '.join(smoke)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args([*smoke, *argv] if "--smoke" in argv else argv)
 
 
 def write_json(path: str | Path, result: dict) -> None:

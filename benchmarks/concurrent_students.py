@@ -4,6 +4,7 @@ time (Prefect's thread-pool task runner; on one GPU they share it, on the CPU th
 the cores), compared on the sweep's wall seconds and student by student on test accuracy.
 
     python -m benchmarks.concurrent_students [--concurrency 3] [--set k=v ...] --json PATH
+    python -m benchmarks.concurrent_students --smoke --json PATH  # 2 tiny students, 2 at a time
 
 The teacher is trained (or read from the cache) by a first run that is not timed.
 """
@@ -19,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--concurrency", "2", *[x for item in (
+    "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5", "teacher.improve.method=none",
+    "student.train.steps=4", "student.seeds=[0]", "student.methods=[scratch, kd]") for x in ("--set", item)]]
 
 
 def run(overrides: list[str], summary: Path) -> dict:
@@ -29,14 +33,14 @@ def run(overrides: list[str], summary: Path) -> dict:
     return json.loads(summary.read_text())
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", required=True)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, SMOKE)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("METADISTILL_HOME", str(Path(tmp) / "home"))
         run([*args.overrides, "student.methods=[scratch]", "student.seeds=[0]"], Path(tmp) / "warm.json")

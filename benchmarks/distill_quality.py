@@ -2,6 +2,7 @@
 
     python -m benchmarks.distill_quality [--preset NAME] [--set k=v ...] [--seeds N] \
         [--rows a,b,...] --json PATH
+    python -m benchmarks.distill_quality --smoke --json PATH  # seconds: every row, tiny networks, 2 seeds
 
 Rows (``--rows``, default all), each a student method with the teacher it learns from:
 
@@ -37,14 +38,20 @@ import numpy as np
 
 ROWS = ("scratch", "kd_tuned@original", "kd@original", "kd@improved", "kd_tuned@improved", "meta_distill",
         "meta_distill@feedback0", "meta_distill@feedback1", "meta_distill@temperature", "meta_distill@temperature20")
-VARIANTS = {"feedback0": ["meta_distill.feedback=0"], "feedback1": ["meta_distill.feedback=1"],
-            "temperature": ["meta_distill.learn_temperature=true"],
-            "temperature20": ["meta_distill.learn_temperature=true", "meta_distill.temperature_share=0.2"]}
+VARIANTS = {"feedback0": ["meta_distill.feedback.weight=0"], "feedback1": ["meta_distill.feedback.weight=1"],
+            "temperature": ["meta_distill.temperature.learn=true"],
+            "temperature20": ["meta_distill.temperature.learn=true", "meta_distill.temperature.share=0.2"]}
 STANDARD = "kd_tuned@original"
+# --smoke: every row and every stage (a transfer split, so the teacher is improved) at a size
+# that runs in seconds.
+SMOKE = ["--seeds", "2", *[x for item in (
+    "data.label_budget=300", "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5",
+    "teacher.improve.steps=3", "student.train.steps=4", "meta_distill.interval=2", "meta_distill.guard.every=2",
+    "kd.grid_alpha=[0.9]", "kd.grid_temperature=[2.0, 4.0]") for x in ("--set", item)]]
 
 
-def main() -> int:
-    from benchmarks.common import paired_stats, write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import paired_stats, parse_args, write_json
     from pipelines import data as data_stage
     from pipelines import tracking
     from pipelines.common import home
@@ -55,6 +62,7 @@ def main() -> int:
     from pipelines.students.fit import run_student
     from pipelines.students.kd import kd_grid
     from pipelines.teacher import sources
+    from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import obtain_teacher, teacher_spec
     from pipelines.teacher.improve import improve_teacher
     from pipelines.tracking import plots
@@ -67,7 +75,7 @@ def main() -> int:
     parser.add_argument("--seed-start", type=int, default=0, help="seeds seed_start .. seed_start + seeds - 1")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--json", required=True)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, SMOKE)
     rows = args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         print(f"distill_quality: unknown row(s) {unknown}; allowed: {', '.join(ROWS)}", file=sys.stderr)
@@ -84,8 +92,9 @@ def main() -> int:
     start = time.perf_counter()
     prepared = data_stage.prepare(cfg.data)
     test = (prepared.x("test"), prepared.y("test"), prepared.num_classes)
-    teacher = obtain_teacher(cfg, prepared)
-    improved = improve_teacher(cfg, prepared, teacher.model)
+    ctx = TeacherContext.from_config(cfg, prepared)
+    teacher = obtain_teacher(ctx)
+    improved = improve_teacher(ctx, teacher.model)
     teachers = {"original": teacher.model, "improved": improved.model}
     teacher_acc = {k: evaluate(m, *test).accuracy for k, m in teachers.items()}
     print(f"teacher {cfg.teacher.model.arch}: {100 * teacher_acc['original']:.2f}, improved "
@@ -102,7 +111,7 @@ def main() -> int:
             "teacher_seconds": teacher.train_seconds, "teacher_cached": teacher.cached,
             "improve_seconds": improved.train_seconds, "improve_cached": improved.cached,
             "improve_mask_rate": improved.mask_rate,
-            "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(cfg, prepared)["arch"],
+            "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(ctx)["arch"],
             "splits": prepared.counts, "student_steps": cfg.student.train.steps,
             "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
             "methods": {r: {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a), "per_seed": a.tolist(),

@@ -1,6 +1,7 @@
 """Markdown tables from ``distill_quality.py`` JSON files, so the docs quote the JSON.
 
-    python -m benchmarks.distill_report docs/benchmarks/distill_quality_{mnist,fashion_mnist}.json
+    python -m benchmarks.distill_report docs/benchmarks/distill_quality_{mnist,fashion_mnist}.json [--out F.md]
+    python -m benchmarks.distill_report --smoke  # the tables of every published distill_quality JSON
 
 Three tables: accuracy per row (mean ± std over the seeds), the paired comparisons the
 targets name (with the worst seed against its paired ``kd``), and the costs.
@@ -8,11 +9,15 @@ targets name (with the worst seed against its paired ``kd``), and the costs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = [str(p.relative_to(REPO)) for p in sorted((REPO / "docs" / "benchmarks").glob("distill_quality_*.json"))]
 
 COMPARISONS = [("meta_distill", "kd_tuned@original"), ("meta_distill", "kd_tuned@improved"),
                ("meta_distill", "meta_distill@feedback0"), ("meta_distill@temperature", "kd_tuned@original"),
@@ -68,5 +73,20 @@ def tables(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="distill_quality JSON files (relative ones from the repository root)")
+    parser.add_argument("--out", type=Path, help="also write the tables here")
+    args = parse_args(parser, argv, SMOKE)
+    text = tables([str(p if Path(p).is_absolute() or Path(p).exists() else REPO / p) for p in args.paths])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
 if __name__ == "__main__":
-    print(tables(sys.argv[1:]))
+    sys.exit(main())

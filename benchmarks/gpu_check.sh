@@ -37,7 +37,7 @@ part() {
     tests) "$PY" -m pytest -q -m cuda -rs tests/test_cuda.py ;;
     pipeline) "${MD[@]}" run --set dist.device=cuda --summary "$OUT_DIR/pipeline_cuda.json" ;;
     torchrun) "${MD[@]}" run --set dist.device=cuda --set dist.launcher=torchrun --set dist.nproc=1 \
-                --set 'student.methods=[kd,maml_init,meta_distill]' --set 'student.seeds=[0]' \
+                --set 'student.methods=[kd,maml_init,meta_distill,meta_distill_pilot]' --set 'student.seeds=[0]' \
                 --set tracking.register_best=false --summary "$OUT_DIR/torchrun_nccl.json" ;;
     concurrent) "$PY" -m benchmarks.concurrent_students "${SWEEP[@]}" --json "$OUT_DIR/concurrent_students.json" ;;
     throughput) "$PY" -m benchmarks.gpu_throughput --device cuda --settings fp32,tf32,bf16,bf16+cl,bf16+cl+compile \

@@ -4,6 +4,9 @@ memory layout and compile setting for both.
 
     python -m benchmarks.gpu_throughput --json PATH [--device cuda] [--steps 300] [--compile]
         [--settings fp32,tf32,bf16,bf16+cl,bf16+cl+compile]
+    python -m benchmarks.gpu_throughput --smoke --json PATH  # seconds, on the CPU too: 2 steps of batch 8
+
+On a machine without CUDA it runs on the CPU (``--device cpu``); the FLOP fractions are then null.
 
 The pipeline side is ``pipelines.training.train_classifier`` as every stage calls it
 (seeded batch order, per-step lr, metrics accumulated on the device, read at log steps);
@@ -31,7 +34,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 DATASHEET_BF16_DENSE = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
-N_IMAGES, CLASSES = 50_000, 10
+CLASSES = 10
+SMOKE = ["--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "8", "--images", "64", "--precision", "fp32",
+         "--settings", "bf16+cl"]
 
 
 def _sync(device: torch.device) -> None:
@@ -47,10 +52,10 @@ def _model(device: torch.device, channels_last: bool):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def _data(device: torch.device):
+def _data(device: torch.device, images: int):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N_IMAGES, 3, 32, 32, generator=g)
-    return x.to(device), torch.randint(0, CLASSES, (N_IMAGES,), generator=g).to(device)
+    x = torch.randn(images, 3, 32, 32, generator=g)
+    return x.to(device), torch.randint(0, CLASSES, (images,), generator=g).to(device)
 
 
 def _cfg(args, steps: int):
@@ -86,7 +91,7 @@ def reference_seconds(args, x, y, steps: int) -> float:
             _sync(args.device)
             start = time.perf_counter()
             for _ in range(args.warmup if warm else steps):
-                idx = torch.randint(0, N_IMAGES, (args.batch,), device=args.device, generator=g)
+                idx = torch.randint(0, len(y), (args.batch,), device=args.device, generator=g)
                 xb = x[idx]
                 if args.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
@@ -121,8 +126,8 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
@@ -136,8 +141,9 @@ def main() -> int:
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--settings", default="", help="comma-separated extra settings for the pipeline alone, "
                                                        "e.g. fp32,tf32,bf16,bf16+cl,bf16+cl+compile")
-    args = parser.parse_args()
-    x, y = _data(args.device)
+    parser.add_argument("--images", type=int, default=50_000, help="random images on the device")
+    args = parse_args(parser, argv, SMOKE)
+    x, y = _data(args.device, args.images)
     pipe, ref = [], []
     for _ in range(args.rounds):
         pipe.append(args.steps * args.batch / pipeline_seconds(args, x, y, args.steps))

@@ -2,6 +2,7 @@
 workload, in one run, plus the machine's fp32 matmul peak and the engine's FLOP rate.
 
     python -m benchmarks.meta_engine --json results/meta_engine.json
+    python -m benchmarks.meta_engine --smoke --json PATH  # seconds: every contender, a tiny workload
 
 Workload (defaults): conv4 (GroupNorm) on 1x28x28, 5-way 1-shot, 15 queries, 5 inner SGD
 steps (lr 0.4), exact second-order MAML, meta-batch 32.  Every contender runs the same
@@ -30,6 +31,10 @@ from meta.maml import InnerLoop, meta_batch_loss  # noqa: E402
 from meta.parallel import TaskParallel  # noqa: E402
 from meta.tasks import TaskSampler  # noqa: E402
 from models import build_model  # noqa: E402
+
+# --smoke: the engine (tasks vmapped) and a peer (a loop of torch.func.grad), on a tiny workload.
+SMOKE = ["--channels", "8", "--meta-batch", "2", "--queries", "2", "--inner-steps", "1", "--seconds", "0.1",
+         "--rounds", "1", "--peak-seconds", "0.1", "--only", "engine_vmap,func_loop"]
 
 
 def make_workload(args):
@@ -180,12 +185,13 @@ def flops_per_task(args) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model, sampler = make_workload(args)
-    tasks = tuple(t.to(args.device) for t in sampler.sample(4, torch.Generator().manual_seed(2)))
+    n = min(4, args.meta_batch)
+    tasks = tuple(t.to(args.device) for t in sampler.sample(n, torch.Generator().manual_seed(2)))
     inner = InnerLoop(args.inner_steps, args.inner_lr)
     with FlopCounterMode(display=False) as counter:
         loss, _ = meta_batch_loss(model, params_of(model), tasks, inner, vectorize=False)
         loss.backward()
-    return counter.get_total_flops() / 4
+    return counter.get_total_flops() / n
 
 
 def matmul_peak(device: torch.device, seconds: float = 3.0) -> float:
@@ -209,8 +215,8 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
@@ -228,7 +234,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated contenders to run")
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
                         help="cpu, or cuda: there the engine runs one worker (tasks batch by vmap)")
-    args = parser.parse_args()
+    parser.add_argument("--peak-seconds", type=float, default=3.0, help="seconds of the matmul peak's search")
+    args = parse_args(parser, argv, SMOKE)
 
     cores = os.cpu_count() or 1
     workers = cores if args.device.type == "cpu" else 1
@@ -256,13 +263,13 @@ def main() -> int:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {c.rounds[-1]:.1f}" for c in built), flush=True)
     for c in built:
         rates[c.name] = max(c.rounds)
-    peak = matmul_peak(args.device)
+    peak = matmul_peak(args.device, args.peak_seconds)
     flops = flops_per_task(args)
     engine = max(v for k, v in rates.items() if k.startswith("engine") and v == v)
     peers = {k: v for k, v in rates.items() if not k.startswith("engine") and v == v}
     best_peer = max(peers.values()) if peers else float("nan")
     result = {
-        "workload": {k: v for k, v in vars(args).items() if k not in ("json", "only", "device")} | {
+        "workload": {k: v for k, v in vars(args).items() if k not in ("json", "only", "device", "smoke")} | {
             "cores": cores, "torch": torch.__version__, "device": _device_name(args.device)},
         "tasks_per_s": rates,
         "rounds_tasks_per_s": {c.name: c.rounds for c in built},

@@ -3,6 +3,7 @@ orchestration + tracking overhead (Prefect server and task runs, MLflow logging)
 first run in a fresh project home and a second identical run (cached data and teacher).
 
     python -m benchmarks.pipeline_overhead --json results/pipeline_overhead.json
+    python -m benchmarks.pipeline_overhead --smoke --json PATH  # both runs of a tiny pipeline (TINY)
 
 Targets on the 2-core reference machine: first run <= 180 s including start-up,
 orchestration + tracking <= 15% of wall time, second run <= 60% of the first.
@@ -18,6 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# A default pipeline at a size that runs in seconds (the stages' compute is not the point there).
+TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5",
+        "teacher.improve.method=none", "student.train.steps=4", "student.seeds=[0]", "student.methods=[scratch]"]
+SMOKE = [x for item in TINY for x in ("--set", item)]
 
 
 def run_once(home: Path, summary: Path, extra: list[str]) -> dict:
@@ -42,13 +48,13 @@ def run_once(home: Path, summary: Path, extra: list[str]) -> dict:
             "test_acc": {m: v["test_acc"] for m, v in data["methods"].items()}}
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="passed to metadistill run")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, SMOKE)
     extra = [x for o in args.overrides for x in ("--set", o)]
     with tempfile.TemporaryDirectory(prefix="md-bench-") as tmp:
         home = Path(tmp) / "home"

@@ -2,12 +2,13 @@
 student, same load generator, one server after the other, in one run.
 
     python -m benchmarks.serving --json results/serving.json [--home PATH] [--seconds 30]
+    python -m benchmarks.serving --smoke --json PATH  # a tiny pipeline's champion, 1 s of load per server
 
 Load: wrk (Debian package) with 16 keep-alive connections on 4 threads, one image per
 POST.  The generator's own ceiling is shown against the server's trivial /health route,
 and the model's in-process batched forward throughput is the ceiling for the model.
-Uses the `champion` of metadistill-digits-student in --home (default $METADISTILL_HOME or
-a fresh temporary home, where the default pipeline is run first).
+Uses the `champion` of ``--model`` (default metadistill-digits-student, 1x8x8 digits) in --home
+(default $METADISTILL_HOME or a fresh temporary home, where the default pipeline is run first).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from pathlib import Path
 from pipelines.common.net import free_port, wait_http
 
 MODEL = "metadistill-digits-student"
+SMOKE = ["--seconds", "1", "--trivial-seconds", "1", "--ceiling-seconds", "0.5", *[x for item in (
+    "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5", "teacher.improve.method=none",
+    "student.train.steps=4", "student.seeds=[0]", "student.methods=[scratch]") for x in ("--set", item)]]
 
 
 def wrk(url: str, seconds: int, body: str | None, connections: int = 16, threads: int = 4) -> dict:
@@ -67,50 +71,56 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def ceiling(home: Path) -> float:
+def ceiling(home: Path, seconds: float = 3.0, name: str = MODEL) -> float:
     os.environ["METADISTILL_HOME"] = str(home)
     import torch
 
     from deploy.registry import load_registered
 
     torch.set_num_threads(1)
-    model = load_registered(MODEL).model
-    x = torch.rand(64, *load_registered(MODEL).spec["input_shape"])
+    registered = load_registered(name)
+    model = registered.model
+    x = torch.rand(64, *registered.spec["input_shape"])
     with torch.inference_mode():
         model(x)
         start_t, n = time.perf_counter(), 0
-        while time.perf_counter() - start_t < 3:
+        while time.perf_counter() - start_t < seconds:
             model(x)
             n += 64
     return n / (time.perf_counter() - start_t)
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--home", default=os.environ.get("METADISTILL_HOME"))
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--workers", type=int, default=1, help="metadistill serve --workers")
-    args = parser.parse_args()
+    parser.add_argument("--model", default=MODEL, help="the registered model whose champion is served (1x8x8 inputs)")
+    parser.add_argument("--trivial-seconds", type=int, default=10, help="load on the /health route")
+    parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="in-process forward passes")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="passed to the default pipeline's run, when --home has none")
+    args = parse_args(parser, argv, SMOKE)
     if shutil.which("wrk") is None:
         raise SystemExit("serving benchmark: install wrk (apt-get install wrk)")
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="md-serve-"))
     env = {**os.environ, "METADISTILL_HOME": str(home), "METADISTILL_PROGRESS": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if not (home / "mlflow.db").exists():
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "run"], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *[x for o in args.overrides for x in ("--set", o)]],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
     image = json.dumps([[[[0.5] * 8] * 8]])  # one 1x8x8 digit, raw pixels
     results: dict = {}
 
     port = free_port()
     proc = start([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port), "--poll-seconds", "0",
-                  "--workers", str(args.workers)], env)
+                  "--workers", str(args.workers), "--model", args.model], env)
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", 180)
-        results["generator_vs_trivial_route"] = wrk(f"http://127.0.0.1:{port}/health", 10, None)
+        results["generator_vs_trivial_route"] = wrk(f"http://127.0.0.1:{port}/health", args.trivial_seconds, None)
         results["metadistill"] = wrk(f"http://127.0.0.1:{port}/predict", args.seconds, f'{{"instances": {image}}}')
     finally:
         stop(proc)
@@ -119,7 +129,7 @@ def main() -> int:
     # `mlflow models serve` execs `uvicorn` from PATH: put this interpreter's bin folder first.
     mlflow_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
+    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{args.model}@champion",
                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], mlflow_env)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 180)
@@ -128,7 +138,7 @@ def main() -> int:
         stop(proc)
 
     results["ratio_vs_mlflow"] = results["metadistill"]["rps"] / results["mlflow"]["rps"]
-    results["ceiling_rps"] = ceiling(home)
+    results["ceiling_rps"] = ceiling(home, args.ceiling_seconds, args.model)
     results["load"] = {"connections": 16, "threads": 4, "seconds": args.seconds, "tool": "wrk",
                        "server_workers": args.workers}
     write_json(args.json, results)

@@ -5,6 +5,7 @@ student methods over paired seeds.
 
     python -m benchmarks.teacher_sources [--preset cifar10] [--set k=v ...] [--seeds 10] \
         [--methods kd] [--pretrain-steps 1500] [--finetune-steps 1500] [--no-scratch] --json PATH
+    python -m benchmarks.teacher_sources --smoke --json PATH  # seconds: digits with a transfer split, 2 steps each
 
 No ImageNet weights reach this machine, so the "pretrained" resnet18 is made here without a
 single label: rotation prediction (RotNet: which of 0/90/180/270 degrees was the image
@@ -30,6 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# --smoke: digits (a transfer split for the pretraining), every stage a few steps, 2 seeds.
+SMOKE = ["--preset", "digits", "--seeds", "2", "--pretrain-steps", "2", "--finetune-steps", "2", "--image-size", "8",
+         *[x for item in (
+    "data.train_fraction=0.3", "data.label_budget=100", "teacher.train.steps=5", "teacher.train.batch_size=16",
+    "student.train.steps=4")
+    for x in ("--set", item)]]
 
 
 def rotation_pretrain(x, data_mean, data_std, steps: int, out: Path, seed: int = 0) -> float:
@@ -75,13 +83,12 @@ def rotation_pretrain(x, data_mean, data_std, steps: int, out: Path, seed: int =
     return time.perf_counter() - start
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import torch
     import torchvision
     from safetensors.torch import save_file
 
-    from benchmarks.common import write_json
-    from benchmarks.distill_quality import paired_stats
+    from benchmarks.common import paired_stats, parse_args, write_json
     from pipelines import data as data_stage
     from pipelines.common.home import cache_dir
     from pipelines.config.errors import ConfigError
@@ -89,6 +96,7 @@ def main() -> int:
     from pipelines.evaluate.metrics import evaluate
     from pipelines.students.fit import run_student
     from pipelines.teacher import sources
+    from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import obtain_teacher, teacher_spec
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,10 +106,11 @@ def main() -> int:
     parser.add_argument("--methods", default="kd")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--finetune-steps", type=int, default=1500)
+    parser.add_argument("--image-size", type=int, default=32, help="the resolution the brought resnet18 sees")
     parser.add_argument("--no-scratch", dest="scratch", action="store_false",
                         help="skip the scratch reference (students without a teacher)")
     parser.add_argument("--json", required=True)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, SMOKE)
     methods = args.methods.split(",")
     common = [*args.overrides, f"student.methods={json.dumps(methods)}", f"student.seeds={list(range(args.seeds))}"]
     start = time.perf_counter()
@@ -116,7 +125,7 @@ def main() -> int:
     random = cache_dir("bench") / "resnet18_random.safetensors"
     torch.manual_seed(0)
     save_file(torchvision.models.resnet18(num_classes=1000).state_dict(), str(random))
-    brought = ["teacher.source=torchvision", "teacher.model.arch=resnet18", "teacher.image_size=32",
+    brought = ["teacher.source=torchvision", "teacher.model.arch=resnet18", f"teacher.image_size={args.image_size}",
                "teacher.finetune.mode=all", f"teacher.finetune.steps={args.finetune_steps}",
                f"teacher.finetune.optimizer.lr={trained_cfg.teacher.train.optimizer.lr}",
                f"teacher.finetune.batch_size={trained_cfg.teacher.train.batch_size}"]
@@ -131,9 +140,10 @@ def main() -> int:
     accs: dict[str, dict[str, np.ndarray]] = {}
     for name, cfg in configs.items():
         sources.preflight(cfg)
-        teacher = obtain_teacher(cfg, prepared)
+        ctx = TeacherContext.from_config(cfg, prepared)
+        teacher = obtain_teacher(ctx)
         acc = evaluate(teacher.model, prepared.x("test"), prepared.y("test"), prepared.num_classes).accuracy
-        spec = teacher_spec(cfg, prepared)
+        spec = teacher_spec(ctx)
         result["teachers"][name] = {"test_acc": acc, "seconds": teacher.seconds, "cached": teacher.cached,
                                     "arch": spec["arch"], "source": cfg.teacher.source,
                                     "steps": cfg.teacher.finetune.steps if cfg.teacher.brought() else cfg.teacher.train.steps}

@@ -9,6 +9,7 @@
    order (target: at most 10% more wall time).
 
     python -m benchmarks.team_runs --json docs/benchmarks/team_runs.json
+    python -m benchmarks.team_runs --smoke --json PATH  # 2 overlapping tiny pipelines, 1 sqlite/http pair
 
 Nothing else may run on the machine meanwhile (every run takes both cores).
 """
@@ -27,6 +28,10 @@ from pathlib import Path
 
 from pipelines.common.net import free_port
 from pipelines.orchestrate.services import Ports, Services
+
+SMOKE = ["--runs", "2", "--pairs", "1", *[x for item in (
+    "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5", "teacher.improve.method=none",
+    "student.train.steps=4", "student.seeds=[0]", "student.methods=[scratch]") for x in ("--set", item)]]
 
 
 def start_run(home: Path, env_extra: dict[str, str], extra: list[str], log: Path) -> subprocess.Popen:
@@ -95,15 +100,15 @@ def http_tracking(tmp: Path, pairs: int, extra: list[str]) -> dict:
             "paired_ratios": [s / q for s, q in zip(server, local)]}
 
 
-def main() -> int:
-    from benchmarks.common import write_json
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_args, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--runs", type=int, default=4, help="overlapping runs (default 4)")
     parser.add_argument("--pairs", type=int, default=2, help="sqlite/http pairs (default 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="passed to metadistill run")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, SMOKE)
     extra = [x for o in args.overrides for x in ("--set", o)]
     tmp = Path(tempfile.mkdtemp(prefix="md-team-", dir="/tmp"))
     tmp.chmod(0o711)  # PostgreSQL's own user must reach its cluster when this runs as root

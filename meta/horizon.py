@@ -10,8 +10,9 @@ of long-past steps fades (``gamma = 1``: RTHO; ``gamma = 0``: one step ahead onl
 
 Here the knob is ``log T`` (the distillation temperature, positive, searched in log
 space) and the optimiser is torch's SGD with momentum, weight decay and Nesterov, as the
-student's: :func:`sgd_step` takes exactly ``torch.optim.SGD``'s step (tested), and the
-tangents of the parameters and of the momentum buffer go with it.  Pure torch.
+student's: :func:`tangent_step` carries the tangents of the parameters and of the momentum
+buffer through exactly ``torch.optim.SGD``'s step (tested against it, and against finite
+differences of whole trajectories, in tests/test_horizon.py).  Pure torch.
 """
 
 from __future__ import annotations
@@ -76,23 +77,6 @@ def tangent_step(d_params: Params, d_buffer: Params, g: Params, dg: Params, opt:
         d_step = dgk + opt.momentum * new_d_buffer[k] if opt.nesterov else new_d_buffer[k]
         new_d_params[k] = (v - opt.lr * d_step).detach()
     return new_d_params, new_d_buffer
-
-
-def sgd_step(state: Trajectory, loss: StepLoss, log_t: torch.Tensor, opt: SGD, discount: float = 1.0) -> Trajectory:
-    """One SGD step of the parameters and, alongside, of their tangent: the gradient and its
-    directional derivative along (tangent, d log T = 1) come from one ``jvp``.  A zero
-    buffer stands for torch's "no buffer yet" (``momentum * 0 + g = g``)."""
-    d_params = {k: discount * v for k, v in state.d_params.items()}
-    d_buffer = {k: discount * v for k, v in state.d_buffer.items()}
-    g, dg = jvp(grad(loss), (state.params, log_t.detach()), (d_params, torch.ones_like(log_t)))
-    params, buffer = {}, {}
-    for k, p in state.params.items():
-        gk = g[k] + opt.weight_decay * p
-        buffer[k] = (opt.momentum * state.buffer[k] + gk).detach()
-        step = gk + opt.momentum * buffer[k] if opt.nesterov else buffer[k]
-        params[k] = (p - opt.lr * step).detach()
-    new_d_params, new_d_buffer = tangent_step(d_params, d_buffer, g, dg, opt)
-    return Trajectory(params, buffer, new_d_params, new_d_buffer)
 
 
 def hypergradient(state: Trajectory, held_out: Callable[[Params], torch.Tensor]) -> torch.Tensor:

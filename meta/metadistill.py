@@ -90,28 +90,6 @@ def meta_grad(student: nn.Module, student_params: Params, distill: DistillFn, me
             float(loss.detach()))
 
 
-def teacher_distill(teacher: nn.Module, teacher_params: Params, x: torch.Tensor, pilot: Pilot) -> DistillFn:
-    """MetaDistil's case: the KD loss against the teacher's logits, a function of its weights."""
-    teacher_logits = forward(teacher, teacher_params, x)
-    return lambda logits, y: distillation_loss(logits, teacher_logits, y, pilot.temperature, pilot.alpha,
-                                               pilot.soft_loss)
-
-
-def pilot_quiz_loss(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
-                    batch: tuple[torch.Tensor, torch.Tensor], quiz: tuple[torch.Tensor, torch.Tensor],
-                    pilot: Pilot) -> torch.Tensor:
-    """Cross-entropy of the pilot student on the quiz batch (a function of the teacher)."""
-    return quiz_loss_after_pilot(student, student_params, teacher_distill(teacher, teacher_params, batch[0], pilot),
-                                 batch, quiz, pilot)
-
-
-def teacher_meta_grad(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
-                      batch, quiz, pilot: Pilot) -> tuple[Params, float]:
-    """Second-order gradient of the pilot quiz loss with respect to the teacher, and the loss."""
-    return meta_grad(student, student_params, teacher_distill(teacher, teacher_params, batch[0], pilot),
-                     teacher_params, batch, quiz, pilot)
-
-
 def first_order_teacher_grad(student: nn.Module, student_params: Params, teacher: nn.Module,
                              teacher_params: Params, batch, quiz, pilot: Pilot,
                              generator: torch.Generator | None = None) -> tuple[Params, float]:

@@ -6,7 +6,7 @@ The packages follow the data flow, and each imports only the layers below it (ch
     cli          the ``metadistill`` command
     orchestrate  the Prefect flow, the torchrun worker and launcher, schedules
     register     registering the chosen student, the promotion gate
-    students     the student methods (scratch, kd, kd_tuned, maml_init, meta_distill)
+    students     the student methods (scratch, kd, kd_tuned, maml_init, meta_distill, meta_distill_pilot)
     teacher      the teacher: trained here or brought, fine-tuned
     augment      augmentation policies and the learned policy's search
     evaluate     test metrics, comparing students, choosing one

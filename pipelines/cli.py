@@ -65,9 +65,14 @@ def _pipeline_commands(sub) -> None:
     _add_config_args(few)
     few.add_argument("--summary", metavar="PATH", help="write the results as JSON to PATH")
 
-    show = sub.add_parser("config", help="print the resolved configuration (validated) and exit",
-                          description="Resolve preset + --config + --set, validate, print as YAML.")
+    show = sub.add_parser("config", help="print the resolved configuration (validated), or explain a key, and exit",
+                          description="Resolve preset + --config + --set, validate, print as YAML. With --explain "
+                                      "KEY: that key's type, default, allowed values and description, or every "
+                                      "key of a section (the docs' configuration reference, from the schema).")
     _add_config_args(show)
+    show.add_argument("--explain", metavar="KEY", help="explain one key (kd.temperature) or a whole section "
+                                                       "(meta_distill.guard); with --preset/--config/--set, "
+                                                       "also its value there")
 
 
 
@@ -372,6 +377,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_config(args) -> int:
+    if args.explain is not None:
+        from pipelines.config.reference import explain
+
+        cfg = _load(args) if args.preset or args.config or args.overrides else None
+        print(explain(args.explain, cfg), end="")  # an unknown key: ConfigError, exit 2
+        return 0
     import yaml
 
     from pipelines.orchestrate.preflight import check_inputs
@@ -449,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                "schedule": cmd_schedule, "trigger": cmd_trigger, "server": cmd_server, "services": cmd_services,
                "promote": cmd_promote, "rollback": cmd_rollback, "export": cmd_export}[args.command]
     known = _known_errors()
+    _one_line_moved_keys()
     if not args.debug:
         import logging
 
@@ -468,6 +480,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metadistill: {message}" + (f"\n  hint: {hint}; --debug shows the traceback" if hint else ""),
               file=sys.stderr)
         return code
+
+
+def _one_line_moved_keys() -> None:
+    """A moved config key's warning as one line on stderr, not Python's two with a source line."""
+    import warnings
+
+    from pipelines.config.errors import MovedKeyWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MovedKeyWarning):
+            print(f"metadistill: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def known_multiline() -> tuple[type, ...]:

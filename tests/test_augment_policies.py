@@ -76,18 +76,19 @@ def test_fixed_and_none():
 def test_teacher_cache_key_follows_the_policy(home):
     from pipelines import data as data_stage
     from pipelines.evaluate.metrics import evaluate
-    from pipelines.teacher.fit import obtain_teacher, teacher_key
+    from pipelines.teacher.context import TeacherContext
+    from pipelines.teacher.fit import obtain_teacher
 
     cfg = load_config()
     prepared = data_stage.prepare(cfg.data)
-    keys = {teacher_key(load_config(overrides=[f"data.augment_policy={p}"]), prepared)
+    keys = {TeacherContext.from_config(load_config(overrides=[f"data.augment_policy={p}"]), prepared).teacher_key
             for p in ("fixed", "none", "trivialaugment", "randaugment")}
     crop = ["data.augment_policy=trivialaugment", "data.augment=[{name: random_crop}]"]
-    keys |= {teacher_key(load_config(overrides=[*crop, f"data.augment_policy_base={b}"]), prepared)
+    keys |= {TeacherContext.from_config(load_config(overrides=[*crop, f"data.augment_policy_base={b}"]), prepared).teacher_key
              for b in ("none", "fixed")}
     assert len(keys) == 6
     trained = load_config(overrides=["data.augment_policy=trivialaugment", "teacher.model.arch=mlp",
                                      "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=150"])
-    outcome = obtain_teacher(trained, data_stage.prepare(trained.data))
+    outcome = obtain_teacher(TeacherContext.from_config(trained, data_stage.prepare(trained.data)))
     acc = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), 10).accuracy
     assert acc > 0.6  # trained through TrivialAugmentWide's per-sample ops, and it learned

@@ -130,15 +130,17 @@ def test_transfer_settings_default_on():
       "student.init_uri=x.pth", "data.name=cifar10", "student.must_be_smaller=false"], "BatchNorm running statistics"),
     (["tracking.promotion_alpha=0"], "tracking.promotion_alpha"),
     (["kd.temprature=2"], "did you mean 'kd.temperature'"),
-    (["meta_distill.order=first", "meta_distill.learn=[kd_params]"], "order=first .*learn=\\[teacher\\]"),
-    (["meta_distill.learn=[]"], "meta_distill.learn must list distinct items"),
-    (["meta_distill.learn=[kd_params, kd_params]"], "meta_distill.learn must list distinct items"),
-    (["meta_distill.learn=[temperature]"], "meta_distill.learn.0"),
-    (["meta_distill.start_step=100", "meta_distill.stop_step=50"], "stop_step=50 must exceed"),
-    (["meta_distill.learn=[head, kd_params]"], "trains the teacher's head alone"),
-    (["meta_distill.learn=[kd_params]", "meta_distill.learn_temperature=true"], "goes with meta_distill.learn=\\[head\\]"),
-    (["meta_distill.temperature_box=[4, 2]"], "must be 0 < low <= high"),
-    (["meta_distill.learn_temperature=true", "student.train.optimizer.name=adam"], "follows SGD steps"),
+    (["meta_distill_pilot.order=first", "meta_distill_pilot.learn=[kd_params]"],
+     "order=first .*learn=\\[teacher\\]"),
+    (["meta_distill_pilot.learn=[]"], "meta_distill_pilot.learn must list distinct items"),
+    (["meta_distill_pilot.learn=[kd_params, kd_params]"], "meta_distill_pilot.learn must list distinct items"),
+    (["meta_distill_pilot.learn=[temperature]"], "meta_distill_pilot.learn.0"),
+    (["meta_distill_pilot.learn=[head]"], "meta_distill_pilot.learn.0"),
+    (["meta_distill_pilot.start_step=100", "meta_distill_pilot.stop_step=50"], "stop_step=50 must exceed"),
+    (["meta_distill.temperature.box=[4, 2]"], "must be 0 < low <= high"),
+    (["meta_distill.temperature.learn=true", "student.train.optimizer.name=adam"], "follows SGD steps"),
+    (["meta_distill.head_lrr=1"], "did you mean 'meta_distill.head'"),
+    (["meta_distill.learn=[kd_params]", "student.methods=[meta_distill+maml_init]"], "no \\+maml_init variant"),
     (["kd.grid_alpha=[0.5, 1.5]"], "kd.grid_alpha has out-of-range values \\[1.5\\]"),
     (["kd.grid_temperature=[]"], "kd.grid_temperature must list at least one value"),
     (["dist.nproc=2", "kd.transfer_ratio=0.5", "student.train.batch_size=66", "teacher.train.batch_size=66",
@@ -147,6 +149,32 @@ def test_transfer_settings_default_on():
 def test_every_cross_check_names_its_keys(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=override)
+
+
+def test_moved_meta_distill_keys_work_for_a_release_and_name_their_new_place(tmp_path):
+    """The flat keys of meta_distill before its sub-sections, as --set items and in a file:
+    each warns naming its new key and lands there; an old learn list other than [head]
+    runs the pilot update as its own method, with the settings it shared."""
+    old = ["meta_distill.head_lr=0.5", "meta_distill.guard_every=7", "meta_distill.learn_temperature=true",
+           "meta_distill.temperature=3", "meta_distill.feedback=1", "meta_distill.horizon_window=4"]
+    with pytest.warns(FutureWarning, match="meta_distill.head_lr is now meta_distill.head.lr"):
+        cfg = load_config(overrides=old)
+    md = cfg.meta_distill
+    assert (md.head.lr, md.guard.every, md.temperature.learn, md.temperature.value, md.feedback.weight,
+            md.temperature.window) == (0.5, 7, True, 3.0, 1.0, 4)
+    path = tmp_path / "old.yaml"
+    path.write_text("meta_distill:\n  head_lr: 0.5\n  guard_every: 7\n  learn_temperature: true\n  temperature: 3\n"
+                    "  feedback: 1\n  horizon_window: 4\n")
+    with pytest.warns(FutureWarning, match="meta_distill.guard_every is now meta_distill.guard.every"):
+        assert load_config(config_file=path).meta_distill == md
+    with pytest.warns(FutureWarning, match="is now the method meta_distill_pilot"):
+        pilot = load_config(overrides=["meta_distill.learn=[kd_params]", "meta_distill.knob_lr=0.1",
+                                       "meta_distill.interval=5", "meta_distill.temperature=3"])
+    assert pilot.student.methods == ["scratch", "kd", "maml_init", "meta_distill_pilot"]
+    mp = pilot.meta_distill_pilot
+    assert (mp.learn, mp.knob_lr, mp.interval, mp.temperature) == (["kd_params"], 0.1, 5, 3.0)
+    with pytest.warns(FutureWarning, match="meta_distill.learn is gone"):
+        assert load_config(overrides=["meta_distill.learn=[head]"]).meta_distill == load_config().meta_distill
 
 
 def _run_cli(home, *sets: str) -> subprocess.CompletedProcess:

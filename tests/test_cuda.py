@@ -110,12 +110,13 @@ def _digits(device):
 def test_teacher_trains_on_cuda_from_device_or_pinned_data(home, share):
     from pipelines import data as data_stage
     from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import obtain_teacher
 
     cfg, _ = _digits(torch.device("cpu"))
     data = data_stage.place(data_stage.prepare(cfg.data), CUDA, share=share)
     assert data.x("train").is_cuda == (share > 0) and (share > 0 or data.x("train").is_pinned())
-    outcome = obtain_teacher(cfg, data)
+    outcome = obtain_teacher(TeacherContext.from_config(cfg, data))
     assert next(outcome.model.parameters()).is_cuda
     assert evaluate(outcome.model, data.x("test"), data.y("test"), 10).accuracy > 0.85
 

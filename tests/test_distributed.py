@@ -35,7 +35,8 @@ def stage_home(tmp_path_factory):
     """A project home with the digits data prepared and a small teacher trained, as the
     flow leaves them before its student stages."""
     from pipelines import data as data_stage
-    from pipelines.teacher.fit import obtain_teacher, teacher_folder
+    from pipelines.teacher.context import TeacherContext
+    from pipelines.teacher.fit import obtain_teacher
 
     home = tmp_path_factory.mktemp("dist-home")
     before = os.environ.get("METADISTILL_HOME")
@@ -43,8 +44,9 @@ def stage_home(tmp_path_factory):
     try:
         cfg = load_config(overrides=BASE)
         prepared = data_stage.prepare(cfg.data)
-        obtain_teacher(cfg, prepared)
-        teacher = teacher_folder(cfg, prepared)
+        ctx = TeacherContext.from_config(cfg, prepared)
+        obtain_teacher(ctx)
+        teacher = ctx.teacher_folder
         for storage in STORAGES:  # prepared once here, not raced for by the ranks
             data_stage.prepare(load_config(overrides=BASE + storage).data)
     finally:
@@ -125,9 +127,10 @@ def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
     """Each rank decodes its half of every global batch from the shards (a DataLoader
     worker each), labelled and transfer rows, and its half of the quiz for the teacher's
     meta-step: the model equals one process reading whole batches."""
-    home, teacher, method = *stage_home, "meta_distill"
-    config = _write_config(tmp_path, STREAM + ["student.train.steps=12", "dist.nproc=2", "meta_distill.interval=2",
-                                               "meta_distill.learn=[kd_params, calibration]"], method)
+    home, teacher, method = *stage_home, "meta_distill_pilot"
+    config = _write_config(tmp_path, STREAM + ["student.train.steps=12", "dist.nproc=2",
+                                               "meta_distill_pilot.interval=2",
+                                               "meta_distill_pilot.learn=[kd_params, calibration]"], method)
     _run(_torchrun(2, free_port()) + _stage_args(config, teacher, method, tmp_path / "two"), home)
     _run([sys.executable] + _stage_args(config, teacher, method, tmp_path / "one"), home)
     assert _moved(tmp_path / "one" / "model") > 1e-3
@@ -137,16 +140,16 @@ def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
 @pytest.mark.parametrize("method,overrides", [
     ("maml_init", ["maml.meta_steps=2", "maml.meta_batch=4", "maml.shots=2", "maml.queries=2",
                    "student.train.steps=1"]),
-    ("meta_distill", ["meta_distill.interval=1", "meta_distill.teacher_lr=1e-3", "student.train.steps=3",
-                      "meta_distill.learn=[teacher]"]),
+    ("meta_distill_pilot", ["meta_distill_pilot.interval=1", "meta_distill_pilot.teacher_lr=1e-3",
+                            "student.train.steps=3", "meta_distill_pilot.learn=[teacher]"]),
     # Knobs on a frozen teacher, with transfer examples in every batch and in the pilot.
-    ("meta_distill", ["meta_distill.interval=1", "meta_distill.knob_lr=0.1", "student.train.steps=4",
-                      "meta_distill.learn=[kd_params, calibration, weights]", "data.label_budget=600"]),
+    ("meta_distill_pilot", ["meta_distill_pilot.interval=1", "meta_distill_pilot.knob_lr=0.1", "student.train.steps=4",
+                            "meta_distill_pilot.learn=[kd_params, calibration, weights]", "data.label_budget=600"]),
     # The default: the co-trained head (feedback, trust region), the guard, and the temperature's tangent.
-    ("meta_distill", ["meta_distill.interval=1", "meta_distill.head_lr=0.05", "student.train.steps=6",
-                      "meta_distill.feedback=1",
-                      "meta_distill.guard_every=3", "meta_distill.learn_temperature=true",
-                      "meta_distill.horizon_window=2", "meta_distill.temperature_lr=0.3", "data.label_budget=600"]),
+    ("meta_distill", ["meta_distill.interval=1", "meta_distill.head.lr=0.05", "student.train.steps=6",
+                      "meta_distill.feedback.weight=1",
+                      "meta_distill.guard.every=3", "meta_distill.temperature.learn=true",
+                      "meta_distill.temperature.window=2", "meta_distill.temperature.lr=0.3", "data.label_budget=600"]),
 ])
 def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, method, overrides):
     """Distributed MAML steps (each rank: half the tasks, meta-gradients all-reduced) and
@@ -158,7 +161,7 @@ def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, metho
     _run([sys.executable] + _stage_args(config, teacher, method, tmp_path / "one"), home)
     assert _moved(tmp_path / "one" / "model") > 1e-4
     assert _max_diff(tmp_path / "two" / "model", tmp_path / "one" / "model") <= 1e-5
-    if "meta_distill.learn=[teacher]" in overrides or "meta_distill.head_lr=0.05" in overrides:
+    if "meta_distill_pilot.learn=[teacher]" in overrides or "meta_distill.head.lr=0.05" in overrides:
         moved = _max_diff(tmp_path / "one" / "learned_teacher", teacher)
         assert moved > 1e-4  # the teacher really learned, so equality below means something
         assert _max_diff(tmp_path / "two" / "learned_teacher", tmp_path / "one" / "learned_teacher") <= 1e-5

@@ -8,12 +8,32 @@ import math
 
 import torch
 from torch import nn
+from torch.func import grad, jvp
 
 from meta.distill import distillation_loss
 from meta.functional import forward, params_of
-from meta.horizon import SGD, Trajectory, hypergradient, sgd_step
+from meta.horizon import SGD, StepLoss, Trajectory, hypergradient, tangent_step
 
 OPT = SGD(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+# The reference trajectory: torch.optim.SGD's step of the parameters (tested below) and,
+# alongside, meta.horizon's step of their tangent, as TemperatureFollower takes it.
+def sgd_step(state: Trajectory, loss: StepLoss, log_t: torch.Tensor, opt: SGD, discount: float = 1.0) -> Trajectory:
+    """One SGD step of the parameters and, alongside, of their tangent: the gradient and its
+    directional derivative along (tangent, d log T = 1) come from one ``jvp``.  A zero
+    buffer stands for torch's "no buffer yet" (``momentum * 0 + g = g``)."""
+    d_params = {k: discount * v for k, v in state.d_params.items()}
+    d_buffer = {k: discount * v for k, v in state.d_buffer.items()}
+    g, dg = jvp(grad(loss), (state.params, log_t.detach()), (d_params, torch.ones_like(log_t)))
+    params, buffer = {}, {}
+    for k, p in state.params.items():
+        gk = g[k] + opt.weight_decay * p
+        buffer[k] = (opt.momentum * state.buffer[k] + gk).detach()
+        step = gk + opt.momentum * buffer[k] if opt.nesterov else buffer[k]
+        params[k] = (p - opt.lr * step).detach()
+    new_d_params, new_d_buffer = tangent_step(d_params, d_buffer, g, dg, opt)
+    return Trajectory(params, buffer, new_d_params, new_d_buffer)
 
 
 def _setting():

@@ -286,20 +286,22 @@ def _search_cfg(*extra):
 def test_search_writes_a_valid_policy_once_and_keys_the_teacher_by_it(home):
     from pipelines import data as data_stage
     from pipelines.augment import search as augment_search
-    from pipelines.teacher.fit import teacher_key
+    from pipelines.teacher.context import TeacherContext
 
     cfg = _search_cfg()
     prepared = data_stage.prepare(cfg.data)
-    first = augment_search.learned_policy(cfg, prepared)
+    ctx = augment_search.AugmentContext.from_config(cfg, prepared)
+    first = augment_search.learned_policy(ctx)
     assert not first.cached and first.seconds > 0 and first.history["step"][-1] == 40
     learned = AugmentPolicy.from_json(first.spec)  # valid: every field in range
     assert not torch.allclose(learned.probabilities(), torch.full((len(OPS),), 1 / len(OPS)))  # it moved
-    again = augment_search.learned_policy(cfg, prepared)
+    again = augment_search.learned_policy(ctx)
     assert again.cached and again.spec == first.spec
     other = _search_cfg("data.augment_search.seed=1")
-    assert augment_search.learned_policy(other, prepared).spec != first.spec
-    assert teacher_key(cfg, prepared) != teacher_key(other, prepared)
-    augment = augment_search.augmenter_for(cfg, prepared)
+    assert augment_search.learned_policy(augment_search.AugmentContext.from_config(other, prepared)).spec != first.spec
+    assert (TeacherContext.from_config(cfg, prepared).teacher_key
+            != TeacherContext.from_config(other, prepared).teacher_key)
+    augment = augment_search.augmenter_for(ctx)
     x = prepared.x("train")[:8]
     assert augment(x, torch.arange(8)).shape == x.shape
 
@@ -311,12 +313,13 @@ def test_a_wide_search_with_a_base_writes_both_into_its_policy(home):
     cfg = _search_cfg("data.augment_search.space=wide", "data.augment_search.base=fixed",
                       "data.augment_search.depth=1")
     prepared = data_stage.prepare(cfg.data)
-    spec = augment_search.learned_policy(cfg, prepared).spec
+    ctx = augment_search.AugmentContext.from_config(cfg, prepared)
+    spec = augment_search.learned_policy(ctx).spec
     assert spec["space"] == "wide" and [op["name"] for op in spec["ops"]] == list(SPACES["wide"])
     assert spec["base"] == [op.model_dump(mode="json") for op in cfg.data.augment] != []
     assert AugmentPolicy.from_json(spec).magnitudes()[1] > SPACES["narrow"]["rotate"]  # wide ranges
     x = prepared.x("train")[:8]
-    assert augment_search.augmenter_for(cfg, prepared)(x, torch.arange(8)).shape == x.shape
+    assert augment_search.augmenter_for(ctx)(x, torch.arange(8)).shape == x.shape
 
 
 def test_a_population_search_keeps_the_candidate_whose_proxy_scores_best_on_held_out_data(home):
@@ -327,7 +330,8 @@ def test_a_population_search_keeps_the_candidate_whose_proxy_scores_best_on_held
                       "data.augment_search.population_magnitudes=[0.2, 0.95]", "data.augment_search.population_depths=[1]",
                       "data.augment_search.population_steps=60")
     prepared = data_stage.prepare(cfg.data)
-    result = augment_search.learned_policy(cfg, prepared)
+    ctx = augment_search.AugmentContext.from_config(cfg, prepared)
+    result = augment_search.learned_policy(ctx)
     scores, candidates = result.history["quiz_accuracy"], result.history["candidates"]
     assert len(scores) == 2 and all(0 < a <= 1 for a in scores)
     best = result.history["chosen"]
@@ -335,7 +339,7 @@ def test_a_population_search_keeps_the_candidate_whose_proxy_scores_best_on_held
     shares = [c["ops"][1]["magnitude"] / SPACES["wide"]["rotate"] for c in candidates]
     assert shares[0] == pytest.approx(0.2, abs=1e-4) and shares[1] == pytest.approx(0.95, abs=1e-4)
     # each score is a proxy trained under that candidate alone: scoring it again gives the same
-    again = augment_search._candidate_score(cfg, prepared, candidates[0], "again")
+    again = augment_search._candidate_score(ctx, candidates[0], "again")
     assert again.accuracy == scores[0]
 
 

@@ -6,9 +6,33 @@ import pytest
 import torch
 from torch import nn
 
-from meta.functional import params_of
-from meta.metadistill import Pilot, first_order_teacher_grad, pilot_quiz_loss, teacher_meta_grad
+from meta.distill import distillation_loss
+from meta.functional import Params, forward, params_of
+from meta.metadistill import DistillFn, Pilot, first_order_teacher_grad, meta_grad, quiz_loss_after_pilot
 from tests.helpers import worst_relative_error
+
+
+# MetaDistil's case, the teacher's weights as the meta-parameters, built from meta.metadistill's parts.
+def teacher_distill(teacher: nn.Module, teacher_params: Params, x: torch.Tensor, pilot: Pilot) -> DistillFn:
+    """MetaDistil's case: the KD loss against the teacher's logits, a function of its weights."""
+    teacher_logits = forward(teacher, teacher_params, x)
+    return lambda logits, y: distillation_loss(logits, teacher_logits, y, pilot.temperature, pilot.alpha,
+                                               pilot.soft_loss)
+
+
+def pilot_quiz_loss(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
+                    batch: tuple[torch.Tensor, torch.Tensor], quiz: tuple[torch.Tensor, torch.Tensor],
+                    pilot: Pilot) -> torch.Tensor:
+    """Cross-entropy of the pilot student on the quiz batch (a function of the teacher)."""
+    return quiz_loss_after_pilot(student, student_params, teacher_distill(teacher, teacher_params, batch[0], pilot),
+                                 batch, quiz, pilot)
+
+
+def teacher_meta_grad(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
+                      batch, quiz, pilot: Pilot) -> tuple[Params, float]:
+    """Second-order gradient of the pilot quiz loss with respect to the teacher, and the loss."""
+    return meta_grad(student, student_params, teacher_distill(teacher, teacher_params, batch[0], pilot),
+                     teacher_params, batch, quiz, pilot)
 
 
 def nets(seed=0):
@@ -115,32 +139,39 @@ def test_first_order_gradient_sign_follows_quiz_improvement():
 
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=60",
-        "student.train.steps=40", "meta_distill.interval=3", "data.label_budget=600"]
+        "student.train.steps=40", "meta_distill.interval=3", "meta_distill_pilot.interval=3", "data.label_budget=600"]
 
 
 @pytest.mark.parametrize("learn", ["[head]", "[teacher]", "[calibration]", "[kd_params]", "[weights]",
                                    "[teacher, calibration, kd_params, weights]"])
 def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
+    """``meta_distill`` (the co-trained head: learn=[head]) and ``meta_distill_pilot`` (the
+    other items) at learning rates 0 follow ``kd``'s trajectory exactly."""
     from pipelines import data as data_stage
     from pipelines.config.loader import load_config
     from pipelines.students.fit import run_student
+    from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import obtain_teacher
 
-    # At kd's temperature and alpha; the head's guard off (a revert is not kd's trajectory).
-    at_kd = ["meta_distill.temperature=null", "meta_distill.alpha=null", "meta_distill.guard_every=0"]
-    cfg = load_config(overrides=TINY + at_kd + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0",
-                                                "meta_distill.knob_lr=0", "meta_distill.head_lr=0"])
+    if learn == "[head]":  # at kd's temperature and alpha; the guard off (a revert is not kd's trajectory)
+        method, section = "meta_distill", ["meta_distill.temperature.value=null", "meta_distill.alpha=null",
+                                           "meta_distill.guard.every=0"]
+        rates = lambda lr: [f"meta_distill.head.lr={lr}"]  # noqa: E731
+    else:
+        method, section = "meta_distill_pilot", ["meta_distill_pilot.temperature=null", "meta_distill_pilot.alpha=null",
+                                                 f"meta_distill_pilot.learn={learn}"]
+        rates = lambda lr: [f"meta_distill_pilot.teacher_lr={lr / 5}", f"meta_distill_pilot.knob_lr={lr}"]  # noqa: E731
+    cfg = load_config(overrides=TINY + section + rates(0))
     prepared = data_stage.prepare(cfg.data)
     assert prepared.transfer() is not None  # the pilot and the student see transfer examples too
-    teacher = obtain_teacher(cfg, prepared).model
+    teacher = obtain_teacher(TeacherContext.from_config(cfg, prepared)).model
     kd = run_student("kd", cfg, prepared, teacher, seed=3)
-    md = run_student("meta_distill", cfg, prepared, teacher, seed=3)
+    md = run_student(method, cfg, prepared, teacher, seed=3)
     for (name, a), b in zip(kd.model.state_dict().items(), md.model.state_dict().values()):
         assert (a - b).abs().max() <= 1e-5, name
     # ...and with a learning rate what is learned does move, so the student differs.
-    moved_cfg = load_config(overrides=TINY + at_kd + [f"meta_distill.learn={learn}", "meta_distill.teacher_lr=0.01",
-                                                      "meta_distill.knob_lr=0.05", "meta_distill.head_lr=0.05"])
-    moved = run_student("meta_distill", moved_cfg, prepared, teacher, seed=3)
+    moved_cfg = load_config(overrides=TINY + section + rates(0.05))
+    moved = run_student(method, moved_cfg, prepared, teacher, seed=3)
     assert any((a - b).abs().max() > 1e-5 for a, b in zip(kd.model.state_dict().values(),
                                                           moved.model.state_dict().values()))
     if "teacher" in learn or learn == "[head]":  # all its weights, or its head over the frozen trunk

@@ -358,6 +358,7 @@ def test_timm_teacher_head_finetuned_by_the_teacher_stage(home, tmp_path):
 
     from pipelines import data as data_stage
     from pipelines.evaluate.metrics import evaluate
+    from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import cached_teacher, obtain_teacher
 
     torch.manual_seed(0)
@@ -370,11 +371,12 @@ def test_timm_teacher_head_finetuned_by_the_teacher_stage(home, tmp_path):
     [source] = sources.preflight(cfg)
     assert source.kind == "timm" and source.spec["input_shape"] == [3, 32, 32]
     prepared = data_stage.prepare(cfg.data)
-    outcome = obtain_teacher(cfg, prepared)
+    ctx = TeacherContext.from_config(cfg, prepared)
+    outcome = obtain_teacher(ctx)
     assert isinstance(outcome.model, Adapted) and outcome.result.curve["train_loss"]
     tuned = outcome.model.model.state_dict()
     body = [k for k in tuned if not k.startswith("fc.") and "running" not in k and "num_batches" not in k]
     assert body and all(torch.equal(tuned[k], net.state_dict()[k]) for k in body)
     acc = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), 10).accuracy
     assert acc > 0.3  # chance is 0.1: the new head learned on the random body's features
-    assert cached_teacher(cfg, prepared).cached  # the fine-tuned teacher is cached by weights + settings
+    assert cached_teacher(ctx.teacher_folder, prepared).cached  # the fine-tuned teacher is cached by weights + settings

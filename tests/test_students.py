@@ -12,6 +12,7 @@ from pipelines.engine.metrics import TrainingDiverged
 from pipelines.evaluate.compare import NoStudentLearned, at_chance, choose_student
 from pipelines.students.fit import finish_student, run_student
 from pipelines.students.methods import STUDENT_METHODS
+from pipelines.teacher.context import TeacherContext
 from pipelines.teacher.fit import obtain_teacher
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=80",
@@ -22,7 +23,7 @@ TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teache
 def setting(home):
     cfg = load_config(overrides=TINY)
     prepared = data_stage.prepare(cfg.data)
-    return cfg, prepared, obtain_teacher(cfg, prepared).model
+    return cfg, prepared, obtain_teacher(TeacherContext.from_config(cfg, prepared)).model
 
 
 def test_method_names_match_the_implementations():
@@ -78,7 +79,7 @@ def test_a_diverging_student_fails_naming_stage_method_seed_and_step(setting):
         run_student("kd", wild, prepared, teacher, seed=7)
     wild_teacher = load_config(overrides=TINY + ["teacher.train.optimizer.lr=1e12", "teacher.train.grad_clip=null"])
     with pytest.raises(TrainingDiverged, match=r"teacher: the training loss is (nan|inf) at step \d+"):
-        obtain_teacher(wild_teacher, prepared)
+        obtain_teacher(TeacherContext.from_config(wild_teacher, prepared))
 
 
 def test_a_student_at_chance_is_never_chosen(setting):

@@ -14,9 +14,12 @@ from meta.distill import UNLABELED
 from meta.guard import Guard
 from pipelines import data as data_stage
 from pipelines.config.loader import load_config
+from pipelines.engine.loop import StepHook
+from pipelines.engine.metrics import accuracy
 from pipelines.students.context import StudentContext
-from pipelines.students.cotrain import CoTeacher
+from pipelines.students.meta_distill import co_teaching
 from pipelines.teacher import improve
+from pipelines.teacher.context import TeacherContext
 from pipelines.teacher.fit import obtain_teacher
 
 TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=80",
@@ -120,42 +123,48 @@ def test_guard_accepts_noise_and_reverts_a_real_drop():
 def setting(home):
     cfg = load_config(overrides=TINY)
     prepared = data_stage.prepare(cfg.data)
-    return cfg, prepared, obtain_teacher(cfg, prepared).model
+    return cfg, prepared, obtain_teacher(TeacherContext.from_config(cfg, prepared)).model
 
 
 def test_a_harmful_teacher_step_is_reverted_and_damped(setting):
     """Force the co-trained head to teach garbage after the first guard check: the next
-    check finds the student behind its snapshot, restores student and head, and halves
-    the head's step size; the returned student is the better one."""
+    check finds the student behind its snapshot, restores student and head to it, and
+    halves the head's step size, which its next update runs at; the returned student is
+    the better one."""
     cfg, prepared, teacher = setting
-    cfg = load_config(overrides=TINY + ["student.train.steps=60", "meta_distill.guard_every=20",
-                                        "meta_distill.max_drift=1e9"])
+    cfg = load_config(overrides=TINY + ["student.train.steps=60", "meta_distill.guard.every=20",
+                                        "meta_distill.head.max_drift=1e9"])
     ctx = StudentContext.from_config(cfg, prepared, teacher, seed=0)
     student = ctx.new_student()
-    loss = CoTeacher(ctx, student)
-    harm = {}
+    parts = co_teaching(ctx, student)
+    head, seen = parts.head.head, {}
 
-    def after_step(step, optimizer, original=loss.after_step):
-        original(step, optimizer)
-        if step == 20:
-            harm["snapshot_head"] = copy.deepcopy(loss.head.state_dict())
-            with torch.no_grad():  # a harmful meta step: the head now points at the wrong class
-                loss.head.weight.copy_(-10 * loss.head.weight.roll(1, 0))
-                loss.head.bias.zero_()
-            for group in optimizer.param_groups:  # and the student follows it fast
-                group["lr"] = 0.5
-        if step == 40:
-            harm["reverts"] = loss.guard.reverts
-            harm["head"] = copy.deepcopy(loss.head.state_dict())
+    class Harm(StepHook):  # after the guard's own hook, as a harmful meta step would land
+        def after_step(self, step, optimizer):
+            if step == 20:
+                seen["snapshot_head"] = copy.deepcopy(head.state_dict())
+                seen["snapshot_student"] = copy.deepcopy(student.state_dict())
+                with torch.no_grad():  # a harmful meta step: the head now points at the wrong class
+                    head.weight.copy_(-10 * head.weight.roll(1, 0))
+                    head.bias.zero_()
+                for group in optimizer.param_groups:  # and the student follows it fast
+                    group["lr"] = 0.5
+            if step == 40:
+                seen["reverts"] = parts.check.guard.reverts
+                seen["head"] = copy.deepcopy(head.state_dict())
+                seen["student"] = copy.deepcopy(student.state_dict())
+                seen["updates"] = parts.update.updates
 
-    loss.after_step = after_step
-    ctx.teach(student, loss)
-    assert harm["reverts"] == 1 and loss.guard.scale == 0.5
-    for k, v in harm["snapshot_head"].items():
-        assert torch.equal(harm["head"][k], v)
-    loss.finish()
-    from pipelines.engine.metrics import accuracy
-    assert accuracy(student, *ctx.held_out()) >= loss.guard.best
+    ctx.teach(student, parts.loss, [*parts.hooks, Harm()])
+    assert seen["reverts"] == 1 and parts.check.guard.scale == 0.5
+    for k, v in seen["snapshot_head"].items():
+        assert torch.equal(seen["head"][k], v)
+    for k, v in seen["snapshot_student"].items():  # the student went back to the snapshot, weights and all
+        assert torch.equal(seen["student"][k], v), k
+    assert parts.update.updates > seen["updates"]  # the head learned on after the revert ...
+    assert parts.update.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.meta_distill.head.lr * 0.5)  # ... damped
+    parts.check.finish()
+    assert accuracy(student, *ctx.held_out()) >= parts.check.guard.best
 
 
 # --- the improvement stage -----------------------------------------------------------------
@@ -172,7 +181,7 @@ def test_improved_teacher_never_sees_a_transfer_label_and_is_cached(setting, hom
         return original(self, logits, x, y, index)
 
     monkeypatch.setattr(improve.ConsistencyLoss, "__call__", spy)
-    first = improve.improve_teacher(cfg, prepared, teacher)
+    first = improve.improve_teacher(TeacherContext.from_config(cfg, prepared), teacher)
     assert not first.cached and first.result.steps == 20 and 0 <= first.mask_rate <= 1
     assert len(seen) == 20
     assert all((t == UNLABELED).all() and len(t) == 96 for t, _ in seen)  # 3 x 32 transfer rows, unlabeled
@@ -180,12 +189,12 @@ def test_improved_teacher_never_sees_a_transfer_label_and_is_cached(setting, hom
     changed = any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
                                                         first.model.state_dict().values()))
     assert changed
-    again = improve.improve_teacher(cfg, prepared, teacher)
+    again = improve.improve_teacher(TeacherContext.from_config(cfg, prepared), teacher)
     assert again.cached and len(seen) == 20
     for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(a, b)
     off = load_config(overrides=TINY + ["teacher.improve.method=none"])
-    assert not improve.improves(off, prepared)
+    assert not improve.improves(off.teacher.improve, prepared)
 
 
 def test_the_learned_policy_can_be_the_strong_view(setting):
@@ -196,17 +205,17 @@ def test_the_learned_policy_can_be_the_strong_view(setting):
     learned = ["teacher.improve.strong=learned", "data.augment_search.steps=20", "data.augment_search.space=wide",
                "data.augment_search.base=fixed", "data.augment=[{name: horizontal_flip}]"]
     on = load_config(overrides=TINY + learned)
-    view = improve.strong_view(on, prepared)
-    from pipelines.augment.search import learned_policy
+    view = improve.strong_view(TeacherContext.from_config(on, prepared))
+    from pipelines.augment.search import AugmentContext, learned_policy
 
-    spec = learned_policy(on, prepared).spec
+    spec = learned_policy(AugmentContext.from_config(on, prepared)).spec
     assert view.ops.ops == tuple(op["name"] for op in spec["ops"]) and view.ops.base is not None
-    default = improve.strong_view(cfg, prepared)
+    default = improve.strong_view(TeacherContext.from_config(cfg, prepared))
     assert default.ops.base is None and default.ops.ops == ("rotate", "shear_x", "shear_y", "translate_x",
                                                             "translate_y", "scale", "brightness", "contrast",
                                                             "sharpness")
     other_search = load_config(overrides=TINY + learned + ["data.augment_search.seed=1"])
-    keys = {improve.improve_key(c, prepared) for c in (cfg, on, other_search)}
+    keys = {TeacherContext.from_config(c, prepared).improve_key for c in (cfg, on, other_search)}
     assert len(keys) == 3
     x = prepared.x("train")[:8]
     assert view(x, torch.arange(8)).shape == x.shape
@@ -219,42 +228,92 @@ def _co_taught(cfg, prepared, teacher, smooth: bool = False):
     student = ctx.new_student()
     if smooth:  # tanh for ReLU: see the tangent test
         student.net[2] = torch.nn.Tanh()
-    loss = CoTeacher(ctx, student)
-    ctx.teach(student, loss)
-    return student, loss
+    parts = co_teaching(ctx, student)
+    ctx.teach(student, parts.loss, parts.hooks)
+    return student, parts.follow
 
 
 def test_the_tangent_carried_through_the_real_loop_equals_finite_differences(setting):
     """The follower's d theta / d log T after 30 real steps (cosine schedule, momentum,
     weight decay, gradient clipping at 5) against the difference of two runs at
-    T * exp(+-eps); the head and T stay put (head_lr 0, no decision within the run).  The
+    T * exp(+-eps); the head and T stay put (head.lr 0, no decision within the run).  The
     student's hidden layer is tanh: with ReLU, the 128 x 16 pre-activations of a batch put
     kinks within eps of the trajectory, and the runs' difference measures the jumps (35%
     off at eps = 0.01 while the same jvp matched a one-step difference to 3e-4)."""
     cfg, prepared, teacher = setting
-    fixed = TINY + ["meta_distill.head_lr=0", "meta_distill.guard_every=0", "meta_distill.horizon_window=1000",
-                    "meta_distill.interval=5", "meta_distill.horizon_discount=1"]
-    _, loss = _co_taught(load_config(overrides=fixed + ["meta_distill.learn_temperature=true"]), prepared, teacher,
-                         smooth=True)
+    fixed = TINY + ["meta_distill.head.lr=0", "meta_distill.guard.every=0", "meta_distill.temperature.window=1000",
+                    "meta_distill.interval=5", "meta_distill.temperature.discount=1"]
+    _, follow = _co_taught(load_config(overrides=fixed + ["meta_distill.temperature.learn=true"]), prepared, teacher,
+                           smooth=True)
     eps, temperature = 0.01, 2.0
-    plus, _ = _co_taught(load_config(overrides=fixed + [f"meta_distill.temperature={temperature * math.exp(eps)}"]),
+    plus, _ = _co_taught(load_config(overrides=fixed + [f"meta_distill.temperature.value={temperature * math.exp(eps)}"]),
                          prepared, teacher, smooth=True)
-    minus, _ = _co_taught(load_config(overrides=fixed + [f"meta_distill.temperature={temperature * math.exp(-eps)}"]),
+    minus, _ = _co_taught(load_config(overrides=fixed + [f"meta_distill.temperature.value={temperature * math.exp(-eps)}"]),
                           prepared, teacher, smooth=True)
-    assert loss.follower.moves == 0 and len(loss.follower.readings) == 6  # one reading per update (30 / 5)
+    assert follow.follower.moves == 0 and len(follow.follower.readings) == 6  # one reading per update (30 / 5)
     minus_params = dict(minus.named_parameters())
     for name, p in plus.named_parameters():
         numeric = (p.detach() - minus_params[name].detach()) / (2 * eps)
         assert numeric.abs().max() > 1e-4, name
-        error = (loss.follower.d_params[name] - numeric).norm() / numeric.norm()
+        error = (follow.follower.d_params[name] - numeric).norm() / numeric.norm()
         assert error < 1e-3, (name, error.item())
 
 
-def test_the_temperature_moves_inside_its_box_when_the_readings_agree(setting):
+def test_the_temperature_moves_against_the_mean_hypergradient_only_when_the_readings_agree():
+    """Hand-fed readings: the tangent is set so that each reading is ``c``.  Two readings
+    that agree in sign beyond noise move log T by lr against their mean; two that disagree
+    leave it; the box clips a move."""
+    from meta.horizon import TemperatureFollower
+
+    def feed(follower, values):
+        params = {"w": torch.zeros(1)}
+        for c in values:
+            follower.d_params = {"w": torch.tensor([float(c)])}
+            follower.read(params, lambda p: p["w"].sum())  # d held_out / d w = 1: the reading is c
+
+    rising = TemperatureFollower(2.0, lr=0.1, box=(1.0, 8.0), window=2)
+    feed(rising, [0.5, 0.7])  # the held-out loss rises with T: T must fall
+    assert rising.moves == 1 and rising.log_t == pytest.approx(math.log(2.0) - 0.1)
+    falling = TemperatureFollower(2.0, lr=0.1, box=(1.0, 8.0), window=2)
+    feed(falling, [-0.5, -0.7])
+    assert falling.moves == 1 and falling.log_t == pytest.approx(math.log(2.0) + 0.1)
+    split = TemperatureFollower(2.0, lr=0.1, box=(1.0, 8.0), window=2)
+    feed(split, [0.5, -0.7])  # they disagree: no move, and a new window starts
+    assert split.moves == 0 and split.log_t == pytest.approx(math.log(2.0)) and split.readings == []
+    boxed = TemperatureFollower(2.0, lr=1.0, box=(1.0, 2.5), window=2)
+    feed(boxed, [-0.5, -0.7])
+    assert boxed.temperature == pytest.approx(2.5)
+
+
+def test_the_temperature_moves_inside_its_box_when_the_readings_agree(setting, monkeypatch):
+    """Along a real run: every decision moves T against the sign of its window's mean
+    hypergradient when the readings agree beyond noise, and not at all otherwise."""
+    from meta.horizon import TemperatureFollower
+
+    decisions = []
+    original = TemperatureFollower.read
+
+    def read(self, params, held_out):
+        window, log_t = list(self.readings), self.log_t
+        reading = original(self, params, held_out)
+        if not self.readings:  # this reading closed a window
+            window.append(reading)
+            n, mean = len(window), sum(window) / len(window)
+            std = math.sqrt(sum((r - mean) ** 2 for r in window) / (n - 1))
+            decisions.append((abs(mean) > self.z * std / math.sqrt(n), mean, self.log_t - log_t))
+        return reading
+
+    monkeypatch.setattr(TemperatureFollower, "read", read)
     cfg, prepared, teacher = setting
-    cfg = load_config(overrides=TINY + ["meta_distill.learn_temperature=true", "meta_distill.interval=1",
-                                        "meta_distill.horizon_window=2", "meta_distill.temperature_lr=0.5",
-                                        "meta_distill.temperature_box=[1.5, 2.5]", "meta_distill.guard_every=0"])
-    _, loss = _co_taught(cfg, prepared, teacher)
-    assert loss.follower.moves > 0
-    assert 1.5 - 1e-9 <= loss.follower.temperature <= 2.5 + 1e-9
+    cfg = load_config(overrides=TINY + ["meta_distill.temperature.learn=true", "meta_distill.interval=1",
+                                        "meta_distill.temperature.window=2", "meta_distill.temperature.lr=0.5",
+                                        "meta_distill.temperature.box=[1.5, 2.5]", "meta_distill.guard.every=0"])
+    _, follow = _co_taught(cfg, prepared, teacher)
+    assert follow.follower.moves > 0 and len(decisions) == 15  # 30 readings in windows of 2
+    for agree, mean, moved in decisions:
+        if not agree:
+            assert moved == 0
+        elif moved:  # a move at the box's edge can be clipped to nothing
+            assert math.copysign(1, moved) == -math.copysign(1, mean)
+    assert sum(1 for agree, _, _ in decisions if agree) == follow.follower.moves
+    assert 1.5 - 1e-9 <= follow.follower.temperature <= 2.5 + 1e-9

@@ -9,6 +9,9 @@ SGD steps of the proxy on softly augmented batches).  ``method=population`` inst
 a few candidate policies by the held-out accuracy of a proxy trained under each.  The
 result is cached under the home by data key, search settings and proxy architecture, so
 the teacher, the students and torchrun workers share one search.
+
+Its functions take an :class:`AugmentContext`: the sections of the config the stage reads,
+taken from the tree once (:meth:`AugmentContext.from_config`), and the keys computed once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +31,11 @@ from pipelines.augment.policies import Augmenter, FixedOps, LearnedOps, make_aug
 from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.common.progress import progress_bar
 from pipelines.common.rng import global_rng
-from pipelines.config.data import read_policy_file
+from pipelines.config.data import AugmentSearchConfig, DataConfig, read_policy_file
 from pipelines.config.pipeline import PipelineConfig
-from pipelines.data.prepared import Normalization
+from pipelines.config.teacher import ImproveConfig
+from pipelines.config.training import ModelConfig, TrainConfig
+from pipelines.data.prepared import Normalization, Prepared
 from pipelines.engine import distributed
 from pipelines.engine.device import rows
 from pipelines.engine.loop import LogFn, supervised_loss, train_classifier
@@ -47,43 +53,80 @@ class SearchResult:
     cached: bool = False
 
 
-def search_key(cfg: PipelineConfig, data) -> str:
-    return cache_key(SEARCH_VERSION, data=data.key, search=cfg.data.augment_search.model_dump(mode="json"),
-                     proxy=proxy_model(cfg).model_dump(mode="json"))
+@dataclass(frozen=True)
+class AugmentContext:
+    """What the augmentation stage reads: the data section (the policy, its fixed ops and
+    its search), the search's proxy and the prepared data, never the whole tree.  The keys
+    (the search's, the policy's fingerprint) are computed once, on first use: the teacher's
+    and the students' keys are built on them."""
+
+    data_cfg: DataConfig
+    proxy_model: ModelConfig  # the search's proxy network: the student's or the teacher's (augment_search.proxy)
+    proxy_train: TrainConfig  # that network's training, shortened for the population's candidates
+    data: Prepared
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, data: Prepared) -> AugmentContext:
+        proxy = cfg.student if cfg.data.augment_search.proxy == "student" else cfg.teacher
+        return cls(cfg.data, proxy.model, proxy.train, data)
+
+    @cached_property
+    def search_key(self) -> str:
+        """The search's cache key: the data, the search's settings and the proxy's architecture."""
+        return cache_key(SEARCH_VERSION, data=self.data.key,
+                         search=self.data_cfg.augment_search.model_dump(mode="json"),
+                         proxy=self.proxy_model.model_dump(mode="json"))
+
+    @cached_property
+    def policy_fingerprint(self) -> dict | list:
+        """What a cache key (teacher, kd_tuned grid) needs to know of the augmentation: a pure
+        function of the config and the data's key.  A searched policy is named by its search's
+        key (what the search is a function of), so computing a key never runs the search."""
+        d = self.data_cfg
+        augment = d.model_dump(mode="json")["augment"]
+        if d.augment_policy == "fixed":  # keys of "fixed" (the default) stay as they were
+            return augment
+        fingerprint = {"policy": d.augment_policy, "fixed": augment}
+        if d.augment_policy_base != "none":  # keys without a base stay as they were
+            fingerprint["base"] = d.augment_policy_base
+        if d.augment_policy == "learned":
+            fingerprint.update(self.learned_fingerprint)
+        return fingerprint
+
+    @cached_property
+    def learned_fingerprint(self) -> dict:
+        """The learned policy, for a cache key: the file's policy, or the key of its search."""
+        if self.data_cfg.augment_policy_file is not None:
+            return {"learned": read_policy_file(self.data_cfg.augment_policy_file.expanduser())}
+        return {"learned_search": self.search_key}
 
 
-def proxy_model(cfg: PipelineConfig):
-    """The search's proxy network: the student's or the teacher's architecture."""
-    return cfg.student.model if cfg.data.augment_search.proxy == "student" else cfg.teacher.model
-
-
-def fresh_proxy(cfg: PipelineConfig, data):
+def fresh_proxy(ctx: AugmentContext):
     """A new proxy network on the data's device, initialised from the search's seed (the
     same weights for every search and candidate of that seed)."""
-    proxy_cfg = proxy_model(cfg)
-    with global_rng(cfg.data.augment_search.seed):
-        return build_model(proxy_cfg.arch, data.input_shape, data.num_classes, **proxy_cfg.kwargs).to(data.device)
+    model, data = ctx.proxy_model, ctx.data
+    with global_rng(ctx.data_cfg.augment_search.seed):
+        return build_model(model.arch, data.input_shape, data.num_classes, **model.kwargs).to(data.device)
 
 
-def starting_policy(cfg: PipelineConfig) -> AugmentPolicy:
+def starting_policy(s: AugmentSearchConfig) -> AugmentPolicy:
     """Where the search starts: equal probabilities, ``init_magnitude`` of each range."""
-    s = cfg.data.augment_search
     return AugmentPolicy(s.op_names, s.init_magnitude, s.depth, s.sampling, s.space)
 
 
-def policy_spec(cfg: PipelineConfig, policy: AugmentPolicy) -> dict:
+def policy_spec(data_cfg: DataConfig, policy: AugmentPolicy) -> dict:
     """``policy``'s JSON, with the ops it runs on top of (``base``) when the search has one."""
     spec = policy.to_json()
-    if cfg.data.augment_search.base == "fixed":
-        spec["base"] = [op.model_dump(mode="json") for op in cfg.data.augment]
+    if data_cfg.augment_search.base == "fixed":
+        spec["base"] = [op.model_dump(mode="json") for op in data_cfg.augment]
     return spec
 
 
-def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+def learned_policy(ctx: AugmentContext, on_log: LogFn | None = None) -> SearchResult:
     """The learned policy: from ``data.augment_policy_file``, the cache, or a new search."""
-    if cfg.data.augment_policy_file is not None:
-        return SearchResult(read_policy_file(cfg.data.augment_policy_file.expanduser()), cached=True)
-    path = cache_dir("augment") / f"{search_key(cfg, data)}.json"
+    if ctx.data_cfg.augment_policy_file is not None:
+        return SearchResult(read_policy_file(ctx.data_cfg.augment_policy_file.expanduser()), cached=True)
+    path = cache_dir("augment") / f"{ctx.search_key}.json"
 
     def cached() -> SearchResult | None:
         if not path.is_file():
@@ -92,23 +135,24 @@ def learned_policy(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> Se
         return SearchResult(saved["policy"], saved["history"], saved["seconds"], cached=True)
 
     def make() -> SearchResult:
-        result = search(cfg, data, on_log)
+        result = search(ctx, on_log)
         write_json(path, {"policy": result.spec, "history": result.history, "seconds": result.seconds})
         return result
 
     return made_once(f"augment-{path.stem}", cached, make)
 
 
-def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
-    s, device = cfg.data.augment_search, data.device
+def search(ctx: AugmentContext, on_log: LogFn | None = None) -> SearchResult:
+    data, s = ctx.data, ctx.data_cfg.augment_search
+    device = data.device
     if s.method == "population":
-        return population_search(cfg, data, on_log)
+        return population_search(ctx, on_log)
     generator = torch.Generator().manual_seed(s.seed)
-    proxy, policy = fresh_proxy(cfg, data), starting_policy(cfg).to(device)
+    proxy, policy = fresh_proxy(ctx), starting_policy(s).to(device)
     model_opt = torch.optim.SGD(proxy.parameters(), lr=s.model_lr, momentum=0.9)
     policy_opt = torch.optim.Adam(policy.parameters(), lr=s.policy_lr)
     stats = Normalization(data.mean, data.std).to(device)
-    base = FixedOps(cfg.data.augment, data.mean, data.std) if s.base == "fixed" else None
+    base = FixedOps(ctx.data_cfg.augment, data.mean, data.std) if s.base == "fixed" else None
     history: dict[str, list] = {"step": [], "probabilities": [], "magnitudes": [], "quiz_loss": []}
     start = time.perf_counter()
     proxy.train()
@@ -132,28 +176,28 @@ def search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResu
             loss.backward()
             model_opt.step()
             advance()
-    return SearchResult(policy_spec(cfg, policy), history, time.perf_counter() - start)
+    return SearchResult(policy_spec(ctx.data_cfg, policy), history, time.perf_counter() - start)
 
 
-def population_search(cfg: PipelineConfig, data, on_log: LogFn | None = None) -> SearchResult:
+def population_search(ctx: AugmentContext, on_log: LogFn | None = None) -> SearchResult:
     """``method=population``: each candidate (a magnitude share and a depth, equal
     probabilities) trains a fresh proxy, the same initialisation for all, for
     ``population_steps`` steps under it; the candidate whose proxy scores best on the
     held-out quiz split (accuracy, then the lower loss) is the policy.  A zero-order outer
     loop on the held-out score after a longer horizon than the hypergradient's few steps."""
-    s = cfg.data.augment_search
+    s = ctx.data_cfg.augment_search
     if distributed.world().size > 1:
         # its proxies train through the shared loop, which would wrap them for DDP while the
         # other ranks wait on the search's lock: the flow searches before torchrun starts
         raise RuntimeError("data.augment_search.method=population runs in the augmentation stage, not under "
                            "torchrun: run the flow (metadistill run), which searches first, or set "
                            "data.augment_policy_file")
-    candidates = [policy_spec(cfg, AugmentPolicy(s.op_names, m, d, s.sampling, s.space))
+    candidates = [policy_spec(ctx.data_cfg, AugmentPolicy(s.op_names, m, d, s.sampling, s.space))
                   for d in s.population_depths for m in s.population_magnitudes]
     history: dict[str, list] = {"candidates": candidates, "quiz_accuracy": [], "quiz_loss": []}
     start = time.perf_counter()
     for k, spec in enumerate(candidates):
-        scored = _candidate_score(cfg, data, spec, f"augment candidate {k + 1}/{len(candidates)}")
+        scored = _candidate_score(ctx, spec, f"augment candidate {k + 1}/{len(candidates)}")
         check_finite(scored.loss, "augmentation population", k, "quiz loss")
         history["quiz_accuracy"].append(scored.accuracy)
         history["quiz_loss"].append(scored.loss)
@@ -165,12 +209,11 @@ def population_search(cfg: PipelineConfig, data, on_log: LogFn | None = None) ->
     return SearchResult(candidates[best], history, time.perf_counter() - start)
 
 
-def _candidate_score(cfg: PipelineConfig, data, spec: dict, desc: str):
+def _candidate_score(ctx: AugmentContext, spec: dict, desc: str):
     """The quiz evaluation of a proxy trained under the policy ``spec``."""
-    s = cfg.data.augment_search
-    train = (cfg.student.train if s.proxy == "student" else cfg.teacher.train).model_copy(
-        update={"steps": s.population_steps})
-    proxy = fresh_proxy(cfg, data)
+    data, s = ctx.data, ctx.data_cfg.augment_search
+    train = ctx.proxy_train.model_copy(update={"steps": s.population_steps})
+    proxy = fresh_proxy(ctx)
     train_classifier(proxy, data.x("train"), data.y("train"), train, supervised_loss, seed=s.seed,
                      augment=LearnedOps(spec, data.mean, data.std), desc=desc, device=data.device)
     return evaluate(proxy, data.x("quiz"), data.y("quiz"), data.num_classes)
@@ -211,47 +254,25 @@ def _record(history: dict, step: int, policy: AugmentPolicy, quiz_loss: float, o
                       **{f"augment_m_{op}": m for op, m in zip(policy.ops, mags)}})
 
 
-def augmenter_for(cfg: PipelineConfig, data) -> Augmenter | None:
-    """The training augmentation of ``cfg`` for ``data`` (a learned policy read from its
+def augmenter_for(ctx: AugmentContext) -> Augmenter | None:
+    """The training augmentation for the context's data (a learned policy read from its
     cache, or searched first when nothing ran the stage)."""
-    learned = learned_policy(cfg, data).spec if cfg.data.augment_policy == "learned" else None
-    return make_augmenter(cfg.data, data, learned)
+    learned = learned_policy(ctx).spec if ctx.data_cfg.augment_policy == "learned" else None
+    return make_augmenter(ctx.data_cfg, ctx.data, learned)
 
 
-def policy_fingerprint(cfg: PipelineConfig, data) -> dict:
-    """What a cache key (teacher, kd_tuned grid) needs to know of the augmentation: a pure
-    function of the config and the data's key.  A searched policy is named by its search's
-    key (what the search is a function of), so computing a key never runs the search."""
-    augment = cfg.data.model_dump(mode="json")["augment"]
-    if cfg.data.augment_policy == "fixed":  # keys of "fixed" (the default) stay as they were
-        return augment
-    fingerprint = {"policy": cfg.data.augment_policy, "fixed": augment}
-    if cfg.data.augment_policy_base != "none":  # keys without a base stay as they were
-        fingerprint["base"] = cfg.data.augment_policy_base
-    if cfg.data.augment_policy == "learned":
-        fingerprint.update(learned_fingerprint(cfg, data))
-    return fingerprint
+def searches(data_cfg: DataConfig, improve: ImproveConfig) -> bool:
+    """Whether a stage uses the learned policy: the training augmentation, or the strong
+    view of the teacher's improvement."""
+    return data_cfg.augment_policy == "learned" or (improve.method != "none" and improve.strong == "learned")
 
 
-def learned_fingerprint(cfg: PipelineConfig, data) -> dict:
-    """The learned policy, for a cache key: the file's policy, or the key of its search."""
-    if cfg.data.augment_policy_file is not None:
-        return {"learned": read_policy_file(cfg.data.augment_policy_file.expanduser())}
-    return {"learned_search": search_key(cfg, data)}
-
-
-def searches(cfg: PipelineConfig) -> bool:
-    """Whether a stage of ``cfg`` uses the learned policy: the training augmentation, or the
-    strong view of the teacher's improvement."""
-    improve = cfg.teacher.improve
-    return cfg.data.augment_policy == "learned" or (improve.method != "none" and improve.strong == "learned")
-
-
-def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: int = 7):
+def example_grid(ctx: AugmentContext, augmenter: Augmenter | None, draws: int = 7):
     """A figure: one row per class (at most 10), its first training image, then ``draws``
     augmentations of it (seeds 0..draws-1): what the policy does, for a person to see."""
     from matplotlib.figure import Figure
 
+    data = ctx.data
     y = data.y("train").cpu()
     classes = sorted(set(y.tolist()))[:10]
     fig = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(classes)))
@@ -266,7 +287,7 @@ def example_grid(cfg: PipelineConfig, data, augmenter: Augmenter | None, draws: 
             axes[row][col].imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=1)
             axes[row][col].axis("off")
         axes[row][0].set_title(str(data.class_names[c]), fontsize=6)
-    fig.suptitle(f"augment_policy={cfg.data.augment_policy}: original, then {draws} draws", fontsize=8)
+    fig.suptitle(f"augment_policy={ctx.data_cfg.augment_policy}: original, then {draws} draws", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -22,3 +22,9 @@ def global_rng(seed: int | None = None, state: torch.Tensor | None = None) -> It
         if state is not None:
             torch.set_rng_state(state)
         yield
+
+
+def held_out_generator(seed: int) -> torch.Generator:
+    """The generator of a student's held-out draws (the quiz batches of learning to teach):
+    seeded apart from the data order's, which ``seed`` itself seeds."""
+    return torch.Generator().manual_seed(10_000 + seed)

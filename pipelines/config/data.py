@@ -18,11 +18,14 @@ DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100",
 class AugmentConfig(Strict):
     """One ``torchvision.transforms.v2`` transform, by name, applied to training batches."""
 
-    name: Literal["random_crop", "horizontal_flip", "random_affine", "color_jitter"]
-    padding: int = Field(2, ge=0, description="random_crop: zero padding on each side")
-    degrees: float = Field(10.0, ge=0, description="random_affine: max rotation")
-    translate: float = Field(0.1, ge=0, le=0.5, description="random_affine: max shift fraction")
-    strength: float = Field(0.2, ge=0, le=1, description="color_jitter: brightness/contrast")
+    name: Literal["random_crop", "horizontal_flip", "random_affine", "color_jitter"] = Field(
+        description="the transform: random_crop (pad, then crop at a random offset), horizontal_flip, random_affine "
+                    "(rotation and shift) or color_jitter (brightness and contrast)")
+    padding: int = Field(2, ge=0, description="random_crop: pixels of padding (the mean colour) on each side")
+    degrees: float = Field(10.0, ge=0, description="random_affine: largest rotation, in degrees")
+    translate: float = Field(0.1, ge=0, le=0.5, description="random_affine: largest shift, as a share of the side")
+    strength: float = Field(0.2, ge=0, le=1, description="color_jitter: brightness and contrast factors drawn "
+                                                         "in [1 - strength, 1 + strength]")
 
 
 class AugmentSearchConfig(Strict):
@@ -35,7 +38,7 @@ class AugmentSearchConfig(Strict):
     step 0.01) are the best of a screen on MNIST-1000 (docs/benchmarks/augment_screen.md)."""
 
     steps: int = Field(400, gt=0, description="training steps of the proxy network")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="images per proxy step and per quiz batch of the hypergradient")
     interval: int = Field(2, ge=1, description="a policy update every this many proxy steps")
     policy_lr: float = Field(0.01, gt=0, description="Adam step size of the op logits and magnitudes")
     model_lr: float = Field(0.05, gt=0, description="SGD step size of the proxy, and of the unrolled steps")
@@ -72,7 +75,7 @@ class AugmentSearchConfig(Strict):
     population_depths: list[int] = Field(default_factory=lambda: [1, 2],
                                          description="population: candidate numbers of ops per image")
     population_steps: int = Field(500, gt=0, description="population: training steps of each candidate's proxy")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the proxy's initialisation and of the search's random draws")
 
     @model_validator(mode="after")
     def _population(self) -> AugmentSearchConfig:
@@ -99,22 +102,28 @@ class AugmentSearchConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: DatasetName = "digits"
+    name: DatasetName = Field("digits", description="the data set read from data.root (layouts: the docs' Data "
+                                                     "page); imagefolder: any <class>/<image> tree")
     root: Path | None = Field(None, description="data folder; default $METADISTILL_DATA")
     download: bool = Field(False, description="let torchvision download CIFAR (needs internet)")
     quiz_fraction: float = Field(0.1, gt=0, lt=1, description="held-out part of train for meta-objectives")
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the labelled pool held out as the validation "
+                                                             "split (curves, choosing the student, kd_tuned's grid, "
+                                                             "meta_distill's guard)")
     test_fraction: float = Field(0.2, gt=0, lt=1,
                                  description="test share carved out where the set has no test split")
     train_fraction: float = Field(1.0, gt=0, le=1, description="keep this share of the train split")
     label_budget: int | None = Field(None, gt=0, description="keep at most this many train labels")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of every split draw: test, labelled subset, transfer, quiz, val")
     transfer: bool = Field(True, description="keep the training pool's examples left out by label_budget / "
                                               "train_fraction as an unlabeled transfer split (labels dropped)")
     transfer_root: Path | None = Field(None, description="a folder of unlabeled images (any depth, no class "
                                                           "folders) added to the transfer split")
     transfer_limit: int | None = Field(None, gt=0, description="keep at most this many transfer examples")
-    augment: list[AugmentConfig] = Field(default_factory=list)
+    augment: list[AugmentConfig] = Field(default_factory=list, description="the fixed augmentations, in order, on "
+                                                                           "the training batches of roles whose "
+                                                                           "train.augment is true (or a policy's "
+                                                                           "base)")
     augment_policy: Literal["fixed", "none", "trivialaugment", "randaugment", "learned"] = Field(
         "fixed", description="fixed: the data.augment list; none; trivialaugment (TrivialAugmentWide) or "
                              "randaugment: torchvision's search-free policies, on 8-bit pixels; learned: "
@@ -124,7 +133,8 @@ class DataConfig(Strict):
         "none", description="trivialaugment or randaugment: fixed runs the data.augment list (the presets' "
                             "padded crop and flip) first, then the policy: the fair baseline of a learned "
                             "policy with data.augment_search.base=fixed")
-    augment_search: AugmentSearchConfig = Field(default_factory=AugmentSearchConfig)
+    augment_search: AugmentSearchConfig = Field(default_factory=AugmentSearchConfig, description=(
+        "the search of the learned policy (data.augment_policy=learned), in the prepare-augmentation stage"))
     augment_policy_file: Path | None = Field(None, description="a learned policy's JSON (as the search writes "
                                                                 "it) to use instead of searching")
     on_bad_image: Literal["fail", "skip"] = Field("fail", description="an unreadable image: fail naming it, "
@@ -142,7 +152,7 @@ class DataConfig(Strict):
     workers: int | None = Field(None, ge=0, description="storage=stream: DataLoader worker processes per "
                                                         "training process (0: decode in the training "
                                                         "process); default: min(4, CPU cores - 1)")
-    shard_mb: int = Field(256, ge=1, description="storage=stream: target size of one tar shard")
+    shard_mb: int = Field(256, ge=1, description="storage=stream: target size of one tar shard, in MB")
 
     @model_validator(mode="after")
     def _policy_file(self) -> DataConfig:

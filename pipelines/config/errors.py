@@ -11,5 +11,9 @@ class ConfigError(ValueError):
     """A configuration problem found before any work started."""
 
 
+class MovedKeyWarning(FutureWarning):
+    """A config key that moved: it works for one more release; the message names its new place."""
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)

@@ -18,16 +18,19 @@ class FewShotConfig(FromSource):
     # 32 channels rather than 64: on 2 cores it runs 1.7x the steps in the same time, and
     # both widths reached the same accuracy after 2,000 steps (docs/fewshot.md).
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(
-        arch="conv4", kwargs={"channels": 32, "norm": "batch"}))
+        arch="conv4", kwargs={"channels": 32, "norm": "batch"}), description="the network meta-trained, one per way")
     meta: MamlConfig = Field(default_factory=lambda: MamlConfig(
         ways=5, shots=1, queries=1, inner_steps=1, inner_lr=0.4, meta_batch=32, meta_steps=100000,
-        time_budget_s=1500, rotations=True, eval_inner_steps=3))
-    train_ways: list[int] = Field(default_factory=lambda: [5, 20])
-    eval_shots: list[int] = Field(default_factory=lambda: [1, 5])
-    eval_tasks: int = Field(600, gt=0)
+        time_budget_s=1500, rotations=True, eval_inner_steps=3),
+        description="MAML's settings for meta-training (fewshot.train_ways replaces its ways)")
+    train_ways: list[int] = Field(default_factory=lambda: [5, 20], description="one model meta-trained per entry, "
+                                                                              "for N-way tasks")
+    eval_shots: list[int] = Field(default_factory=lambda: [1, 5], description="K-shot settings each model is tested "
+                                                                             "on")
+    eval_tasks: int = Field(600, gt=0, description="fixed evaluation tasks per setting (seeded by 1000 + shots)")
     eval_queries: int = Field(15, gt=0, description="query examples per class at evaluation (20 - 5 shots max)")
     lake_runs: bool = Field(True, description="also score the 20 one-shot runs of Lake et al. (all_runs.zip)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of each model's initialisation and of its meta-training's task draws")
     init: InitSource = Field("scratch", description="starting weights of the model MAML meta-trains "
                                                     "(pretrained first, then meta-trained); see student.init")
     init_uri: str | None = Field(None, description="see student.init_uri")

@@ -8,15 +8,97 @@ import copy
 import difflib
 import json
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipelines.config.errors import ConfigError
+from pipelines.config.errors import ConfigError, MovedKeyWarning
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.config.presets import PRESETS
+
+# Keys that moved (issue 35: meta_distill's sub-sections, the pilot update's own method),
+# kept working for one release: each use warns, naming the new key.
+MOVED_KEYS = {
+    **{f"meta_distill.{old}": f"meta_distill.{new}" for old, new in {
+        "head_lr": "head.lr", "trust_kl": "head.trust_kl", "max_drift": "head.max_drift",
+        "guard_every": "guard.every", "guard_z": "guard.z", "guard_damping": "guard.damping",
+        "temperature": "temperature.value", "learn_temperature": "temperature.learn",
+        "temperature_lr": "temperature.lr", "temperature_box": "temperature.box",
+        "horizon_discount": "temperature.discount", "temperature_share": "temperature.share",
+        "horizon_window": "temperature.window", "feedback": "feedback.weight", "feedback_clip": "feedback.clip"}.items()},
+    **{f"meta_distill.{key}": f"meta_distill_pilot.{key}" for key in (
+        "knob_lr", "order", "pilot_steps", "pilot_lr", "teacher_lr", "teacher_optimizer", "start_step", "stop_step",
+        "lr_schedule", "teacher_ce_weight")},
+}
+# Keys of meta_distill that the pilot update read too: they follow it when an old
+# ``meta_distill.learn`` selects the pilot update.
+_SHARED_WITH_PILOT = {"temperature": ("temperature", "value"), "alpha": ("alpha",), "interval": ("interval",),
+                      "quiz_batch_size": ("quiz_batch_size",)}
+_PILOT_MARK = "__pilot_from_meta_distill_learn"
+
+
+def _moved(parts: list[str], value: Any, tree: dict) -> list[str] | None:
+    """The new place of an old key (None: drop it), with a warning; ``parts`` when it did not move."""
+    key = ".".join(parts)
+    if key == "meta_distill.learn":
+        if value == ["head"]:
+            warnings.warn("meta_distill.learn is gone: meta_distill always co-trains the teacher's head; the other "
+                          "items are meta_distill_pilot.learn (method meta_distill_pilot)", MovedKeyWarning, stacklevel=4)
+            return None
+        warnings.warn(f"meta_distill.learn={value} is now the method meta_distill_pilot with "
+                      f"meta_distill_pilot.learn={value}: meta_distill is run as meta_distill_pilot until the next "
+                      f"release", MovedKeyWarning, stacklevel=4)
+        tree[_PILOT_MARK] = True
+        return ["meta_distill_pilot", "learn"]
+    if key in MOVED_KEYS and not isinstance(value, dict):
+        new = MOVED_KEYS[key]
+        warnings.warn(f"{key} is now {new}; the old key works until the next release", MovedKeyWarning, stacklevel=4)
+        return new.split(".")
+    return parts
+
+
+def _migrate(tree: dict) -> dict:
+    """A file's tree with its old keys moved (see MOVED_KEYS)."""
+    section = tree.get("meta_distill")
+    if not isinstance(section, dict):
+        return tree
+    tree = copy.deepcopy(tree)
+    # A scalar ``temperature`` or ``feedback`` becomes its section first, so that the old
+    # keys moving into that section find a table there.
+    for key in sorted(tree["meta_distill"], key=lambda k: k not in ("temperature", "feedback")):
+        value = tree["meta_distill"][key]
+        parts = _moved(["meta_distill", key], value, tree)
+        if parts != ["meta_distill", key]:
+            del tree["meta_distill"][key]
+            if parts is not None:
+                node = tree
+                for part in parts[:-1]:
+                    node = node.setdefault(part, {})
+                node[parts[-1]] = value
+    return tree
+
+
+def _pilot_from_old_learn(tree: dict) -> None:
+    """An old ``meta_distill.learn`` chose the pilot update: run it as ``meta_distill_pilot``
+    with the settings it shared with ``meta_distill``."""
+    if not tree.pop(_PILOT_MARK, False):
+        return
+    student = tree.setdefault("student", {})
+    methods = student.get("methods", [])
+    if "meta_distill+maml_init" in methods:
+        raise ConfigError("meta_distill.learn is gone, and the pilot update (meta_distill_pilot) has no +maml_init "
+                          "variant: drop meta_distill+maml_init or meta_distill.learn")
+    student["methods"] = ["meta_distill_pilot" if m == "meta_distill" else m for m in methods]
+    source, pilot = tree.get("meta_distill", {}), tree.setdefault("meta_distill_pilot", {})
+    for key, path in _SHARED_WITH_PILOT.items():
+        node = source
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else node
+        if not isinstance(node, dict):  # the tree of load_config holds every default
+            pilot[key] = node
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -79,6 +161,9 @@ def _check_path(parts: list[str], model: type[BaseModel] = None) -> None:
 
 
 def _apply_set(tree: dict, parts: list[str], value: Any) -> None:
+    parts = _moved(parts, value, tree)
+    if parts is None:
+        return
     _check_path(parts)
     node = tree
     for part in parts[:-1]:
@@ -101,7 +186,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     """Preset, then file, then ``--set`` items, validated as one tree."""
     tree: dict[str, Any] = {}
     if config_file is not None:
-        tree = _read_file(Path(config_file))
+        tree = _migrate(_read_file(Path(config_file)))
     name = preset or tree.get("preset") or "digits"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
@@ -115,6 +200,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 
 
 def validate_tree(tree: dict) -> PipelineConfig:
+    _pilot_from_old_learn(tree)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:

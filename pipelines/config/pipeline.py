@@ -12,22 +12,37 @@ from pipelines.config.data import DataConfig
 from pipelines.config.errors import Strict
 from pipelines.config.fewshot import FewShotConfig
 from pipelines.config.runtime import DistConfig, TrackingConfig
-from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, StudentConfig
+from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, MetaDistillPilotConfig, StudentConfig
 from pipelines.config.teacher import TeacherConfig, teacher_input_shape
 from pipelines.config.training import ModelConfig
 
 
 class PipelineConfig(Strict):
-    preset: str = "digits"
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    kd: KDConfig = Field(default_factory=KDConfig)
-    maml: MamlConfig = Field(default_factory=MamlConfig)
-    meta_distill: MetaDistillConfig = Field(default_factory=MetaDistillConfig)
-    fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
+    preset: str = Field("digits", description="the named preset the tree starts from: --preset NAME, or preset: in a "
+                                               "--config file")
+    data: DataConfig = Field(default_factory=DataConfig, description="the data set, its splits, storage and "
+                                                                      "augmentation")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher: trained here or brought, "
+                                                                             "fine-tuned, improved on the transfer "
+                                                                             "data")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="the student network, its training "
+                                                                             "budget, and the methods and seeds "
+                                                                             "compared")
+    kd: KDConfig = Field(default_factory=KDConfig, description="Hinton KD (kd, kd_tuned and its grid) and the "
+                                                              "transfer images every teacher-based method draws")
+    maml: MamlConfig = Field(default_factory=MamlConfig, description="the meta-learned initialisation of maml_init "
+                                                                    "(MAML family, tasks from the training split)")
+    meta_distill: MetaDistillConfig = Field(default_factory=MetaDistillConfig, description=(
+        "learning to teach (method meta_distill): KD from a teacher whose head keeps learning while it teaches, "
+        "guarded by held-out checks"))
+    meta_distill_pilot: MetaDistillPilotConfig = Field(default_factory=MetaDistillPilotConfig, description=(
+        "MetaDistil's pilot update (method meta_distill_pilot), kept as a baseline"))
+    fewshot: FewShotConfig = Field(default_factory=FewShotConfig, description="metadistill fewshot: Omniglot "
+                                                                             "meta-training and N-way K-shot tests")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="the MLflow experiment, "
+                                                                                "registration and the promotion gate")
+    dist: DistConfig = Field(default_factory=DistConfig, description="where training runs and how its processes "
+                                                                    "start: device, torchrun, nodes, threads")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
@@ -54,9 +69,9 @@ class PipelineConfig(Strict):
             if float(self.student.model.kwargs.get("dropout", 0) or 0) > 0:
                 raise ValueError("student.concurrency > 1 needs students without dropout: dropout draws from the "
                                  "process's one global generator, so concurrent students would not repeat")
-        if self.meta_distill.learn_temperature and self.student.train.optimizer.name != "sgd":
-            raise ValueError(f"meta_distill.learn_temperature follows SGD steps; student.train.optimizer.name is "
-                             f"{self.student.train.optimizer.name!r}: set it to sgd or turn learn_temperature off")
+        if self.meta_distill.temperature.learn and self.student.train.optimizer.name != "sgd":
+            raise ValueError(f"meta_distill.temperature.learn follows SGD steps; student.train.optimizer.name is "
+                             f"{self.student.train.optimizer.name!r}: set it to sgd or turn temperature.learn off")
         if self.maml.ways is not None and self.maml.ways > classes:
             raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
         student = _param_count(self.student.model, shape, classes, "student")
@@ -81,6 +96,8 @@ def _check_splits(cfg: PipelineConfig, world: int) -> None:
              "the transfer batch (kd.transfer_ratio * student.train.batch_size)":
                  cfg.kd.transfer_batch(cfg.student.train.batch_size),
              "maml.meta_batch": cfg.maml.meta_batch, "meta_distill.quiz_batch_size": cfg.meta_distill.quiz_batch_size}
+    if "meta_distill_pilot" in cfg.student.methods:
+        sizes["meta_distill_pilot.quiz_batch_size"] = cfg.meta_distill_pilot.quiz_batch_size
     for key, n in sizes.items():
         if n % world:
             raise ValueError(f"{key}={n} does not split evenly over {world} processes "

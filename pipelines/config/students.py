@@ -1,5 +1,6 @@
 """``student.*`` and the settings of the student methods: ``kd.*``, ``maml.*`` and
-``meta_distill.*``.
+``meta_distill.*`` (its sub-sections ``head``, ``guard``, ``temperature``, ``feedback``) and
+``meta_distill_pilot.*``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pipelines.config.training import ModelConfig, TrainConfig
 
 
 class KDConfig(Strict):
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of the soft term (scaled by T^2); "
+                                                      "meta_distill and meta_distill_pilot use it when theirs is null")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term")
-    soft_loss: Literal["kl", "mse"] = "kl"
+    soft_loss: Literal["kl", "mse"] = Field("kl", description="the soft term: kl, KL(teacher_T || student_T); mse, "
+                                                              "squared error of the tempered probabilities")
     transfer_ratio: float = Field(1.0, ge=0, description="transfer (unlabeled) examples per labelled example in "
                                                          "each step of the teacher-based methods; 0: labels only")
     grid_alpha: list[float] = Field(default_factory=lambda: [0.5, 0.9, 1.0],
@@ -46,98 +49,134 @@ class KDConfig(Strict):
         return int(round(self.transfer_ratio * batch_size))
 
 
-Learnable = Literal["head", "teacher", "calibration", "kd_params", "weights"]
+class HeadConfig(Strict):
+    """``meta_distill.head``: the teacher's head keeps learning while it teaches."""
+
+    lr: float = Field(1e-3, ge=0, description="Adam step size of the teacher's head")
+    trust_kl: float = Field(1.0, ge=0, description="weight of KL(starting teacher || teacher), the pull back")
+    max_drift: float = Field(0.1, gt=0, description="the head stops learning once that KL passes this")
+
+
+class GuardConfig(Strict):
+    """``meta_distill.guard``: held-out checks that revert what falls behind."""
+
+    every: int = Field(200, ge=0, description="student steps between checks of the held-out accuracy against the "
+                                              "last accepted snapshot (0: no guard)")
+    z: float = Field(2.0, gt=0, description="falling behind the snapshot by more than this many standard errors "
+                                            "reverts student, head and both optimisers to it")
+    damping: float = Field(0.5, gt=0, le=1, description="a revert multiplies the head's step size by this")
+
+
+class TemperatureConfig(Strict):
+    """``meta_distill.temperature``: the KD temperature, fixed or learned along the student's trajectory."""
+
+    value: float | None = Field(2.0, gt=0, description="the KD temperature meta_distill teaches at (where a "
+                                                        "learned one starts); null: kd.temperature")
+    learn: bool = Field(False, description="the temperature learns too, by forward-mode tangents through the "
+                                           "student's whole trajectory (RTHO, discounted as MARTHE); SGD students; "
+                                           "about 5x a kd step over the whole run (measured)")
+    lr: float = Field(0.05, gt=0, description="the step of log T once a window of hypergradients clears its noise")
+    box: tuple[float, float] = Field((1.0, 8.0), description="bounds on the learned T")
+    discount: float = Field(0.99, ge=0, le=1, description="the tangent's discount per step (1: RTHO's full "
+                                                          "horizon; 0: one step)")
+    share: float = Field(1.0, gt=0, le=1, description="T learns over this share of the student's steps, then stays "
+                                                      "where it ends (measured: 1.9x a kd step overall at 0.2)")
+    window: int = Field(5, ge=2, description="hypergradient readings (one per head update) per decision")
+
+    @model_validator(mode="after")
+    def _box(self) -> TemperatureConfig:
+        low, high = self.box
+        if not 0 < low <= high:
+            raise ValueError(f"meta_distill.temperature.box={list(self.box)} must be 0 < low <= high")
+        return self
+
+
+class FeedbackConfig(Strict):
+    """``meta_distill.feedback``: the student's feedback to the teacher's head (Meta Pseudo Labels' signal)."""
+
+    weight: float = Field(0.0, ge=0, description="weight of h * CE(teacher, its pseudo-labels), h the student's "
+                                                 "held-out gain from its last step (normalised by its running RMS). "
+                                                 "Off by default: in 10 paired seeds on three presets it changed "
+                                                 "nothing (+0.06, +0.10, +0.00 points; docs/distill_ablation.md) "
+                                                 "and costs two held-out forwards per update")
+    clip: float = Field(2.0, gt=0, description="the normalised h is clipped to +-this")
 
 
 class MetaDistillConfig(Strict):
-    """Learning to teach: what the teacher learns is meta-updated on the pilot student's quiz loss."""
+    """``meta_distill``: KD from a teacher whose head keeps learning while it teaches, guarded by
+    held-out checks (``pipelines/students/meta_distill.py``)."""
+
+    alpha: float | None = Field(1.0, ge=0, le=1, description="weight of the soft term; null: kd.alpha")
+    interval: int = Field(10, ge=1, description="student steps between updates of the teacher's head")
+    quiz_batch_size: int = Field(256, gt=0, description="held-out images per head update, rotating through the "
+                                                        "quiz and validation splits")
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+
+
+Learnable = Literal["teacher", "calibration", "kd_params", "weights"]
+
+
+class MetaDistillPilotConfig(Strict):
+    """``meta_distill_pilot``: MetaDistil's pilot update (``pipelines/students/meta_distill_pilot.py``):
+    what is learned takes a meta-gradient step on the quiz loss of a copy of the student after
+    ``pilot_steps`` SGD steps on the teaching."""
 
     learn: list[Learnable] = Field(
-        default_factory=lambda: ["head"],
-        description="head: the teacher's head keeps learning while it teaches, from the labels, the student's "
-                    "feedback and a trust region (alone); teacher: all its weights (MetaDistil); calibration: a "
-                    "per-class temperature and bias on its logits; kd_params: the KD temperature and alpha; "
-                    "weights: a per-example soft/hard weight from a tiny net. Knobs sit on a frozen teacher "
-                    "unless 'teacher' is listed too")
-    temperature: float | None = Field(2.0, gt=0, description="the KD temperature meta_distill teaches at (the "
-                                                              "start of a learned one); None: kd.temperature")
-    alpha: float | None = Field(1.0, ge=0, le=1, description="weight of the soft term; None: kd.alpha")
-    feedback: float = Field(0.0, ge=0, description="head: weight of the student's feedback, h * CE(teacher, its "
-                                                   "pseudo-labels), h the student's held-out gain from its last "
-                                                   "step (normalised by its running RMS). Off by default: in 10 "
-                                                   "paired seeds on three presets it changed nothing (+0.06, +0.10, "
-                                                   "+0.00 points; docs/distill_ablation.md) and costs two held-out "
-                                                   "forwards per update")
-    feedback_clip: float = Field(2.0, gt=0, description="head: the normalised h is clipped to +-this")
-    head_lr: float = Field(1e-3, ge=0, description="head: Adam step size of the teacher's head")
-    trust_kl: float = Field(1.0, ge=0, description="head: weight of KL(starting teacher || teacher), the pull back")
-    max_drift: float = Field(0.1, gt=0, description="head: the head stops learning once that KL passes this")
-    guard_every: int = Field(200, ge=0, description="head: student steps between checks of the held-out "
-                                                    "accuracy against the last accepted snapshot (0: no guard)")
-    guard_z: float = Field(2.0, gt=0, description="head: falling behind the snapshot by more than this many "
-                                                  "standard errors reverts to it")
-    guard_damping: float = Field(0.5, gt=0, le=1, description="head: a revert multiplies head_lr by this")
-    learn_temperature: bool = Field(False, description="head: the KD temperature learns too, by forward-mode "
-                                                       "tangents through the student's whole trajectory (RTHO, "
-                                                       "discounted as MARTHE); SGD students; about 3x a kd step")
-    temperature_lr: float = Field(0.05, gt=0, description="learn_temperature: the step of log T once a window "
-                                                           "of hypergradients clears its noise")
-    temperature_box: tuple[float, float] = Field((1.0, 8.0), description="learn_temperature: bounds on T")
-    horizon_discount: float = Field(0.99, ge=0, le=1, description="learn_temperature: the tangent's discount per "
-                                                                  "step (1: RTHO's full horizon; 0: one step)")
-    temperature_share: float = Field(1.0, gt=0, le=1, description="learn_temperature: T learns over this share "
-                                                                  "of the student's steps, then stays where it ends; "
-                                                                  "the tangent costs ~4x a kd step while it runs")
-    horizon_window: int = Field(5, ge=2, description="learn_temperature: hypergradient readings (one per update) "
-                                                     "per decision")
+        default_factory=lambda: ["teacher"],
+        description="teacher: all the teacher's weights (MetaDistil); calibration: a per-class temperature and bias "
+                    "on its logits; kd_params: the KD temperature and alpha; weights: a per-example soft/hard "
+                    "weight from a tiny net. Knobs sit on a frozen teacher unless 'teacher' is listed too")
+    temperature: float | None = Field(2.0, gt=0, description="the KD temperature it teaches at (the start of a "
+                                                              "learned one); null: kd.temperature")
+    alpha: float | None = Field(1.0, ge=0, le=1, description="weight of the soft term; null: kd.alpha")
     knob_lr: float = Field(0.03, ge=0, description="Adam/SGD step size of the teaching knobs")
-    order: Literal["second", "first"] = Field("second", description="second: MetaDistil; first: MPL-style")
+    order: Literal["second", "first"] = Field("second", description="second: MetaDistil; first: Meta Pseudo "
+                                                                    "Labels' first-order estimator (learn=[teacher])")
     pilot_steps: int = Field(1, ge=1, description="K pilot SGD steps of the student copy")
-    pilot_lr: float | None = Field(None, gt=0, description="pilot step size; default: student.train.optimizer.lr")
-    teacher_lr: float = Field(1e-4, ge=0)
-    teacher_optimizer: Literal["adam", "sgd"] = "adam"
-    interval: int = Field(10, ge=1, description="a teacher update every n student steps")
-    start_step: int = Field(0, ge=0, description="no teacher update before this student step")
-    stop_step: int | None = Field(None, ge=1, description="no teacher update after this student step "
-                                                          "(MetaDistil freezes its teacher for the rest)")
+    pilot_lr: float | None = Field(None, gt=0, description="pilot step size; null: student.train.optimizer.lr")
+    teacher_lr: float = Field(1e-4, ge=0, description="step size of the teacher's weights (learn=[teacher])")
+    teacher_optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the teacher's weights and "
+                                                                          "the knobs")
+    interval: int = Field(10, ge=1, description="a meta-update every n student steps")
+    start_step: int = Field(0, ge=0, description="no meta-update before this student step")
+    stop_step: int | None = Field(None, ge=1, description="no meta-update after this student step (MetaDistil "
+                                                          "freezes its teacher for the rest)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="the teacher's and knobs' learning rates over the update window")
-    quiz_batch_size: int = Field(256, gt=0, description="held-out images per evaluation, rotating through the "
-                                                          "quiz and validation splits (head) or drawn from quiz")
-    teacher_ce_weight: float = Field(0.0, ge=0, description="adds the teacher's own CE on the batch, against forgetting")
+    quiz_batch_size: int = Field(256, gt=0, description="quiz images per meta-update, drawn from the quiz split")
+    teacher_ce_weight: float = Field(0.0, ge=0, description="adds the teacher's own CE on the batch, against "
+                                                            "forgetting")
 
     @model_validator(mode="after")
-    def _what_is_learned(self) -> MetaDistillConfig:
+    def _what_is_learned(self) -> MetaDistillPilotConfig:
         if not self.learn or len(set(self.learn)) != len(self.learn):
-            raise ValueError(f"meta_distill.learn must list distinct items, got {self.learn}")
-        if "head" in self.learn and self.learn != ["head"]:
-            raise ValueError(f"meta_distill.learn=[head] trains the teacher's head alone; got {self.learn}")
-        if self.learn_temperature and self.learn != ["head"]:
-            raise ValueError("meta_distill.learn_temperature goes with meta_distill.learn=[head]")
-        low, high = self.temperature_box
-        if not 0 < low <= high:
-            raise ValueError(f"meta_distill.temperature_box={list(self.temperature_box)} must be 0 < low <= high")
+            raise ValueError(f"meta_distill_pilot.learn must list distinct items, got {self.learn}")
         if self.order == "first" and self.learn != ["teacher"]:
-            raise ValueError("meta_distill.order=first (MPL's estimator) only learns the teacher's weights: "
-                             "set meta_distill.learn=[teacher]")
+            raise ValueError("meta_distill_pilot.order=first (MPL's estimator) only learns the teacher's weights: "
+                             "set meta_distill_pilot.learn=[teacher]")
         if self.stop_step is not None and self.stop_step <= self.start_step:
-            raise ValueError(f"meta_distill.stop_step={self.stop_step} must exceed "
-                             f"meta_distill.start_step={self.start_step}")
+            raise ValueError(f"meta_distill_pilot.stop_step={self.stop_step} must exceed "
+                             f"meta_distill_pilot.start_step={self.start_step}")
         return self
 
 
 class MamlConfig(Strict):
     """Meta-learning of an initialisation over episodic tasks (MAML family)."""
 
-    algorithm: Literal["maml", "fomaml", "metasgd", "reptile"] = "maml"
+    algorithm: Literal["maml", "fomaml", "metasgd", "reptile"] = Field(
+        "maml", description="maml (second order), fomaml (first order), metasgd (learned per-parameter inner step "
+                            "sizes) or reptile")
     ways: int | None = Field(None, gt=1, description="classes per task; default: every class of the data set")
-    shots: int = Field(5, gt=0)
+    shots: int = Field(5, gt=0, description="support examples per class in each task")
     queries: int = Field(5, gt=0, description="query examples per class")
-    inner_steps: int = Field(3, ge=0)
-    inner_lr: float = Field(0.3, gt=0)
+    inner_steps: int = Field(3, ge=0, description="SGD steps adapting to a task's support set")
+    inner_lr: float = Field(0.3, gt=0, description="step size of those inner steps (metasgd: their starting value)")
     outer_lr: float = Field(1e-3, gt=0, description="Adam; for reptile: the outer step size epsilon (SGD)")
     meta_batch: int = Field(8, gt=0, description="tasks per meta-step")
-    meta_steps: int = Field(300, ge=0)
+    meta_steps: int = Field(300, ge=0, description="outer steps of meta-training (time_budget_s may stop it earlier)")
     time_budget_s: float | None = Field(None, gt=0, description="stop meta-training after this many seconds")
     vectorize: bool = Field(True, description="batch tasks with torch.func.vmap (else a per-task loop)")
     vmap_query: bool = Field(True, description="with vectorize, vmap the query pass too (else a loop over "
@@ -146,22 +185,27 @@ class MamlConfig(Strict):
     workers: int | None = Field(None, gt=0, description="task-parallel threads; default: one per CPU core")
     rotations: bool = Field(False, description="add 90/180/270-degree rotations as extra classes")
     eval_inner_steps: int | None = Field(None, ge=0, description="inner steps at evaluation (default: inner_steps)")
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(10, gt=0, description="meta-steps between logged meta-training metrics")
 
 
-# Student methods (pipelines/students.py implements one function per name; a test keeps
+# Student methods (pipelines/students/methods.py maps each name to its function; a test keeps
 # the two lists equal).  Teacher-based methods see the transfer split; the others do not.
-TEACHER_METHODS = ("kd", "kd_tuned", "meta_distill", "meta_distill+maml_init")
+TEACHER_METHODS = ("kd", "kd_tuned", "meta_distill", "meta_distill+maml_init", "meta_distill_pilot")
 
 
 METHOD_NAMES = ("scratch", "maml_init", *TEACHER_METHODS)
 
 
 class StudentConfig(FromSource):
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [16]}))
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    methods: list[str] = Field(default_factory=lambda: ["scratch", "kd", "maml_init", "meta_distill"])
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [16]}),
+                               description="the student's network, the same for every method")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the student's training run, the same "
+                                                                       "budget for every method")
+    methods: list[str] = Field(default_factory=lambda: ["scratch", "kd", "maml_init", "meta_distill"],
+                               description="the student methods trained and compared, each over every seed")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="student seeds; a seed fixes data order "
+                                                                           "and initialisation, so methods pair "
+                                                                           "seed by seed")
     finetune_steps: int = Field(0, ge=0, description="teacher-based methods end with this many cross-entropy "
                                                      "steps on the labels (as Meta Pseudo Labels does)")
     finetune_lr: float = Field(0.005, gt=0, description="constant step size of the label fine-tune")

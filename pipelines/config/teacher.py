@@ -16,8 +16,9 @@ class FinetuneConfig(TrainConfig):
     mode: Literal["none", "head", "all"] = Field(
         "none", description="none: use it as it is (its classes must be the data's); head: a new head for the "
                             "data's classes, trained alone; all: a new head, then the whole network trains")
-    steps: int = Field(500, gt=0)
-    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01))
+    steps: int = Field(500, gt=0, description="optimiser steps of the fine-tune")
+    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01),
+                                   description="the fine-tune's optimiser (SGD at 0.01, cosine)")
 
 
 class ImproveConfig(TrainConfig):
@@ -29,8 +30,9 @@ class ImproveConfig(TrainConfig):
 
     method: Literal["none", "consistency"] = Field(
         "consistency", description="none: the students learn from the labelled teacher as it is")
-    steps: int = Field(300, gt=0)
-    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.02))
+    steps: int = Field(300, gt=0, description="optimiser steps of consistency training")
+    optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.02),
+                                   description="its optimiser (SGD at 0.02, cosine)")
     unlabeled_ratio: float = Field(3.0, gt=0, description="transfer examples per labelled example in each step")
     threshold: float = Field(0.9, ge=0, le=1, description="keep a pseudo-label where the weak view's top "
                                                           "probability reaches this")
@@ -64,10 +66,15 @@ class TeacherConfig(FromSource):
     mean: list[float] | None = Field(None, description="torchvision/timm: the teacher's input normalisation "
                                                        "(default: ImageNet's, or the data's without weights)")
     std: list[float] | None = Field(None, description="see mean")
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    improve: ImproveConfig = Field(default_factory=ImproveConfig)
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}))
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000))
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="adapting a brought teacher to the "
+                                                                                "data: mode and training run")
+    improve: ImproveConfig = Field(default_factory=ImproveConfig, description="the teacher's consistency training on "
+                                                                             "the transfer split, its own cached "
+                                                                             "stage")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", kwargs={"hidden": [256, 256]}),
+                               description="the teacher's network (source train, torchvision or timm)")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000),
+                               description="the teacher's training run (source train)")
     seed: int = Field(0, description="training / the new head's initialisation")
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from pipelines.config.errors import Strict
 
 
 class ModelConfig(Strict):
-    arch: str = "mlp"
+    arch: str = Field("mlp", description="the network: an architecture of models/, or torchvision:NAME / timm:NAME")
     kwargs: dict[str, Any] = Field(default_factory=dict,
                                    description="architecture arguments, e.g. {hidden: [64]}")
 
@@ -27,17 +27,21 @@ class ModelConfig(Strict):
 
 
 class OptimConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["constant", "cosine"] = "cosine"
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="the optimiser: sgd (Nesterov momentum when "
+                                                                    "momentum > 0), adam or adamw")
+    lr: float = Field(0.05, gt=0, description="learning rate at the first step (where the cosine schedule starts)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's Nesterov momentum (adam and adamw ignore it)")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 penalty on the weights (decoupled for adamw)")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="constant lr, or cosine: from lr down to 0 "
+                                                                         "over the run's steps")
 
 
 class TrainConfig(Strict):
-    steps: int = Field(1500, gt=0)
-    batch_size: int = Field(64, gt=0)
-    optimizer: OptimConfig = Field(default_factory=OptimConfig)
+    steps: int = Field(1500, gt=0, description="optimiser steps of this training run")
+    batch_size: int = Field(64, gt=0, description="labelled images per step, summed over all processes (transfer "
+                                                  "images are drawn beside them)")
+    optimizer: OptimConfig = Field(default_factory=OptimConfig, description="the optimiser and its learning-rate "
+                                                                           "schedule")
     log_every: int = Field(50, gt=0, description="steps between logged training metrics")
     augment: bool = Field(True, description="apply data.augment to this role's training batches")
     grad_clip: float | None = Field(5.0, gt=0, description="clip the gradient's global norm to this (None: off); "

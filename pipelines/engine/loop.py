@@ -4,15 +4,15 @@ One function, top to bottom as in nanoGPT: batch, forward, loss, backward, step,
 checkpoint.  Its parts have one job each: :class:`~pipelines.engine.batches.Batches`
 assembles the step's batch, :class:`LoopState` is everything a checkpoint saves, and
 :class:`~pipelines.engine.metrics.RunningMetrics` accumulates what is logged.  What
-differs between methods is only the loss function passed in.
+differs between methods is what is passed in: the loss function, and the step hooks
+(:class:`StepHook`) that act around each step, in plain sight of the loop.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -46,31 +46,34 @@ class TrainResult:
     steps: int = 0
 
 
-@runtime_checkable
-class Stateful(Protocol):
-    """A loss with state of its own (the learned teacher), checkpointed with the student."""
+class StepHook:
+    """What acts on the training step beside the loss, handed to the loop explicitly (in
+    order) by the method that needs it: ``before_step`` sees the step's batch before the
+    forward, ``after_step`` the optimiser right after its step; ``state_dict`` and
+    ``load_state_dict`` checkpoint it with the student.  Each hook has one job (the
+    co-trained teacher's head update, its guard, the temperature's follower, ...)."""
 
-    def state_dict(self) -> dict: ...
+    def before_step(self, step: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
+        pass
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        pass
 
+    def state_dict(self) -> dict:
+        return {}
 
-@runtime_checkable
-class AfterStep(Protocol):
-    """A loss that acts on the step just taken (the co-trained teacher's update on the
-    student's held-out gain, and its guard), given the loop's optimiser."""
-
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class LoopState:
     """Everything a resumed run needs, saved whole by the checkpoint: the weights, the
-    optimiser, the positions of the batch plans, the curves so far, and the state of a
-    :class:`Stateful` loss."""
+    optimiser, the positions of the batch plans, the curves so far, and the state of each
+    step hook."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, seed: int, n: int, seeds: bool,
-                 transfer: Transfer | None, loss_fn: BatchLoss):
-        self.model, self.loss_fn, self.step = model, loss_fn, 0
+                 transfer: Transfer | None, hooks: Sequence[StepHook]):
+        self.model, self.hooks, self.step = model, hooks, 0
         self.optimizer = make_optimizer(model.parameters(), cfg.optimizer)
         self.plan = BatchPlan(n, cfg.batch_size, torch.Generator().manual_seed(seed), seeds)
         self.transfer_plan = None
@@ -82,10 +85,16 @@ class LoopState:
     def state_dict(self) -> dict:
         state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  **self.plan.state_dict(), "curve": self.curve,
-                 "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, Stateful) else {}}
+                 "hooks": [hook.state_dict() for hook in self.hooks]}
         if self.transfer_plan is not None:
             state.update({f"transfer_{k}": v for k, v in self.transfer_plan.state_dict().items()})
         return state
+
+    def resume(self, checkpoint: Checkpointer | None, phase: str, desc: str) -> None:
+        """Load the last checkpoint of ``phase``, if there is one."""
+        if checkpoint is not None and (saved := checkpoint.load(phase)) is not None:
+            self.load_state_dict(saved)
+            print(f"{desc}: resumed from step {self.step}", flush=True)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -94,8 +103,8 @@ class LoopState:
         if self.transfer_plan is not None:
             self.transfer_plan.load_state_dict({k: state[f"transfer_{k}"] for k in ("generator", "order", "cursor")})
         self.step, self.curve = state["step"], state["curve"]
-        if isinstance(self.loss_fn, Stateful):
-            self.loss_fn.load_state_dict(state["loss"])
+        for hook, saved in zip(self.hooks, state["hooks"], strict=True):
+            hook.load_state_dict(saved)
 
 
 def placed(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -108,30 +117,26 @@ def placed(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Modul
     return torch.compile(net) if cfg.compile else net
 
 
-def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, cfg: TrainConfig,
-                     loss_fn: BatchLoss, seed: int, augment: Augment | None = None,
-                     val: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     on_log: LogFn | None = None, desc: str = "train",
-                     checkpoint: Checkpointer | None = None, transfer: Transfer | None = None,
+def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, cfg: TrainConfig, loss_fn: BatchLoss,
+                     seed: int, hooks: Sequence[StepHook] = (), augment: Augment | None = None,
+                     val: tuple[torch.Tensor, torch.Tensor] | None = None, on_log: LogFn | None = None,
+                     desc: str = "train", checkpoint: Checkpointer | None = None, transfer: Transfer | None = None,
                      phase: str = "train", device: torch.device | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps on ``device`` (default: where
-    ``train_x`` lives); returns its curves and compute time.
-
-    With ``transfer``, each step appends ``transfer.per_step`` unlabeled examples (label
-    ``UNLABELED``) to the labelled batch; ``loss_fn`` decides what they contribute.  Under
-    torchrun every rank draws the same global batch and trains on its shard, with DDP
-    averaging the gradients: the same steps as one process with the same batch.  A NaN or
-    infinite loss raises ``TrainingDiverged`` naming ``desc`` and the first step it
-    happened at, by the next log or checkpoint step."""
+    ``train_x`` lives); returns its curves and compute time.  ``hooks`` act around each
+    step (:class:`StepHook`), in the order given.  With ``transfer``, each step appends
+    ``transfer.per_step`` unlabeled examples (label ``UNLABELED``) to the labelled batch;
+    ``loss_fn`` decides what they contribute.  Under torchrun every rank draws the same
+    global batch and trains on its shard, with DDP averaging the gradients: the same steps
+    as one process.  A NaN or infinite loss raises ``TrainingDiverged`` naming ``desc``
+    and the first step it happened at, by the next log or checkpoint step."""
     if cfg.batch_size > len(train_y):
         raise ValueError(f"{desc}: train.batch_size={cfg.batch_size} exceeds the {len(train_y)} training examples; "
                          f"lower the batch size")
     device = device or train_x.device
     net = placed(model, cfg, device)
-    state = LoopState(model, cfg, seed, len(train_y), augment is not None, transfer, loss_fn)
-    if checkpoint is not None and (saved := checkpoint.load(phase)) is not None:
-        state.load_state_dict(saved)
-        print(f"{desc}: resumed from step {state.step}", flush=True)
+    state = LoopState(model, cfg, seed, len(train_y), augment is not None, transfer, hooks)
+    state.resume(checkpoint, phase, desc)
     batches = Batches((train_x, train_y), state.plan, transfer, state.transfer_plan, augment, cfg.steps - state.step,
                       device, cfg.channels_last)
     metrics, eval_every = RunningMetrics(device), max(cfg.log_every, cfg.steps // 10)
@@ -140,6 +145,8 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     with progress_bar(desc, total=cfg.steps) as advance, precision(device, cfg.precision):
         for step in range(state.step + 1, cfg.steps + 1):
             x, y, index = batches.next()
+            for hook in hooks:
+                hook.before_step(step, x, y, index)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr_at(step - 1, cfg.steps, cfg.optimizer)
             with autocast(device, cfg.precision):
@@ -147,7 +154,11 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                 loss = loss_fn(logits, x, y, index)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            _step(state, cfg.grad_clip, step)
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            state.optimizer.step()
+            for hook in hooks:
+                hook.after_step(step, state.optimizer)
             state.step = step
             metrics.add(step, loss, logits, y)
             advance()
@@ -165,16 +176,6 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the clock measures work done, not work queued
     return TrainResult(state.curve, time.perf_counter() - start, cfg.steps)
-
-
-def _step(state: LoopState, grad_clip: float | None, step: int) -> None:
-    """The optimiser's step on the clipped gradient; then a loss that acts on the step
-    just taken (:class:`AfterStep`) does."""
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
-    state.optimizer.step()
-    if isinstance(state.loss_fn, AfterStep):
-        state.loss_fn.after_step(step, state.optimizer)
 
 
 def _log(step: int, metrics: dict[str, float], state: LoopState, val: tuple[torch.Tensor, torch.Tensor] | None,

@@ -1,6 +1,7 @@
 """The ``metadistill`` Prefect flow: prepare data -> prepare augmentation -> train teacher
 -> improve the teacher on the transfer split -> train students -> evaluate -> register.
-Thin and sequential: each task opens its child run and calls the stage's plain functions
+Thin and sequential: each task opens its child run, takes the stage's sections from the
+config once (``AugmentContext``, ``TeacherContext``) and calls the stage's plain functions
 (``teacher.fit``, ``teacher.improve``, ``students.fit``, ``evaluate``, ``register``).
 
 No ``from __future__ import annotations`` here: Prefect builds the parameter model from
@@ -24,6 +25,7 @@ from models.weights import save_weights
 from pipelines import data as data_stage
 from pipelines import tracking
 from pipelines.augment import search as augment_search
+from pipelines.augment.search import AugmentContext
 from pipelines.common.home import made_once, project_home
 from pipelines.common.threads import fit_threads, joined, refit_threads
 from pipelines.config.data import DataConfig
@@ -39,16 +41,8 @@ from pipelines.orchestrate.worker import load_stage_output
 from pipelines.register.student import lineage_tags, register_student
 from pipelines.students.fit import finish_student, run_student
 from pipelines.teacher import improve, sources
-from pipelines.teacher.fit import (
-    TeacherOutcome,
-    cached_teacher,
-    load_teacher,
-    obtain_teacher,
-    save_teacher,
-    teacher_folder,
-    teacher_key,
-    teacher_spec,
-)
+from pipelines.teacher.context import TeacherContext
+from pipelines.teacher.fit import TeacherOutcome, cached_teacher, load_teacher, obtain_teacher, save_teacher, teacher_spec
 from pipelines.tracking import plots
 from pipelines.tracking.runs import RunLogger
 
@@ -102,12 +96,13 @@ def prepare_augmentation(cfg: PipelineConfig, prepared: Prepared, parent: RunLog
     cached result), the policy JSON and its curves, and a grid of augmented examples."""
     with tracking.child_run(parent, "augmentation", _tags()) as run:
         start = time.perf_counter()
+        ctx = AugmentContext.from_config(cfg, prepared)
         policy = cfg.data.augment_policy
         run.log_params({"data.augment_policy": policy, "data.augment": cfg.data.model_dump(mode="json")["augment"]})
-        if augment_search.searches(cfg):
+        if augment_search.searches(cfg.data, cfg.teacher.improve):
             run.log_params({f"data.augment_search.{k}": v
                             for k, v in cfg.data.augment_search.model_dump(mode="json").items()})
-            result = augment_search.learned_policy(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+            result = augment_search.learned_policy(ctx, on_log=lambda step, m: run.log_metrics(m, step))
             run.log_text(json.dumps(result.spec, indent=2), "augment_policy.json")
             run.log_metrics({"augment_search_seconds": result.seconds}, step=0)
             run.set_tags({"augment.cached": result.cached})
@@ -118,7 +113,7 @@ def prepare_augmentation(cfg: PipelineConfig, prepared: Prepared, parent: RunLog
             get_run_logger().info("learned augmentation policy (cached=%s): %s", result.cached,
                                   ", ".join(f"{op['name']} p={op['probability']:.2f} m={op['magnitude']:.3g}"
                                             for op in result.spec["ops"]))
-        fig = augment_search.example_grid(cfg, prepared, augment_search.augmenter_for(cfg, prepared))
+        fig = augment_search.example_grid(ctx, augment_search.augmenter_for(ctx))
         run.log_figure(fig, "augmented_examples.png")
         plots.close(fig)
         timings["augmentation"] = time.perf_counter() - start
@@ -136,17 +131,17 @@ def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, ti
     refit_threads()
     with tracking.child_run(parent, _teacher_run_name(cfg), _tags()) as run:
         run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
-        source = sources.teacher_source(cfg, prepared.input_shape)
-        if source is not None:
+        ctx = TeacherContext.from_config(cfg, prepared)  # resolves a brought teacher's weights
+        if ctx.source is not None:
             for target in (run, parent):
-                target.set_tags(source.lineage())
+                target.set_tags(ctx.source.lineage())
         steps = cfg.teacher.finetune.steps if cfg.teacher.brought() else cfg.teacher.train.steps
         trains = not cfg.teacher.brought() or cfg.teacher.finetune.mode != "none"
         if cfg.dist.uses_torchrun() and trains:
-            outcome = made_once(f"teacher-{teacher_key(cfg, prepared)}", lambda: cached_teacher(cfg, prepared),
-                                lambda: _teacher_under_torchrun(cfg, prepared, run, source))
+            outcome = made_once(f"teacher-{ctx.teacher_key}", lambda: cached_teacher(ctx.teacher_folder, prepared),
+                                lambda: _teacher_under_torchrun(cfg, ctx, run))
         else:
-            outcome = obtain_teacher(cfg, prepared, on_log=lambda step, m: run.log_metrics(m, step))
+            outcome = obtain_teacher(ctx, on_log=lambda step, m: run.log_metrics(m, step))
         start = time.perf_counter()
         ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
         timings["teacher"] = outcome.seconds + time.perf_counter() - start
@@ -155,19 +150,19 @@ def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, ti
         if outcome.result is not None:
             _log_curve(run, outcome.result.curve, _teacher_run_name(cfg))
         if cfg.tracking.register_teacher:
-            _register_teacher(cfg, prepared, run, ev.accuracy, outcome.key)
-    get_run_logger().info("teacher %s: test acc %.2f%% (cached=%s)", teacher_spec(cfg, prepared)["arch"],
+            _register_teacher(cfg, ctx, run, ev.accuracy, outcome.key)
+    get_run_logger().info("teacher %s: test acc %.2f%% (cached=%s)", teacher_spec(ctx)["arch"],
                           100 * ev.accuracy, outcome.cached)
     return outcome.model, ev
 
 
-def _register_teacher(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, accuracy: float, key: str) -> None:
+def _register_teacher(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger, accuracy: float, key: str) -> None:
     """This run's teacher as a new version of ``<experiment>-teacher`` (weights + spec, with
     its test accuracy on this split), for ``teacher.source=registry`` in later runs."""
-    name, spec = f"{cfg.tracking.experiment}-teacher", teacher_spec(cfg, prepared)
+    name, spec = f"{cfg.tracking.experiment}-teacher", teacher_spec(ctx)
     lineage = {k.replace("teacher.", "teacher_"): v for k, v in spec.get("lineage", {}).items()}
-    reg = tracking.register_weights(run, teacher_folder(cfg, prepared), name,
-                                    {"test_acc": f"{accuracy:.6f}", "data_key": prepared.key, "teacher_key": key,
+    reg = tracking.register_weights(run, ctx.teacher_folder, name,
+                                    {"test_acc": f"{accuracy:.6f}", "data_key": ctx.data.key, "teacher_key": key,
                                      "arch": spec["arch"], **lineage},
                                     description="Teachers trained or adapted by metadistill")
     run.set_tags({"registered_teacher": name, "registered_teacher_version": reg.version})
@@ -179,18 +174,19 @@ def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, paren
     """The teacher's consistency training on the transfer split (``teacher.improve``), in
     its own child run; returns the teacher the students learn from (the labelled one when
     the stage is off or there is no transfer split)."""
-    if not improve.improves(cfg, prepared):
+    if not improve.improves(cfg.teacher.improve, prepared):
         return teacher
     refit_threads()
     with tracking.child_run(parent, "teacher-improve", _tags()) as run:
         run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.improve.")})
         start = time.perf_counter()
-        folder = improve.improved_folder(cfg, prepared)
+        ctx = TeacherContext.from_config(cfg, prepared)
+        folder = ctx.improved_folder
         if cfg.dist.uses_torchrun():
-            outcome = made_once(f"teacher_improved-{folder.name}", lambda: improve.cached_improved(folder, prepared),
-                                lambda: _improve_under_torchrun(cfg, prepared, run, folder))
+            outcome = made_once(f"teacher_improved-{folder.name}", lambda: cached_teacher(folder, prepared),
+                                lambda: _improve_under_torchrun(cfg, ctx, run, folder))
         else:
-            outcome = improve.improve_teacher(cfg, prepared, teacher, on_log=lambda step, m: run.log_metrics(m, step))
+            outcome = improve.improve_teacher(ctx, teacher, on_log=lambda step, m: run.log_metrics(m, step))
         ev = evaluate(outcome.model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
         timings["teacher_improve"] = time.perf_counter() - start
         metrics = {**ev.metrics(), "teacher_improve_seconds": outcome.seconds}
@@ -204,17 +200,18 @@ def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, paren
     return outcome.model
 
 
-def _improve_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger, folder) -> improve.ImprovedOutcome:
-    model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "improve", "--teacher", str(teacher_folder(cfg, prepared))])
-    save_weights(unwrap(model), folder, teacher_spec(cfg, prepared))
-    outcome = improve.cached_improved(folder, prepared)  # reads what the workers trained
+def _improve_under_torchrun(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger, folder) -> TeacherOutcome:
+    model, result, _ = _torchrun(cfg, run, ctx.data, ["--stage", "improve", "--teacher", str(ctx.teacher_folder)])
+    save_weights(unwrap(model), folder, teacher_spec(ctx))
+    outcome = cached_teacher(folder, ctx.data)  # reads what the workers trained
     outcome.result, outcome.cached = result, False
     return outcome
 
 
 def student_teacher_folder(cfg: PipelineConfig, prepared: Prepared):
     """Where the teacher the students learn from is saved (for torchrun workers)."""
-    return improve.improved_folder(cfg, prepared) if improve.improves(cfg, prepared) else teacher_folder(cfg, prepared)
+    ctx = TeacherContext.from_config(cfg, prepared)
+    return ctx.improved_folder if improve.improves(ctx.teacher.improve, prepared) else ctx.teacher_folder
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -223,7 +220,7 @@ def train_student(cfg: PipelineConfig, prepared: Prepared, teacher, method: str,
     tags = {**_tags(), "method": method, "seed": str(seed)}
     with on_own_stream(prepared.device), tracking.child_run(parent, f"student/{method}/seed{seed}", tags) as run:
         run.log_params({"method": method, "seed": seed, "device": str(prepared.device)})
-        init = sources.student_source(cfg, prepared.input_shape)
+        init = sources.student_source(cfg.student, prepared.input_shape)
         if init is not None:
             sources.check_init(init, "student.model", cfg.student.model.arch, cfg.student.model.kwargs,
                                prepared.input_shape)
@@ -325,14 +322,13 @@ def _torchrun(cfg: PipelineConfig, run: RunLogger, prepared: Prepared, stage_arg
     return output
 
 
-def _teacher_under_torchrun(cfg: PipelineConfig, prepared: Prepared, run: RunLogger,
-                            source: sources.WeightsSource | None) -> TeacherOutcome:
+def _teacher_under_torchrun(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger) -> TeacherOutcome:
     start = time.perf_counter()
-    model, result, _ = _torchrun(cfg, run, prepared, ["--stage", "teacher",
-                                                      *(["--source", str(source.folder)] if source else [])])
-    save_teacher(model, cfg, prepared)
-    model = load_teacher(teacher_folder(cfg, prepared), prepared)
-    return TeacherOutcome(model, result, teacher_key(cfg, prepared), time.perf_counter() - start)
+    model, result, _ = _torchrun(cfg, run, ctx.data, ["--stage", "teacher",
+                                                      *(["--source", str(ctx.source.folder)] if ctx.source else [])])
+    save_teacher(model, ctx)
+    model = load_teacher(ctx.teacher_folder, ctx.data)
+    return TeacherOutcome(model, result, ctx.teacher_key, time.perf_counter() - start)
 
 
 def cfg_methods(outcomes: list[StudentOutcome]) -> list[str]:
@@ -345,7 +341,7 @@ def _log_learned_teacher(run: RunLogger, teacher, cfg: PipelineConfig, prepared:
     run.log_metrics({f"learned_teacher_{k}": v for k, v in ev.metrics().items() if "class" not in k},
                     step=cfg.student.train.steps)
     folder = project_home() / "cache" / "staging" / f"{run.run_id}-teacher"
-    save_weights(unwrap(teacher), folder, teacher_spec(cfg, prepared))
+    save_weights(unwrap(teacher), folder, teacher_spec(TeacherContext.from_config(cfg, prepared)))
     run.log_artifact(folder / "model.safetensors", "learned_teacher")
     run.log_artifact(folder / "spec.json", "learned_teacher")
 
@@ -382,9 +378,9 @@ def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: Ru
     with registration_turn(model_name), tracking.child_run(parent, "register", _tags()) as run:
         spec = model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
         champion = tracking.current_champion(model_name)
-        lineage = lineage_tags(cfg.teacher.source, teacher_key(cfg, prepared),
-                               [sources.teacher_source(cfg, prepared.input_shape),
-                                sources.student_source(cfg, prepared.input_shape)], champion)
+        ctx = TeacherContext.from_config(cfg, prepared)
+        lineage = lineage_tags(cfg.teacher.source, ctx.teacher_key,
+                               [ctx.source, sources.student_source(cfg.student, prepared.input_shape)], champion)
         reg, decision = register_student(run, parent.run_id, model_name, choice, prepared, spec, lineage, champion,
                                          cfg.tracking)
         run.set_tags({"registered_model": model_name, "registered_version": reg.version, "alias": reg.alias})
@@ -428,5 +424,5 @@ def metadistill_flow(config: PipelineConfig) -> dict:
             "chosen": None if choice is None else {"method": choice.outcome.method, "seed": choice.outcome.seed,
                                                    "reason": choice.reason},
             "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
-            "teacher_arch": teacher_spec(cfg, prepared)["arch"],
+            "teacher_arch": teacher_spec(TeacherContext.from_config(cfg, prepared))["arch"],
             "timings": timings, "data_cached": prepared.cached}

@@ -35,6 +35,7 @@ from pipelines.engine import distributed
 from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import TrainResult
 from pipelines.students.fit import fit_student
+from pipelines.teacher.context import TeacherContext
 from pipelines.teacher.fit import fit_teacher, load_teacher, teacher_inputs, teacher_spec
 from pipelines.teacher.improve import fit_improved, strong_view
 from pipelines.teacher.sources import WeightsSource
@@ -101,13 +102,15 @@ def run_stage(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     learned_teacher = None
     source = WeightsSource.from_folder(args.source) if args.source else None
     if args.stage == "teacher":
-        source, augment = teacher_inputs(cfg, data, source)
-        model, result = fit_teacher(cfg.teacher, data, augment, on_log, checkpoint, source)
-        spec = teacher_spec(cfg, data, source)
+        ctx = TeacherContext.from_config(cfg, data, source)
+        source, augment = teacher_inputs(ctx)
+        model, result = fit_teacher(ctx.teacher, data, augment, on_log, checkpoint, source)
+        spec = teacher_spec(ctx)
     elif args.stage == "improve":
-        _, weak = teacher_inputs(cfg, data)
-        model, result, _ = fit_improved(load_teacher(args.teacher, data), cfg.teacher.improve, data, weak,
-                                        strong_view(cfg, data), cfg.teacher.seed, on_log)
+        ctx = TeacherContext.from_config(cfg, data)
+        _, weak = teacher_inputs(ctx)
+        model, result, _ = fit_improved(load_teacher(args.teacher, data), ctx.teacher.improve, data, weak,
+                                        strong_view(ctx), ctx.teacher.seed, on_log)
         spec = json.loads((args.teacher / "spec.json").read_text())
     else:
         teacher = load_teacher(args.teacher, data)

@@ -4,21 +4,21 @@ order and initialisation (so methods are paired), and the training every method 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from models.registry import build_model
-from pipelines.augment.search import augmenter_for, policy_fingerprint
+from pipelines.augment.search import AugmentContext, augmenter_for
 from pipelines.common.rng import global_rng
-from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, StudentConfig
+from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, MetaDistillPilotConfig, StudentConfig
 from pipelines.engine.batches import Augment, Transfer
 from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.device import in_batches, inference_batch
-from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
+from pipelines.engine.loop import LogFn, StepHook, TrainResult, supervised_loss, train_classifier
 from pipelines.teacher.sources import WeightsSource, start_from
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 @dataclass
 class StudentContext:
     """One student's inputs.  It holds the config sections the methods read (``student``,
-    ``kd``, ``maml``, ``meta_distill``) and the augmentation the stage chose, never the
+    ``kd``, ``maml``, ``meta_distill``, ``meta_distill_pilot``) and the augmentation the stage chose, never the
     whole tree: :meth:`from_config` is where the tree is taken apart."""
 
     student: StudentConfig
@@ -47,14 +47,16 @@ class StudentContext:
     checkpoint: Checkpointer | None = None  # set by torchrun workers, for elastic recovery
     init: WeightsSource | None = None  # student.init: the weights every method starts from
     rng_after_init: torch.Tensor | None = None  # the global generator's state right after new_student
+    meta_distill_pilot: MetaDistillPilotConfig = field(default_factory=MetaDistillPilotConfig)
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
                     **options) -> StudentContext:
         """The context of one student of ``cfg`` (``options``: on_log, desc, checkpoint, init)."""
-        augment = augmenter_for(cfg, data) if cfg.student.train.augment else None
-        return cls(cfg.student, cfg.kd, cfg.maml, cfg.meta_distill, augment, policy_fingerprint(cfg, data),
-                   data, teacher, seed, **options)
+        augmentation = AugmentContext.from_config(cfg, data)
+        return cls(cfg.student, cfg.kd, cfg.maml, cfg.meta_distill,
+                   augmenter_for(augmentation) if cfg.student.train.augment else None, augmentation.policy_fingerprint,
+                   data, teacher, seed, meta_distill_pilot=cfg.meta_distill_pilot, **options)
 
     def new_student(self) -> nn.Module:
         with global_rng(self.seed):
@@ -80,17 +82,19 @@ class StudentContext:
         x, per_step = self.data.transfer(), self.kd.transfer_batch(self.student.train.batch_size)
         return Transfer(x, per_step) if x is not None and per_step > 0 else None
 
-    def fit(self, model: nn.Module, loss_fn, transfer: Transfer | None = None) -> TrainResult:
+    def fit(self, model: nn.Module, loss_fn, transfer: Transfer | None = None,
+            hooks: Sequence[StepHook] = ()) -> TrainResult:
         return train_classifier(
             model, self.data.x("train"), self.data.y("train"), self.student.train, loss_fn,
-            seed=self.seed, augment=self.augment,
+            seed=self.seed, hooks=hooks, augment=self.augment,
             val=(self.data.x("val"), self.data.y("val")), on_log=self.on_log, desc=self.desc,
             checkpoint=self.checkpoint, transfer=transfer, device=self.data.device)
 
-    def teach(self, model: nn.Module, loss_fn) -> TrainResult:
+    def teach(self, model: nn.Module, loss_fn, hooks: Sequence[StepHook] = ()) -> TrainResult:
         """Training of every teacher-based method: labelled and transfer examples under
-        ``loss_fn``, then the same label fine-tune (``student.finetune_steps``)."""
-        result = self.fit(model, loss_fn, self.transfer())
+        ``loss_fn`` (and the method's step ``hooks``), then the same label fine-tune
+        (``student.finetune_steps``)."""
+        result = self.fit(model, loss_fn, self.transfer(), hooks)
         if self.student.finetune_steps:
             self.finetune(model, result)
         return result

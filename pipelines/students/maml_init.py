@@ -4,15 +4,10 @@ then the same training as ``scratch``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from pipelines.engine.device import part_of
 from pipelines.engine.loop import TrainResult, supervised_loss
-
-if TYPE_CHECKING:
-    pass
 from pipelines.students.context import StudentContext
 
 

@@ -1,4 +1,6 @@
-"""The teacher stage's body: its cache key, training or adapting it, saving and loading."""
+"""The teacher stage's body: training or adapting the teacher, saving, caching and loading
+it.  Its functions take a :class:`~pipelines.teacher.context.TeacherContext` (the keys
+live there)."""
 
 from __future__ import annotations
 
@@ -13,27 +15,29 @@ from torch import nn
 from models.normalize import unwrap
 from models.registry import build_model
 from models.weights import load_weights, save_weights
-from pipelines.augment.search import augmenter_for, policy_fingerprint
-from pipelines.common.home import cache_dir, cache_key, made_once, write_json
-from pipelines.config.pipeline import PipelineConfig
+from pipelines.augment.search import augmenter_for
+from pipelines.common.home import made_once, write_json
 from pipelines.config.teacher import TeacherConfig
 from pipelines.data.prepared import Prepared, model_spec
 from pipelines.engine.batches import Augment
 from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import LogFn, TrainResult, supervised_loss, train_classifier
 from pipelines.teacher import sources
-
-TEACHER_CACHE_VERSION = 3  # 2: per-sample augmentation seeds; 3: fixed ops batched, hash-seeded
+from pipelines.teacher.context import TeacherContext
 
 
 @dataclass
 class TeacherOutcome:
+    """A teacher as a stage gives it: the labelled one, or the improved one (``mask_rate``),
+    trained now or read from the cache folder named ``key``."""
+
     model: nn.Module
     result: TrainResult | None  # None when loaded from cache or used as brought
     key: str
     seconds: float
     cached: bool = False
     train_seconds: float | None = None  # what training it cost, this run or the one that cached it
+    mask_rate: float | None = None  # the improvement's mean share of pseudo-labels kept (None: not trained now)
 
 
 def record_cost(folder: Path, seconds: float) -> None:
@@ -47,22 +51,12 @@ def recorded_cost(folder: Path) -> float | None:
     return float(json.loads(path.read_text())["train_seconds"]) if path.is_file() else None
 
 
-def teacher_key(cfg: PipelineConfig, data: Prepared) -> str:
-    teacher = cfg.teacher.model_dump(mode="json", include={"model", "train", "seed"})
-    if cfg.teacher.brought():  # the weights themselves, not the reference (an alias may move)
-        source = sources.teacher_source(cfg, data.input_shape)
-        teacher = {"sha256": source.sha256, "spec": source.spec, "seed": cfg.teacher.seed,
-                   "finetune": cfg.teacher.finetune.model_dump(mode="json")}
-    augment = policy_fingerprint(cfg, data)
-    return cache_key(TEACHER_CACHE_VERSION, data=data.key, augment=augment, teacher=teacher)
-
-
-def teacher_spec(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource | None = None) -> dict:
+def teacher_spec(ctx: TeacherContext) -> dict:
     """The spec the teacher's weights are saved with (a brought teacher keeps its own input)."""
-    if cfg.teacher.brought():
-        return sources.brought_spec(source or sources.teacher_source(cfg, data.input_shape), data.num_classes,
-                                    data.class_names, data.key)
-    return model_spec(cfg.teacher.model.arch, cfg.teacher.model.kwargs, data)
+    data = ctx.data
+    if ctx.teacher.brought():
+        return sources.brought_spec(ctx.source, data.num_classes, data.class_names, data.key)
+    return model_spec(ctx.teacher.model.arch, ctx.teacher.model.kwargs, data)
 
 
 def load_teacher(folder: Path, data: Prepared) -> nn.Module:
@@ -71,13 +65,10 @@ def load_teacher(folder: Path, data: Prepared) -> nn.Module:
     return sources.fed_by_data(model, spec, data).to(data.device)
 
 
-def teacher_folder(cfg: PipelineConfig, data: Prepared) -> Path:
-    return cache_dir("teacher") / teacher_key(cfg, data)
-
-
-def cached_teacher(cfg: PipelineConfig, data: Prepared) -> TeacherOutcome | None:
+def cached_teacher(folder: Path, data: Prepared) -> TeacherOutcome | None:
+    """The teacher saved in the cache ``folder`` (the labelled or the improved one's), or
+    None when nothing is saved there yet."""
     start = time.perf_counter()
-    folder = teacher_folder(cfg, data)
     if not (folder / "model.safetensors").is_file():
         return None
     return TeacherOutcome(load_teacher(folder, data), None, folder.name, time.perf_counter() - start, cached=True,
@@ -117,35 +108,35 @@ def fit_brought_teacher(teacher: TeacherConfig, data: Prepared, source: sources.
     return model, result
 
 
-def teacher_inputs(cfg: PipelineConfig, data: Prepared, source: sources.WeightsSource | None = None,
-                   ) -> tuple[sources.WeightsSource | None, Augment | None]:
-    """What fitting ``cfg``'s teacher needs beyond its own section: the brought weights
-    (resolved, and checked against the data and the student) and the augmentation."""
-    if cfg.teacher.brought():
-        source = source or sources.teacher_source(cfg, data.input_shape)
-        sources.check_teacher(source, cfg, data.input_shape, data.num_classes)
-        augments = cfg.teacher.finetune.mode != "none" and cfg.teacher.finetune.augment
+def teacher_inputs(ctx: TeacherContext) -> tuple[sources.WeightsSource | None, Augment | None]:
+    """What fitting the teacher needs beyond its own section: the brought weights (checked
+    against the data and the student) and the augmentation."""
+    teacher, data = ctx.teacher, ctx.data
+    if teacher.brought():
+        sources.check_teacher(ctx.source, teacher, ctx.student, data.input_shape, data.num_classes,
+                              ctx.augmentation.data_cfg.name)
+        augments = teacher.finetune.mode != "none" and teacher.finetune.augment
     else:
-        augments = cfg.teacher.train.augment
-    return source, (augmenter_for(cfg, data) if augments else None)
+        augments = teacher.train.augment
+    return ctx.source, (augmenter_for(ctx.augmentation) if augments else None)
 
 
-def save_teacher(model: nn.Module, cfg: PipelineConfig, data: Prepared) -> None:
-    save_weights(unwrap(model), teacher_folder(cfg, data), teacher_spec(cfg, data))
+def save_teacher(model: nn.Module, ctx: TeacherContext) -> None:
+    save_weights(unwrap(model), ctx.teacher_folder, teacher_spec(ctx))
 
 
-def obtain_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None = None) -> TeacherOutcome:
+def obtain_teacher(ctx: TeacherContext, on_log: LogFn | None = None) -> TeacherOutcome:
     """Train the teacher, or reuse the cached one trained on the same inputs (overlapping
     runs train it once: the others wait for it)."""
-    return made_once(f"teacher-{teacher_key(cfg, data)}", lambda: cached_teacher(cfg, data),
-                     lambda: _train_teacher(cfg, data, on_log))
+    return made_once(f"teacher-{ctx.teacher_key}", lambda: cached_teacher(ctx.teacher_folder, ctx.data),
+                     lambda: _train_teacher(ctx, on_log))
 
 
-def _train_teacher(cfg: PipelineConfig, data: Prepared, on_log: LogFn | None) -> TeacherOutcome:
+def _train_teacher(ctx: TeacherContext, on_log: LogFn | None) -> TeacherOutcome:
     start = time.perf_counter()
-    source, augment = teacher_inputs(cfg, data)
-    model, result = fit_teacher(cfg.teacher, data, augment, on_log, source=source)
-    save_teacher(model, cfg, data)  # also a brought one as it is: torchrun workers read this folder
+    source, augment = teacher_inputs(ctx)
+    model, result = fit_teacher(ctx.teacher, ctx.data, augment, on_log, source=source)
+    save_teacher(model, ctx)  # also a brought one as it is: torchrun workers read this folder
     seconds = time.perf_counter() - start
-    record_cost(teacher_folder(cfg, data), seconds)
-    return TeacherOutcome(model, result, teacher_key(cfg, data), seconds, train_seconds=seconds)
+    record_cost(ctx.teacher_folder, seconds)
+    return TeacherOutcome(model, result, ctx.teacher_key, seconds, train_seconds=seconds)

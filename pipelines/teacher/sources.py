@@ -33,7 +33,8 @@ from pipelines.common.home import cache_dir, cache_key, sha256_of
 from pipelines.config.errors import ConfigError
 from pipelines.config.pipeline import PipelineConfig, dataset_shape
 from pipelines.config.sources import REGISTRY_URI
-from pipelines.config.teacher import teacher_input_shape
+from pipelines.config.students import StudentConfig
+from pipelines.config.teacher import TeacherConfig, teacher_input_shape
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SPEC_KEYS = ("arch", "input_shape", "num_classes")
@@ -276,13 +277,13 @@ def resolve(role: str, kind: str, location: str, arch: str, input_shape: tuple[i
     return _resolved[key]
 
 
-def teacher_source(cfg: PipelineConfig, data_shape: tuple[int, ...] | None = None) -> WeightsSource | None:
-    t = cfg.teacher
-    if not t.brought():
+def teacher_source(teacher: TeacherConfig, data_shape: tuple[int, ...]) -> WeightsSource | None:
+    """The brought teacher's weights for data of ``data_shape``, or None for one trained here."""
+    if not teacher.brought():
         return None
-    shape = data_shape or dataset_shape(cfg.data)[0]
-    location = t.weights if t.source in ("torchvision", "timm") else t.uri
-    return resolve("teacher", t.source, location, t.model.arch, teacher_input_shape(t, shape), t.mean, t.std)
+    location = teacher.weights if teacher.source in ("torchvision", "timm") else teacher.uri
+    return resolve("teacher", teacher.source, location, teacher.model.arch, teacher_input_shape(teacher, data_shape),
+                   teacher.mean, teacher.std)
 
 
 def init_source(role: str, kind: str, location: str | None, arch: str, input_shape: tuple[int, ...]) -> WeightsSource | None:
@@ -291,15 +292,16 @@ def init_source(role: str, kind: str, location: str | None, arch: str, input_sha
     return resolve(role, kind, location, arch, input_shape)
 
 
-def student_source(cfg: PipelineConfig, data_shape: tuple[int, ...] | None = None) -> WeightsSource | None:
-    shape = data_shape or dataset_shape(cfg.data)[0]
-    return init_source("student.init", cfg.student.init, cfg.student.init_uri, cfg.student.model.arch, shape)
+def student_source(student: StudentConfig, data_shape: tuple[int, ...]) -> WeightsSource | None:
+    return init_source("student.init", student.init, student.init_uri, student.model.arch, data_shape)
 
 
 # ---------------------------------------------------------------- fitting a source to the data
 
-def check_teacher(source: WeightsSource, cfg: PipelineConfig, data_shape: tuple[int, ...], classes: int) -> None:
-    """The brought teacher can serve this data: its input, its classes, its size."""
+def check_teacher(source: WeightsSource, teacher: TeacherConfig, student: StudentConfig, data_shape: tuple[int, ...],
+                  classes: int, dataset: str) -> None:
+    """The brought teacher can serve this data (``dataset``'s): its input, its classes, and
+    its size beside the student's."""
     spec, label = source.spec, f"teacher ({source.kind} {source.uri})"
     if spec["input_shape"][0] < data_shape[0]:
         raise SourceError(f"{label} takes {spec['input_shape'][0]}-channel images; the data has {data_shape[0]} "
@@ -307,16 +309,16 @@ def check_teacher(source: WeightsSource, cfg: PipelineConfig, data_shape: tuple[
     if len(spec["mean"]) != spec["input_shape"][0] or len(spec["std"]) != spec["input_shape"][0]:
         raise SourceError(f"{label}: mean/std have {len(spec['mean'])}/{len(spec['std'])} values for "
                           f"{spec['input_shape'][0]} channels")
-    if cfg.teacher.finetune.mode == "none":
+    if teacher.finetune.mode == "none":
         if spec["num_classes"] != classes:
-            raise SourceError(f"{label} predicts {spec['num_classes']} classes; {cfg.data.name} has {classes}: "
+            raise SourceError(f"{label} predicts {spec['num_classes']} classes; {dataset} has {classes}: "
                               f"set teacher.finetune.mode=head (or all) to give it a new head")
-    if cfg.student.must_be_smaller:
+    if student.must_be_smaller:
         model, _ = source.load()
         teacher_params = count_parameters(model)
-        student = build_model(cfg.student.model.arch, data_shape, classes, **cfg.student.model.kwargs)
-        if count_parameters(student) > teacher_params:
-            raise SourceError(f"student.model has {count_parameters(student):,} parameters, more than the "
+        student_model = build_model(student.model.arch, data_shape, classes, **student.model.kwargs)
+        if count_parameters(student_model) > teacher_params:
+            raise SourceError(f"student.model has {count_parameters(student_model):,} parameters, more than the "
                               f"{label}'s {teacher_params:,}; shrink it or set student.must_be_smaller=false")
 
 
@@ -331,13 +333,14 @@ def check_init(source: WeightsSource, model_key: str, arch: str, kwargs: dict, i
 
 
 def preflight(cfg: PipelineConfig) -> list[WeightsSource]:
-    """Resolve and check every source of ``cfg`` before any work (``metadistill run``)."""
+    """Resolve and check every source of ``cfg`` before any work (``metadistill run``): the
+    CLI's entry, before any data is prepared (the shapes come from the data section)."""
     shape, classes = dataset_shape(cfg.data)
     found = []
-    if (teacher := teacher_source(cfg, shape)) is not None:
-        check_teacher(teacher, cfg, shape, classes)
+    if (teacher := teacher_source(cfg.teacher, shape)) is not None:
+        check_teacher(teacher, cfg.teacher, cfg.student, shape, classes, cfg.data.name)
         found.append(teacher)
-    if (init := student_source(cfg, shape)) is not None:
+    if (init := student_source(cfg.student, shape)) is not None:
         check_init(init, "student.model", cfg.student.model.arch, cfg.student.model.kwargs, shape)
         found.append(init)
     return found

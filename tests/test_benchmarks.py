@@ -1,0 +1,132 @@
+"""Every benchmark module runs end to end at its smoke setting (``--smoke``: each module's
+``SMOKE`` arguments, a size that runs in seconds) and writes the JSON shape of its published
+results in docs/benchmarks, so that a benchmark that rots fails here rather than at its next
+publication (issue 35).
+
+The modules are discovered from benchmarks/*.py: a new one without a ``SMOKE`` and an entry
+in ``EXPECT`` fails.  Each runs in this process (``main(argv)``; the ones that must launch
+processes, torchrun or servers, still do).  The ones marked ``slow`` start several
+``metadistill run`` processes each (about 15 s apiece on the idle 2-core machine, 35-130 s
+a module), more than this file's budget of about 90 s: they are skipped, saying so, unless
+``METADISTILL_BENCH_SMOKE=all`` (all 17 took about 7 minutes there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PUBLISHED = REPO / "docs" / "benchmarks"
+NOT_BENCHMARKS = ("__init__", "common")
+MODULES = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in NOT_BENCHMARKS)
+RUN_ALL = os.environ.get("METADISTILL_BENCH_SMOKE") == "all"
+
+
+def top_keys(published: dict) -> set[str]:
+    return set(published)
+
+
+def registered_tiny(tmp: Path) -> list[str]:
+    """serving: a tiny registered champion in the project home (as tests/test_serving.py makes
+    it) instead of the default pipeline's, a run less."""
+    from tests.test_serving import NAME, register_tiny
+
+    register_tiny(1, 0.9, "champion")
+    return ["--model", NAME]
+
+
+def served(result: dict) -> None:
+    for server in ("metadistill", "mlflow"):
+        assert result[server]["rps"] > 0 and result[server]["errors"] == 0, result
+
+
+def fewshot_keys(published: dict) -> set[str]:
+    """fewshot_configs_h200.json gathers several processes' JSON by hand: run2's entries are
+    this script's output (run1's came from an earlier copy of it)."""
+    return set().union(*(set(entry) for entry in published["run2"].values()))
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a module's smoke must write: every top-level key of its published JSON
+    (``published``, under docs/benchmarks) but those written there by hand."""
+
+    published: str | None  # None: the module writes no JSON (distill_report prints Markdown)
+    by_hand: tuple[str, ...] = ()
+    keys: Callable[[dict], set[str]] = top_keys
+    args: Callable[[Path], list[str]] = lambda tmp: []  # more arguments (and their set-up), given tmp_path
+    check: Callable[[dict], None] = lambda result: None
+    slow: str | None = None  # why it is over this file's time budget
+
+
+EXPECT = {
+    "augment_quality": Expect("augment_quality_mnist_wide.json"),
+    "busy_machine": Expect("busy_machine.json", slow="6 step-timing processes and 3 `metadistill run` processes, "
+                                                     "one beside a CPU burner"),
+    "concurrent_students": Expect("concurrent_students_h200.json", slow="3 `metadistill run` processes"),
+    "data_stream": Expect("data_stream.json", args=lambda tmp: ["--folder", str(tmp / "jpegs")],
+                          slow="2 streamed `metadistill run` processes with DataLoader workers"),
+    "ddp_scaling": Expect("ddp_scaling.json", by_hand=("note",)),
+    "distill_cost": Expect("distill_cost.json"),
+    "distill_quality": Expect("distill_quality_fashion_mnist.json"),
+    "distill_report": Expect(None),
+    "distill_variants": Expect("ablation/mnist_search.json"),
+    "fewshot_configs": Expect("fewshot_configs_h200.json", keys=fewshot_keys),
+    "gpu_throughput": Expect("gpu_throughput_h200.json"),
+    "meta_engine": Expect("meta_engine.json"),
+    "pipeline_overhead": Expect("pipeline_overhead.json", slow="2 `metadistill run` processes"),
+    "serving": Expect("serving.json", args=registered_tiny, check=served),
+    "strong_view": Expect("strong_view_fashion_mnist.json"),
+    "teacher_sources": Expect("teacher_sources.json"),
+    "team_runs": Expect("team_runs.json", slow="PostgreSQL, an MLflow and a Prefect server, 6 `metadistill run` "
+                                               "processes"),
+}
+
+
+@pytest.fixture
+def isolated(home, shared_data, monkeypatch):
+    """A fresh project home and the shared data; what a benchmark sets in this process (the
+    environment: MLflow exports its URIs there; torch's thread count) is put back after it."""
+    monkeypatch.setenv("METADISTILL_DATA", str(shared_data))
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    yield home
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_benchmark_smoke(name, isolated, tmp_path, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert isinstance(getattr(module, "SMOKE", None), list), f"benchmarks/{name}.py has no SMOKE (its --smoke setting)"
+    expect = EXPECT.get(name)
+    assert expect, f"list benchmarks/{name}.py in EXPECT with the published JSON its smoke must match"
+    if expect.slow and not RUN_ALL:
+        pytest.skip(f"over this file's time budget ({expect.slow}): METADISTILL_BENCH_SMOKE=all runs it")
+    if name == "serving" and shutil.which("wrk") is None:
+        pytest.fail("the serving benchmark's load generator is wrk: apt-get install wrk")
+    out = tmp_path / f"{name}.json"
+    argv = ["--smoke", *expect.args(tmp_path)]
+    if expect.published is None:  # distill_report: Markdown tables of the published distill_quality JSON
+        assert module.main([*argv, "--out", str(out.with_suffix(".md"))]) == 0
+        text = out.with_suffix(".md").read_text()
+        assert text.count("| setting |") == 3 and "| mnist |" in text
+        return
+    assert module.main([*argv, "--json", str(out)]) in (0, None)
+    result = json.loads(out.read_text())
+    published = json.loads((PUBLISHED / expect.published).read_text())
+    missing = expect.keys(published) - set(expect.by_hand) - set(result)
+    assert not missing, f"{name}'s JSON lacks {sorted(missing)} of docs/benchmarks/{expect.published}"
+    expect.check(result)
+    capsys.readouterr()  # each prints its JSON: not kept for the report
