@@ -12,8 +12,9 @@ from torch import nn
 
 from meta.functional import params_of
 from meta.maml import InnerLoop, meta_batch_loss
-from meta.metadistill import Pilot, pilot_quiz_loss, teacher_meta_grad
+from meta.metadistill import Pilot
 from tests.helpers import worst_relative_error
+from tests.test_metadistill import pilot_quiz_loss, teacher_meta_grad
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU "
