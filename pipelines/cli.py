@@ -178,26 +178,68 @@ def _fit_threads(cfg, sample=None) -> int:
 
 
 def _print_table(summary: dict) -> None:
+    """The run's table (teachers, then one row per method), under it the students'
+    architecture, the choice, the registration, any warnings and what to do next.  Full
+    width when stdout is not a terminal (a log, a pipe), so no header is cut."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    from pipelines.evaluate.compare import student_text, vs_kd_text
+
+    methods = summary["methods"]
+    delta = any("vs_kd" in m for m in methods.values())
     table = Table(title=f"metadistill · {summary['experiment']} · run {summary['mlflow_run_id']}")
-    for col in ("model", "test acc % (mean ± std)", "test loss", "train s", "seeds"):
+    columns = ("model", "test acc % (mean ± std)", "test loss", "train s", "seeds") + (
+        ("Δ vs kd, points (95% CI)",) if delta else ())
+    for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
+    pad = ("",) * (len(columns) - 5)
+    improved = summary.get("teacher_improved")
     if summary.get("teacher_test_acc") is not None:
+        teacher = summary.get("teacher") or {}
         table.add_row(f"teacher ({summary.get('teacher_arch', '')})".replace(" ()", ""),
-                      f"{100 * summary['teacher_test_acc']:.2f}", "", f"{summary['timings'].get('teacher', 0):.1f}", "1",
-                      end_section=True)
-    for name, m in summary["methods"].items():
+                      f"{100 * summary['teacher_test_acc']:.2f}", "",
+                      _train_s(teacher, summary["timings"].get("teacher", 0)), "1", *pad, end_section=not improved)
+    if improved and "test_acc" in improved:
+        table.add_row(f"teacher improved ({improved.get('arch', '')})".replace(" ()", ""),
+                      f"{100 * improved['test_acc']:.2f}", "",
+                      _train_s(improved, summary["timings"].get("teacher_improve", 0)), "1", *pad, end_section=True)
+    elif improved:
+        table.add_row(f"teacher improved (skipped: {improved['skipped']})", "", "", "", "", *pad, end_section=True)
+    for name, m in methods.items():
         spread = f" ± {100 * m['test_acc_std']:.2f}" if m["seeds"] > 1 else ""  # no spread from one seed
-        table.add_row(name, f"{100 * m['test_acc']:.2f}{spread}", f"{m['test_loss']:.4f}", f"{m['train_seconds']:.1f}",
-                      str(m["seeds"]))
-    console = Console()
+        cells = (f"{100 * m['test_acc']:.2f}{spread}", f"{m['test_loss']:.4f}", f"{m['train_seconds']:.1f}", str(m["seeds"]))
+        table.add_row(name, *cells, *((vs_kd_text(m.get("vs_kd")) or ("baseline" if name == "kd" else ""),) if delta else ()))
+    console = Console(width=None if sys.stdout.isatty() else max(200, int(os.environ.get("COLUMNS") or 0)))
     console.print(table)
+    if improved and improved.get("why") and improved.get("skipped") == "no transfer data":
+        console.print(escape(f"teacher improvement skipped: {improved['why']}"))
+    if student := summary.get("student_model"):
+        console.print(escape(f"students: {student_text(student)} each; teacher: {summary.get('teacher_arch', '?')}"))
     if chosen := summary.get("chosen"):
-        console.print(f"chosen: [bold]{chosen['method']}[/] seed {chosen['seed']}: {chosen['reason']}")
-    if reg := summary.get("registered_model"):
-        console.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [bold]{reg['alias']}[/]: {reg['reason']}")
+        console.print(f"chosen: [bold]{chosen['method']}[/] seed {chosen['seed']}: {escape(chosen['reason'])}")
+    reg = summary.get("registered_model")
+    if reg:
+        console.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [bold]{reg['alias']}[/]: {escape(reg['reason'])}")
+    for warning in summary.get("warnings") or []:
+        console.print(escape(f"warning: {warning}"))
+    if reg and reg["alias"] == "challenger":
+        console.print(escape(f"this run's v{reg['version']} is the challenger (serve and export use the champion): "
+                             f"add --alias challenger to try it, or make it the champion with "
+                             f"metadistill promote {reg['version']} --model {reg['name']}"))
+    steps = ["metadistill ui  (runs, curves, the parent run's description)"]
+    if reg:
+        steps += [f"metadistill serve --model {reg['name']}",
+                  f"metadistill export --format onnx --model {reg['name']} --out student.onnx"]
+    console.print(escape("next: " + "  ·  ".join(steps)), soft_wrap=True)
+
+
+def _train_s(teacher: dict, seconds: float) -> str:
+    """A teacher's "train s": what training it cost, marked "(cached)" when this run reused it."""
+    if not teacher.get("cached"):
+        return f"{seconds:.1f}"
+    return "(cached)" if teacher.get("train_seconds") is None else f"{teacher['train_seconds']:.1f} (cached)"
 
 
 def _use_wait(cfg) -> None:
@@ -216,10 +258,13 @@ def cmd_run(args) -> int:
 
     start, sample = time.perf_counter(), CpuSample()  # the machine's load, read over the start-up below
     cfg = _load(args)
-    from pipelines.orchestrate.preflight import check_inputs, check_servers
+    from pipelines.orchestrate.preflight import check_champion, check_inputs, check_servers
 
-    check_inputs(cfg)  # data, batch sizes, brought weights, device: exit 2 before any work
+    notes = check_inputs(cfg)  # data, batch sizes, brought weights, device: exit 2 before any work
     check_servers()  # and the servers the environment names
+    check_champion(cfg)  # and the registered champion the student would be compared with
+    for note in notes:  # inputs that work but may mislead, once nothing refused the run
+        print(f"metadistill: warning: {note}", file=sys.stderr)
     threads = _fit_threads(cfg, sample)
     _prepare_env()
     api = None
@@ -368,11 +413,15 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from deploy.export import export
+    from deploy.export import EXTRA_FILE, check_format, export, metadata_path
     from deploy.registry import load_registered
 
+    check_format(args.format)  # a missing onnx/onnxscript: one line, exit 2, before the model loads
     path = export(load_registered(args.model or DEFAULT_MODEL, args.alias), args.format, Path(args.out))
-    print(path)
+    inside = "its ONNX metadata_props" if args.format == "onnx" else f"its extra file {EXTRA_FILE}"
+    print(f"wrote {path} ({args.format}: raw [0, 1] pixels in, logits out; class names, input shape and range "
+          f"and the normalisation inside the graph are in {inside})")
+    print(f"wrote {metadata_path(path)} (the same, as JSON)")
     return 0
 
 
@@ -416,6 +465,7 @@ def cmd_ui(args) -> int:
 def _known_errors() -> dict[type, tuple[int, str]]:
     """Errors the pipeline raises on purpose, each with its exit code and a hint: they are
     reported as one line (the traceback only with --debug)."""
+    from deploy.export import ExportError
     from deploy.registry import ModelLoadError
     from pipelines.config.errors import ConfigError
     from pipelines.data.errors import DataError
@@ -434,6 +484,7 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             StageFailed: (1, "a torchrun stage failed; its workers' output is above"),
             ScheduleError: (1, "see `metadistill server` and `metadistill schedule --help`"),
             ServicesError: (1, "see README: Team set-up"),
+            ExportError: (EXIT_CONFIG, ""),  # its message names the missing package and the pip command
             ModelLoadError: (1, "see `metadistill promote` / `metadistill run`"),
             VersionNotFound: (1, "list versions in the MLflow UI (`metadistill ui`)"),
             TrackingError: (1, f"MLflow at {os.environ.get('MLFLOW_TRACKING_URI') or 'the project home'} failed: "

@@ -13,7 +13,7 @@ def test_every_preset_validates(preset):
     cfg = load_config(preset)
     spec = PRESETS[preset]
     assert cfg.preset == preset and cfg.data.name == spec["data"]["name"]
-    assert cfg.tracking.experiment == spec["tracking"]["experiment"] == f"metadistill-{preset}"
+    assert cfg.tracking.experiment == f"metadistill-{preset}"  # named after the data, as every preset's data is
     assert cfg.teacher.model.arch == spec["teacher"]["model"]["arch"]  # the preset's own settings, not defaults
     assert cfg.teacher.train.steps == spec["teacher"]["train"]["steps"]
     assert cfg.student.model.arch == spec["student"]["model"]["arch"]
@@ -23,6 +23,22 @@ def test_default_is_digits_with_scratch_and_kd():
     cfg = load_config()
     assert cfg.data.name == "digits" and cfg.student.methods == ["scratch", "kd", "maml_init", "meta_distill"]
     assert len(cfg.student.seeds) >= 3
+
+
+def test_an_image_folder_gets_the_imagefolder_preset_with_a_conv_student(tmp_path):
+    """Issue 36, situation 4: a 32x32 RGB folder got the digits preset's MLP student."""
+    cfg = load_config(overrides=["data.name=imagefolder", "data.root=/x"])
+    assert cfg.preset == "imagefolder" and cfg.data.name == "imagefolder"
+    assert cfg.student.model.arch == "resnet8" and cfg.student.model.kwargs == {"base_width": 8}
+    assert cfg.teacher.model.arch == "resnet8" and [a.name for a in cfg.data.augment] == ["random_crop", "horizontal_flip"]
+    assert not cfg.student.train.augment
+    toml = tmp_path / "c.toml"
+    toml.write_text('[data]\nname = "imagefolder"\nroot = "/x"\n')
+    assert load_config(config_file=toml).preset == "imagefolder"
+    assert load_config(overrides=["data={name: imagefolder, root: /x}"]).preset == "imagefolder"
+    # A named preset wins; other data sets keep the default preset.
+    assert load_config("digits", overrides=["data.name=imagefolder"]).student.model.arch == "mlp"
+    assert load_config(overrides=["data.name=mnist"]).preset == "digits"
 
 
 def test_overrides_are_typed():
@@ -201,3 +217,67 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing_tracked(home, sets, m
                             capture_output=True, text=True, timeout=120,
                             env={**__import__("os").environ, "METADISTILL_HOME": str(home), "METADISTILL_DATA": ""})
     assert config.returncode == 2 and message in config.stderr
+
+
+def test_experiment_names_follow_the_data_unless_set():
+    assert load_config().tracking.experiment == "metadistill-digits"
+    assert load_config("mnist", overrides=["data.name=fashion-mnist"]).tracking.experiment == "metadistill-fashion-mnist"
+    folder = ["data.name=imagefolder", "data.root=/x/My Pets!"]
+    assert load_config(overrides=folder).tracking.experiment == "metadistill-imagefolder-My-Pets"
+    assert load_config(overrides=[*folder, "tracking.experiment=mine"]).tracking.experiment == "mine"
+    assert load_config(overrides=["data.name=imagefolder"]).tracking.experiment == "metadistill-imagefolder"
+
+
+def test_maml_meta_steps_follow_the_students_budget_unless_set():
+    assert load_config().maml.meta_steps == 300  # digits: 1500 student steps
+    assert load_config(overrides=["student.train.steps=100"]).maml.meta_steps == 20
+    assert load_config(overrides=["student.train.steps=100", "maml.meta_steps=7"]).maml.meta_steps == 7
+    with pytest.raises(ConfigError, match="fewshot.meta.meta_steps must be set"):
+        load_config(overrides=["fewshot.meta.meta_steps=null"])
+
+
+def test_long_meta_training_is_announced_with_where_to_bound_it(capsys):
+    from pipelines.config.students import MamlConfig
+    from pipelines.engine.meta_loop import _announce
+
+    _announce("student maml_init seed 0", MamlConfig(meta_steps=300), per_step=1.5, left=298)
+    out = capsys.readouterr().out
+    assert "takes about 447 s more (298 meta-steps of 1.50 s" in out and "maml.meta_steps" in out
+    _announce("x", MamlConfig(meta_steps=300, time_budget_s=20), per_step=1.5, left=298)  # bounded: unannounced
+    _announce("x", MamlConfig(meta_steps=10), per_step=0.1, left=8)
+    assert capsys.readouterr().out == ""
+
+
+def _image_folder(root, classes: int, per_class: int = 6):
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_an_image_folders_class_count_is_read_from_its_folders(tmp_path):
+    from pipelines.orchestrate.preflight import check_inputs
+    from pipelines.teacher import sources
+
+    folder = ["data.name=imagefolder", f"data.root={_image_folder(tmp_path / 'pets', 4)}", "data.label_budget=null",
+              "student.train.batch_size=4", "teacher.train.batch_size=4"]
+    cfg = load_config(overrides=[*folder, "maml.ways=5"])  # the count is unknown until the folder is listed
+    with pytest.raises(ConfigError, match="maml.ways=5 exceeds the 4 classes of the image folder"):
+        check_inputs(cfg, sources=False)
+    big = load_config(overrides=[*folder, "student.model.arch=mlp", "student.model.kwargs={hidden: [512]}",
+                                 "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [8]}"])
+    with pytest.raises(ConfigError, match="for the 4 classes of the image folder"):
+        check_inputs(big, sources=False)
+    assert sources.preflight(load_config(overrides=folder)) == []  # lists the folder itself for its count
+
+
+def test_small_validation_splits_are_warned_before_work():
+    from pipelines.orchestrate.preflight import check_inputs
+
+    notes = check_inputs(load_config(overrides=["data.label_budget=200"]), sources=False)
+    assert len(notes) == 1 and "the validation split holds 20 images (quiz 20)" in notes[0]
+    assert "5.0 points" in notes[0] and "data.label_budget" in notes[0]
+    assert check_inputs(load_config(), sources=False) == []  # digits' 144 validation images

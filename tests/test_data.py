@@ -254,6 +254,54 @@ def test_class_layout_problems_exit_2_naming_the_class(tmp_path, home, layout, m
         assert "bird" in proc.stderr
 
 
+def _class_folders(root, counts: dict[str, int]):
+    from PIL import Image
+
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 10 * i % 255, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_one_class_folder_exits_2_before_work(tmp_path, home):
+    """Situation 2 of issue 36: it trained for 53 s, then failed with "every student is at chance"."""
+    import os
+    import time
+
+    from pipelines.data.errors import DataLayoutError
+
+    root = _class_folders(tmp_path / "imgs", {"cat": 30})
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--set", "data.name=imagefolder",
+                           "--set", f"data.root={root}"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")})
+    elapsed = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "one class folder (cat)" in lines[0], proc.stderr[-2000:]
+    assert elapsed < 30 and not (home / "mlflow.db").exists() and not (home / "prefect").exists()
+    with pytest.raises(DataLayoutError, match="one class folder"):
+        prepare(DataConfig(name="imagefolder", root=root))
+
+
+def test_a_class_with_one_image_is_refused_and_imbalance_is_warned(tmp_path, home):
+    from pipelines.data.errors import DataLayoutError
+    from pipelines.data.readers import class_counts, imbalance_note, source_size
+
+    lone = _class_folders(tmp_path / "lone", {"cat": 12, "dog": 1})
+    with pytest.raises(DataLayoutError, match="class dog has 1 image: a class needs at least 2 training images"):
+        source_size(DataConfig(name="imagefolder", root=lone))  # what the pre-flight check reads
+    with pytest.raises(DataLayoutError, match="class dog has 1 image"):
+        prepare(DataConfig(name="imagefolder", root=lone))
+    skewed = DataConfig(name="imagefolder", root=_class_folders(tmp_path / "skewed", {"bird": 4, "cat": 40, "dog": 9}))
+    assert class_counts(skewed) == {"bird": 4, "cat": 40, "dog": 9}
+    assert imbalance_note(skewed) == ("classes are imbalanced: cat 40 images, bird 4 (10x): accuracy mostly reflects "
+                                      "the large classes; add images to the small ones for a model that serves every class")
+    balanced = DataConfig(name="imagefolder", root=_class_folders(tmp_path / "balanced", {"cat": 39, "dog": 4}))
+    assert imbalance_note(balanced) is None  # under 10x
+    assert class_counts(DataConfig(name="digits")) is None and imbalance_note(DataConfig(name="digits")) is None
+
+
 def _idx(path, dims: tuple[int, ...], body: bytes, dtype: int = 0x08) -> None:
     header = bytes([0, 0, dtype, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
     path.write_bytes(gzip.compress(header + body))

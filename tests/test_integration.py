@@ -41,14 +41,27 @@ def test_pipeline_end_to_end(home, prefect_server):
     registered = summary["registered_model"]
     assert (registered["name"], registered["version"], registered["alias"]) == ("it-digits-student", "1", "champion")
     assert registered["reason"] == "no champion yet"
-    # The chosen student is the best method's (mean validation accuracy over seeds), then its best seed.
+    # The chosen student is the best method's (mean validation accuracy over seeds), then its best seed;
+    # ties go to the lower validation loss, then to the listed order.
     by_method = {}
     for s in summary["students"]:
         by_method.setdefault(s["method"], []).append(s)
-    method = max(by_method, key=lambda m: np.mean([s["val_acc"] for s in by_method[m]]))
-    seed = max(by_method[method], key=lambda s: s["val_acc"])["seed"]
+    method = min(by_method, key=lambda m: (-np.mean([s["val_acc"] for s in by_method[m]]),
+                                           np.mean([s["val_loss"] for s in by_method[m]])))
+    seed = min(by_method[method], key=lambda s: (-s["val_acc"], s["val_loss"]))["seed"]
     assert (summary["chosen"]["method"], summary["chosen"]["seed"]) == (method, seed)
     assert summary["chosen"]["reason"].startswith(f"{method} has the best mean validation accuracy")
+    # What was used: the teachers, the students' architecture, the held-out sizes, kd as the baseline.
+    assert summary["teacher"]["arch"] == summary["teacher_arch"] == "mlp" and summary["teacher"]["cached"] is False
+    assert summary["teacher"]["train_seconds"] > 0
+    improved_acc = summary["teacher_improved"]["test_acc"]
+    assert 0.3 < improved_acc <= 1 and summary["teacher_improved"]["cached"] is False
+    assert summary["student_model"]["arch"] == summary["student_arch"] == "mlp"
+    assert summary["student_model"]["parameters"] > 0 and "hidden" in summary["student_model"]["kwargs"]
+    assert summary["held_out"]["train"] == 1000 - summary["held_out"]["quiz"] - summary["held_out"]["val"]
+    assert summary["held_out"]["val"] >= 100 and summary["warnings"] == []
+    assert set(summary["methods"]["kd_tuned"]["vs_kd"]) == {"diff", "seeds"}  # 2 seeds: no interval
+    assert "vs_kd" not in summary["methods"]["scratch"] and "vs_kd" not in summary["methods"]["kd"]
 
     client = _client(home)
     parent = client.get_run(summary["mlflow_run_id"])
@@ -64,6 +77,13 @@ def test_pipeline_end_to_end(home, prefect_server):
     contexts = {d.dataset.name: [t.value for t in d.tags if t.key == "mlflow.data.context"]
                 for d in parent.inputs.dataset_inputs}
     assert contexts == {"digits": ["training"], "digits-transfer": ["transfer"]}
+    # The run page answers the question: a description and a headline metric.
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| kd |" in note and f"**Chosen:** {method} seed {seed}" in note
+    assert "**Registered:** it-digits-student v1 as champion" in note and "improved on the transfer data" in note
+    assert parent.data.metrics["chosen_test_acc"] == next(
+        s["test_acc"] for s in summary["students"] if (s["method"], s["seed"]) == (method, seed))
+    assert parent.data.metrics["teacher_improved_test_acc"] == improved_acc
 
     children = _children(client, parent.info.run_id, parent.info.experiment_id)
     assert {"data", "augmentation", "teacher", "teacher-improve", "evaluate", "register"} | {
@@ -116,7 +136,9 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert "does not beat champion v1" in challenger.tags["promotion_reason"]
     assert challenger.aliases == ["challenger"] and "McNemar exact p" in challenger.tags["promotion_reason"]
     assert float(challenger.tags["delta_vs_champion"]) < 0
-    # Cached data and teacher were reused.
+    # Cached data and teacher were reused, and said so with what they cost when trained.
+    assert worse["teacher"]["cached"] is True and worse["teacher_improved"]["cached"] is True
+    assert worse["teacher"]["train_seconds"] == pytest.approx(summary["teacher"]["train_seconds"])
     teacher_runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'teacher'")
     assert {r.data.tags["teacher.cached"] for r in teacher_runs} == {"True", "False"}
     improve_runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'teacher-improve'")
@@ -201,7 +223,12 @@ def test_cli_run_writes_summary(home, tmp_path):
     assert set(summary) >= {"mlflow_run_id", "experiment", "methods", "registered_model"}
     assert set(summary["methods"]["kd"]) >= {"test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds"}
     assert summary["registered_model"]["alias"] == "champion"
+    assert set(summary) >= {"students", "chosen", "teacher_arch", "teacher", "teacher_improved", "student_model",
+                            "held_out", "warnings"}
     assert "test acc % (mean ± std)" in proc.stdout and "teacher (mlp)" in proc.stdout  # the teacher's row
+    assert "teacher improved (mlp)" in proc.stdout and "students: mlp" in proc.stdout and "…" not in proc.stdout
+    last = proc.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("next: metadistill ui") and "serve --model it-digits-student" in last
     assert f"chosen: {summary['chosen']['method']} seed {summary['chosen']['seed']}" in proc.stdout
     assert "registered it-digits-student v1 as champion: no champion yet" in proc.stdout
     assert " ± " not in proc.stdout.split("teacher (mlp)")[1].split("\n")[0]  # one seed: no spread
@@ -220,6 +247,8 @@ def test_an_identical_rerun_never_promotes(home, prefect_server):
     assert first["registered_model"]["alias"] == "champion"
     assert again["registered_model"]["alias"] == "challenger"
     assert first["students"][0]["test_acc"] == again["students"][0]["test_acc"]
+    # No label_budget: every labelled image trains, so the improvement has nothing to learn from, and says so.
+    assert first["teacher_improved"]["skipped"] == "no transfer data" and "data.label_budget" in first["teacher_improved"]["why"]
     client = _client(home)
     version = client.get_model_version("it-rerun-student", again["registered_model"]["version"])
     assert float(version.tags["delta_vs_champion"]) == 0.0 and version.tags["promotion_p_value"] == "1"

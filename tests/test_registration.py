@@ -76,3 +76,44 @@ def test_a_champion_for_other_inputs_is_refused_naming_the_mend(home):
     resized = prepare(DataConfig(name="digits", image_size=12))
     with pytest.raises(ValueError, match="use another experiment name"):
         _register(resized, _student(resized, 1))
+
+
+def test_preflight_refuses_data_the_champion_cannot_take_before_any_work(home):
+    """The registered version's tags say what it takes; a run whose data gives other inputs
+    stops at the pre-flight check (in seconds, exit 2 from the CLI) naming
+    tracking.experiment, instead of at registration after all the training."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.config.errors import ConfigError
+    from pipelines.config.loader import load_config
+    from pipelines.orchestrate.preflight import check_champion
+    from pipelines.register.student import champion_mismatch
+
+    prepared = prepare(DataConfig(name="digits"))
+    _register(prepared, _student(prepared, 0))
+    tags = tracking.current_champion(NAME)
+    assert json.loads(tags["input_shape"]) == [1, 8, 8] and tags["num_classes"] == "10"
+    assert json.loads(tags["class_names"]) == prepared.class_names
+    resized = load_config(overrides=["tracking.experiment=reg-test", "data.image_size=12"])
+    with pytest.raises(ConfigError, match=r"reg-test-student v1 takes inputs \[1, 8, 8\] with 10 classes.*"
+                                          r"gives \[1, 12, 12\] and 10.*tracking.experiment=NEW"):
+        check_champion(resized)
+    check_champion(load_config(overrides=["tracking.experiment=reg-test"]))  # the same inputs
+    check_champion(load_config(overrides=["tracking.experiment=elsewhere", "data.image_size=12"]))  # no champion
+    check_champion(resized.model_copy(update={"tracking": resized.tracking.model_copy(update={"register_best": False})}))
+    takes = {"version": "3", "input_shape": [3, 32, 32], "num_classes": 2, "class_names": ["cat", "dog"]}
+    assert champion_mismatch(takes, "pets-student", (3, 32, 32), 2, ["cat", "dog"]) is None
+    assert "(cat, dog)" in champion_mismatch(takes, "pets-student", (3, 32, 32), 2, ["ant", "bee"])
+
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--set", "tracking.experiment=reg-test",
+                           "--set", "data.image_size=12"], capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "tracking.experiment=NEW" in lines[0], proc.stderr[-2000:]
+    assert elapsed < 30, elapsed  # the pre-flight check, not the training: about 10 s on the 2-core machine
+    assert not (home / "prefect").exists()

@@ -276,9 +276,58 @@ def test_export_matches_pytorch(registry, tmp_path, fmt):
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items() if k in SIDE_KEYS}
     else:
-        got = torch.jit.load(str(path))(torch.from_numpy(x)).detach().numpy()
+        extra = {"metadistill.json": ""}
+        got = torch.jit.load(str(path), _extra_files=extra)(torch.from_numpy(x)).detach().numpy()
+        meta = json.loads(extra["metadistill.json"])
     assert np.allclose(got, expected, atol=1e-5)
+    # what another stack needs to feed it travels with the file, and as JSON beside it
+    side = json.loads((tmp_path / f"student.{fmt}.json").read_text())
+    assert side["format"] == fmt and side["file"] == f"student.{fmt}"
+    for found in (meta, side):
+        assert set(found) >= SIDE_KEYS
+        assert found["class_names"] == SPEC["class_names"] and found["input_shape"] == [1, 8, 8]
+        assert found["input_range"] == [0.0, 1.0] and found["input_name"] == "pixels"
+        assert found["normalisation"]["mean"] == SPEC["mean"] and found["normalisation"]["std"] == SPEC["std"]
+        assert "inside the graph" in found["normalisation"]["applied"]
+        assert found["model"] == NAME and found["version"] == loaded.version
+
+
+SIDE_KEYS = {"class_names", "input_shape", "input_range", "input_name", "normalisation", "model", "version"}
+
+
+def test_onnx_file_matches_the_served_prediction(registry, server, tmp_path):
+    import onnxruntime
+
+    from deploy.export import export
+
+    loaded = load_registered(NAME, "champion")
+    path = export(loaded, "onnx", tmp_path / "served.onnx")
+    deadline = time.time() + 30  # the server picks up the champion at its next poll
+    while request(server, "/metadata")[1]["version"] != loaded.version and time.time() < deadline:
+        time.sleep(0.3)
+    x = np.random.default_rng(4).random((6, 1, 8, 8)).astype(np.float32)
+    status, out = request(server, "/predict", {"instances": x.tolist()})
+    assert status == 200 and out["model"]["version"] == loaded.version
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"pixels": x})[0]
+    assert logits.argmax(-1).tolist() == out["predictions"]
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    assert np.allclose(probabilities / probabilities.sum(-1, keepdims=True), out["probabilities"], atol=1e-5)
+    names = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
+    assert [names[i] for i in logits.argmax(-1)] == [SPEC["class_names"][p] for p in out["predictions"]]
+
+
+def test_missing_onnxscript_is_one_line_exit_2(registry, tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as on an install without it
+    code = main(["export", "--format", "onnx", "--model", NAME, "--out", str(tmp_path / "s.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "'onnxscript'" in err[0] and "pip install" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def _cli(registry, *args) -> subprocess.CompletedProcess:
@@ -306,5 +355,6 @@ def test_promote_rollback_and_export_as_commands(registry, tmp_path):
     assert missing.returncode == 1 and "has no version 99" in missing.stderr
     exported = _cli(registry, "export", "--format", "onnx", "--model", NAME, "--out", str(tmp_path / "s.onnx"))
     assert exported.returncode == 0 and (tmp_path / "s.onnx").stat().st_size > 1000, exported.stderr[-2000:]
+    assert str(tmp_path / "s.onnx.json") in exported.stdout and "metadata_props" in exported.stdout
     nobody = _cli(registry, "rollback", "--model", "nobody-student")
     assert nobody.returncode == 1 and len(nobody.stderr.strip().splitlines()) <= 2

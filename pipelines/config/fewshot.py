@@ -37,6 +37,8 @@ class FewShotConfig(FromSource):
 
     @model_validator(mode="after")
     def _fits_twenty(self) -> FewShotConfig:
+        if self.meta.meta_steps is None:
+            raise ValueError("fewshot.meta.meta_steps must be set (its time_budget_s usually ends meta-training first)")
         check_source("fewshot.init", self.init, self.init_uri, "fewshot.init_uri", self.model.arch)
         if max(self.eval_shots) + self.eval_queries > 20:
             raise ValueError(f"fewshot: max(eval_shots) + eval_queries = {max(self.eval_shots) + self.eval_queries} "

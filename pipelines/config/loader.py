@@ -181,13 +181,27 @@ def apply_override(tree: dict, item: str) -> None:
     _apply_set(tree, parts, value)
 
 
+def _preset_for_data(tree: dict, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The preset a run's data set implies when none is named: ``imagefolder`` for an image
+    folder (from the file's ``data.name`` or a ``--set data.name=`` item); None otherwise."""
+    data = tree.get("data")
+    name = data.get("name") if isinstance(data, dict) else None
+    for item in overrides:
+        parts, value = _parse_set(item)
+        if parts == ["data", "name"]:
+            name = value
+        elif parts == ["data"] and isinstance(value, dict) and "name" in value:
+            name = value["name"]
+    return "imagefolder" if name == "imagefolder" else None
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Preset, then file, then ``--set`` items, validated as one tree."""
     tree: dict[str, Any] = {}
     if config_file is not None:
         tree = _migrate(_read_file(Path(config_file)))
-    name = preset or tree.get("preset") or "digits"
+    name = preset or tree.get("preset") or _preset_for_data(tree, overrides) or "digits"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     # Start from the full default tree so a partial override of a nested default

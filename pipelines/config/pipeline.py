@@ -4,6 +4,9 @@ they check models against before any data is read.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from models.external import split_name
@@ -46,6 +49,8 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
+        if self.tracking.experiment is None:
+            self.tracking.experiment = default_experiment(self.data)
         shape, classes = dataset_shape(self.data)
         for role in ("teacher", "student"):
             batch = getattr(self, role).train.batch_size
@@ -72,21 +77,32 @@ class PipelineConfig(Strict):
         if self.meta_distill.temperature.learn and self.student.train.optimizer.name != "sgd":
             raise ValueError(f"meta_distill.temperature.learn follows SGD steps; student.train.optimizer.name is "
                              f"{self.student.train.optimizer.name!r}: set it to sgd or turn temperature.learn off")
-        if self.maml.ways is not None and self.maml.ways > classes:
-            raise ValueError(f"maml.ways={self.maml.ways} exceeds the {classes} classes of {self.data.name}")
-        student = _param_count(self.student.model, shape, classes, "student")
-        maml = [m for m in self.student.methods if "maml_init" in m]
-        if maml and split_name(self.student.model.arch) is not None:
-            raise ValueError(f"student.methods {maml} meta-train under torch.func, which needs networks without "
-                             f"BatchNorm running statistics; {self.student.model.arch} has them: use one of "
-                             f"this project's architectures for maml_init")
-        if self.teacher.source in ("registry", "file"):
-            return self  # its architecture is in its spec: checked when the source is resolved
-        teacher = _param_count(self.teacher.model, teacher_input_shape(self.teacher, shape), classes, "teacher")
-        if self.student.must_be_smaller and student > teacher:
-            raise ValueError(f"student.model has {student:,} parameters, more than teacher.model's "
-                             f"{teacher:,}; shrink it or set student.must_be_smaller=false")
+        if self.maml.meta_steps is None:  # the student's budget bounds maml_init's meta-training
+            self.maml.meta_steps = min(300, max(1, self.student.train.steps // 5))
+        check_models(self, shape, classes)
         return self
+
+
+def check_models(cfg: PipelineConfig, shape: tuple[int, int, int], classes: int | None) -> None:
+    """The networks can be built for the data, and the student is the smaller; ``classes``
+    None (an image folder before its folders are listed): buildable only, the rest waits
+    for the pre-flight check, which passes the count it read."""
+    where = "the image folder" if cfg.data.name == "imagefolder" else cfg.data.name
+    if classes is not None and cfg.maml.ways is not None and cfg.maml.ways > classes:
+        raise ValueError(f"maml.ways={cfg.maml.ways} exceeds the {classes} classes of {where}")
+    student = _param_count(cfg.student.model, shape, classes or 2, "student")
+    maml = [m for m in cfg.student.methods if "maml_init" in m]
+    if maml and split_name(cfg.student.model.arch) is not None:
+        raise ValueError(f"student.methods {maml} meta-train under torch.func, which needs networks without "
+                         f"BatchNorm running statistics; {cfg.student.model.arch} has them: use one of "
+                         f"this project's architectures for maml_init")
+    if cfg.teacher.source in ("registry", "file"):
+        return  # its architecture is in its spec: checked when the source is resolved
+    teacher = _param_count(cfg.teacher.model, teacher_input_shape(cfg.teacher, shape), classes or 2, "teacher")
+    if classes is not None and cfg.student.must_be_smaller and student > teacher:
+        raise ValueError(f"student.model has {student:,} parameters, more than teacher.model's "
+                         f"{teacher:,} (for the {classes} classes of {where}); shrink it or set "
+                         f"student.must_be_smaller=false")
 
 
 def _check_splits(cfg: PipelineConfig, world: int) -> None:
@@ -104,18 +120,29 @@ def _check_splits(cfg: PipelineConfig, world: int) -> None:
                              f"(dist.nnodes * dist.nproc): use a multiple of {world}")
 
 
-def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
-    """(C, H, W) and class count of the prepared data, known before any data is read."""
-    (channels, height, width), classes = DATASET_SHAPES[data.name]
+def default_experiment(data: DataConfig) -> str:
+    """``tracking.experiment`` when unset: named after the data, so that a run on other data
+    registers its own student instead of meeting a champion that takes other inputs."""
+    if data.name != "imagefolder" or data.root is None:
+        return f"metadistill-{data.name}"
+    folder = re.sub(r"[^A-Za-z0-9_.\-]+", "-", Path(str(data.root)).expanduser().resolve().name).strip("-.")
+    return f"metadistill-imagefolder-{folder}" if folder else "metadistill-imagefolder"
+
+
+def dataset_shape(data: DataConfig, classes: int | None = None) -> tuple[tuple[int, int, int], int | None]:
+    """(C, H, W) and class count of the prepared data, known before any data is read; an
+    image folder's count is None until its folders are listed (``classes``: that count)."""
+    (channels, height, width), known = DATASET_SHAPES[data.name]
     size = data.image_size
-    return ((channels, size, size) if size else (channels, height, width)), classes
+    return ((channels, size, size) if size else (channels, height, width)), classes or known
 
 
-# (C, H, W) and class count per data set, used to check models before any data is read.
-DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+# (C, H, W) and class count per data set, used to check models before any data is read; an
+# image folder's classes are its folders, counted by the pre-flight check.
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int | None]] = {
     "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
     "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "omniglot": ((1, 28, 28), 964),
-    "imagefolder": ((3, 32, 32), 10),
+    "imagefolder": ((3, 32, 32), None),
 }
 
 

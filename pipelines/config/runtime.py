@@ -11,9 +11,11 @@ from pipelines.config.errors import Strict
 
 
 class TrackingConfig(Strict):
-    experiment: str = Field("metadistill-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
-                            description="MLflow experiment of the runs; the student registers as "
-                                        "<experiment>-student")
+    experiment: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
+                                   description="MLflow experiment of the runs; the student registers as "
+                                               "<experiment>-student. Default: metadistill-<data.name>, and "
+                                               "metadistill-imagefolder-<folder name> for an image folder, so runs "
+                                               "on other data never meet another data set's champion")
     register_best: bool = Field(True, description="register the best student in the model registry")
     register_teacher: bool = Field(False, description="register this run's teacher as <experiment>-teacher "
                                                       "(models:/<experiment>-teacher/latest)")

@@ -176,7 +176,9 @@ class MamlConfig(Strict):
     inner_lr: float = Field(0.3, gt=0, description="step size of those inner steps (metasgd: their starting value)")
     outer_lr: float = Field(1e-3, gt=0, description="Adam; for reptile: the outer step size epsilon (SGD)")
     meta_batch: int = Field(8, gt=0, description="tasks per meta-step")
-    meta_steps: int = Field(300, ge=0, description="outer steps of meta-training (time_budget_s may stop it earlier)")
+    meta_steps: int | None = Field(None, ge=0, description="outer steps of meta-training (time_budget_s may stop it "
+                                                           "earlier); null: min(300, student.train.steps // 5), so "
+                                                           "the student's budget bounds it")
     time_budget_s: float | None = Field(None, gt=0, description="stop meta-training after this many seconds")
     vectorize: bool = Field(True, description="batch tasks with torch.func.vmap (else a per-task loop)")
     vmap_query: bool = Field(True, description="with vectorize, vmap the query pass too (else a loop over "

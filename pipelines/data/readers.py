@@ -189,11 +189,16 @@ def read_image_zip(path: Path, mode: str, size: int | None, on_bad: str = "fail"
 def class_files(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
     """An image folder's classes (its sub-folders, or ``classes`` of the training folder)
     and its ``(image, class index)`` files, refusing layouts a model cannot use: a class
-    folder without images, a class that appears only in the test folder."""
+    folder without images, a class that appears only in the test folder, and in the
+    training folder a single class or a class with one image."""
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if classes is not None and (only_here := sorted(set(found) - set(classes))):
         raise DataLayoutError(f"{folder}: class(es) {', '.join(only_here)} appear only here, not in the "
                               f"training folder: a model trained there cannot predict them")
+    training = classes is None
+    if training and len(found) == 1:
+        raise DataLayoutError(f"{folder}: one class folder ({found[0]}): a classifier needs at least two "
+                              f"<class>/ folders of images")
     classes = classes or found
     files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
              if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -203,7 +208,41 @@ def class_files(folder: Path, classes: list[str] | None = None) -> tuple[list[st
     if empty:
         raise DataLayoutError(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
                               f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
+    if training:
+        counts = np.bincount([i for _, i in files], minlength=len(classes))
+        if lone := [c for c, n in zip(classes, counts) if n < 2]:
+            which = f"class {lone[0]} has 1 image" if len(lone) == 1 else f"classes {', '.join(lone)} have 1 image each"
+            raise DataLayoutError(f"{folder}: {which}: a class needs at least 2 training images (without a test/ "
+                                  f"folder one of each class is held out for testing); add images or remove it")
     return classes, files
+
+
+def class_counts(cfg: DataConfig) -> dict[str, int] | None:
+    """Training images per class of an image folder, in the order preparing it gives its
+    classes, from the file listing (nothing decoded); None for the other sources."""
+    if cfg.name != "imagefolder":
+        return None
+    root = need_root(cfg, "<root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/...")
+    classes, files = class_files(imagefolder_splits(root)[0])
+    counts = np.bincount([i for _, i in files], minlength=len(classes))
+    return {c: int(n) for c, n in zip(classes, counts)}
+
+
+IMBALANCE_RATIO = 10  # the largest class with at least this many times the smallest's images: warned
+
+
+def imbalance_note(cfg: DataConfig) -> str | None:
+    """A one-line warning when an image folder's largest training class holds at least
+    ``IMBALANCE_RATIO`` times the images of its smallest; None otherwise (and for the other sources)."""
+    counts = class_counts(cfg)
+    if not counts:
+        return None
+    large, small = max(counts, key=counts.get), min(counts, key=counts.get)
+    if counts[large] < IMBALANCE_RATIO * counts[small]:
+        return None
+    return (f"classes are imbalanced: {large} {counts[large]} images, {small} {counts[small]} "
+            f"({counts[large] / counts[small]:.0f}x): accuracy mostly reflects the large classes; "
+            f"add images to the small ones for a model that serves every class")
 
 
 def imagefolder_splits(root: Path) -> tuple[Path, Path | None]:

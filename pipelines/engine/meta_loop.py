@@ -82,7 +82,7 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MamlConfig, seed: in
     if checkpoint is not None and (saved := checkpoint.load("meta")) is not None:
         state.load_state_dict(saved)
         print(f"{desc}: resumed from step {state.step}", flush=True)
-    start = time.perf_counter() - state.seconds
+    start, began, first = time.perf_counter() - state.seconds, time.perf_counter(), state.step + 1
     with progress_bar(desc, total=cfg.meta_steps) as advance:
         for step in range(state.step + 1, cfg.meta_steps + 1):
             tasks = tuple(to_device(t[local], device) for t in sampler.sample(cfg.meta_batch, state.generator))
@@ -103,6 +103,8 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MamlConfig, seed: in
             over_budget = cfg.time_budget_s is not None and distributed.mean_scalars(
                 [float(time.perf_counter() - start > cfg.time_budget_s)])[0] > 0
             state.seconds = time.perf_counter() - start
+            if step == first + 1:  # two steps timed: say what the rest costs when it is long
+                _announce(desc, cfg, (time.perf_counter() - began) / 2, cfg.meta_steps - step)
             if checkpoint is not None and (over_budget or checkpoint.due(step, cfg.meta_steps)):
                 checkpoint.save("meta", {**state.state_dict(), "step": cfg.meta_steps if over_budget else step})
             if over_budget:
@@ -110,6 +112,21 @@ def meta_train(model: nn.Module, sampler: TaskSampler, cfg: MamlConfig, seed: in
     state.seconds = time.perf_counter() - start
     meta_gradient.close()
     return state.result()
+
+
+ANNOUNCE_OVER_S = 30.0  # shorter meta-trainings go unannounced: their progress bar says enough
+
+
+def _announce(desc: str, cfg: MamlConfig, per_step: float, left: int, over: float = ANNOUNCE_OVER_S) -> None:
+    """Say what the rest of meta-training will cost when it is long: a user who set a small
+    budget elsewhere (student.train.steps) learns where this one is bounded."""
+    seconds = per_step * left
+    if cfg.time_budget_s is not None:
+        seconds = min(seconds, cfg.time_budget_s)
+    if seconds > over:
+        print(f"{desc}: meta-training takes about {seconds:.0f} s more ({left} meta-steps of {per_step:.2f} s, "
+              f"maml.algorithm={cfg.algorithm}); bound it with maml.meta_steps, maml.time_budget_s or "
+              f"maml.algorithm=fomaml", flush=True)
 
 
 class MetaGradient:

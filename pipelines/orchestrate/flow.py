@@ -21,6 +21,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.normalize import unwrap
+from models.registry import count_parameters
 from models.weights import save_weights
 from pipelines import data as data_stage
 from pipelines import tracking
@@ -29,16 +30,27 @@ from pipelines.augment.search import AugmentContext
 from pipelines.common.home import made_once, project_home
 from pipelines.common.threads import fit_threads, joined, refit_threads
 from pipelines.config.data import DataConfig
+from pipelines.config.errors import ConfigError
 from pipelines.config.loader import flatten
 from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.prepared import Prepared, model_spec
 from pipelines.engine import distributed
-from pipelines.evaluate.compare import Choice, StudentOutcome, choose_student, comparison_csv, comparison_markdown, summarise
+from pipelines.evaluate.compare import (
+    Choice,
+    StudentOutcome,
+    choose_student,
+    comparison_csv,
+    comparison_markdown,
+    held_out_warnings,
+    paired_vs_kd,
+    run_description,
+    summarise,
+)
 from pipelines.evaluate.metrics import evaluate
 from pipelines.orchestrate import launch
 from pipelines.orchestrate.registration import registration_turn
 from pipelines.orchestrate.worker import load_stage_output
-from pipelines.register.student import lineage_tags, register_student
+from pipelines.register.student import champion_inputs, champion_mismatch, lineage_tags, register_student
 from pipelines.students.fit import finish_student, run_student
 from pipelines.teacher import improve, sources
 from pipelines.teacher.context import TeacherContext
@@ -127,7 +139,8 @@ def _teacher_run_name(cfg: PipelineConfig) -> str:
 
 @task(name="train-teacher", cache_policy=NO_CACHE)
 def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, timings: dict):
-    """Train the teacher, or bring it (``teacher.source``) and fine-tune it; its own child run."""
+    """Train the teacher, or bring it (``teacher.source``) and fine-tune it; its own child run.
+    Returns the teacher, its test evaluation and what the summary reports of it."""
     refit_threads()
     with tracking.child_run(parent, _teacher_run_name(cfg), _tags()) as run:
         run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.")})
@@ -153,7 +166,16 @@ def train_teacher(cfg: PipelineConfig, prepared: Prepared, parent: RunLogger, ti
             _register_teacher(cfg, ctx, run, ev.accuracy, outcome.key)
     get_run_logger().info("teacher %s: test acc %.2f%% (cached=%s)", teacher_spec(ctx)["arch"],
                           100 * ev.accuracy, outcome.cached)
-    return outcome.model, ev
+    return outcome.model, ev, {"arch": teacher_spec(ctx)["arch"], "test_acc": ev.accuracy, "cached": outcome.cached,
+                               "train_seconds": _train_seconds(outcome)}
+
+
+def _train_seconds(outcome: TeacherOutcome) -> float | None:
+    """What producing the teacher cost: this run's training, or the one that cached it
+    (None when that was not recorded)."""
+    if outcome.train_seconds is not None:
+        return outcome.train_seconds
+    return None if outcome.cached else outcome.seconds
 
 
 def _register_teacher(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger, accuracy: float, key: str) -> None:
@@ -173,9 +195,12 @@ def _register_teacher(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger, 
 def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunLogger, timings: dict):
     """The teacher's consistency training on the transfer split (``teacher.improve``), in
     its own child run; returns the teacher the students learn from (the labelled one when
-    the stage is off or there is no transfer split)."""
+    the stage is off or there is no transfer split) and what the summary reports of it:
+    its test accuracy, or why the stage was skipped."""
     if not improve.improves(cfg.teacher.improve, prepared):
-        return teacher
+        info = skipped_improvement(cfg)
+        get_run_logger().info("improved teacher: skipped: %s (%s)", info["skipped"], info["why"])
+        return teacher, info
     refit_threads()
     with tracking.child_run(parent, "teacher-improve", _tags()) as run:
         run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith("teacher.improve.")})
@@ -197,7 +222,19 @@ def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, paren
         if outcome.result is not None:
             _log_curve(run, outcome.result.curve, "teacher-improve")
     get_run_logger().info("improved teacher: test acc %.2f%% (cached=%s)", 100 * ev.accuracy, outcome.cached)
-    return outcome.model
+    parent.log_metrics({"teacher_improved_test_acc": ev.accuracy}, step=0)
+    return outcome.model, {"arch": teacher_spec(ctx)["arch"], "test_acc": ev.accuracy, "cached": outcome.cached,
+                           "train_seconds": _train_seconds(outcome), "mask_rate": outcome.mask_rate}
+
+
+def skipped_improvement(cfg: PipelineConfig) -> dict:
+    """Why ``teacher.improve`` did not run: ``{"skipped", "why"}``."""
+    if cfg.teacher.improve.method == "none":
+        return {"skipped": "teacher.improve.method=none", "why": "the students learn from the labelled teacher"}
+    why = ("data.transfer=false" if not cfg.data.transfer else
+           "every labelled image is used for training: set data.label_budget, or data.transfer_root to a "
+           "folder of unlabelled images")
+    return {"skipped": "no transfer data", "why": why}
 
 
 def _improve_under_torchrun(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger, folder) -> TeacherOutcome:
@@ -349,6 +386,10 @@ def _log_learned_teacher(run: RunLogger, teacher, cfg: PipelineConfig, prepared:
 @task(name="evaluate", cache_policy=NO_CACHE)
 def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunLogger) -> list[dict]:
     rows = summarise(outcomes)
+    vs_kd = paired_vs_kd(outcomes)  # each teacher-based method against plain kd, seed for seed
+    for r in rows:
+        if r["method"] in vs_kd:
+            r["vs_kd"] = vs_kd[r["method"]]
     with tracking.child_run(parent, "evaluate", _tags()) as run:
         for method in cfg_methods(outcomes):
             best = max((o for o in outcomes if o.method == method), key=lambda o: o.val_acc)
@@ -389,6 +430,16 @@ def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: Ru
 
 
 @flow(name="metadistill", log_prints=True)
+def check_champion_takes(cfg: PipelineConfig, prepared: Prepared) -> None:
+    """The champion takes this data's inputs and classes, checked once the data is read, so a
+    scheduled run (which no CLI pre-flight check saw) stops here and not after all the training."""
+    model_name = f"{cfg.tracking.experiment}-student"
+    if cfg.tracking.register_best and (champion := champion_inputs(model_name)) is not None:
+        why = champion_mismatch(champion, model_name, prepared.input_shape, prepared.num_classes, prepared.class_names)
+        if why is not None:
+            raise ConfigError(why)
+
+
 def metadistill_flow(config: PipelineConfig) -> dict:
     """Prepare data, train the teacher and every student method over seeds, compare them
     on the test split, and register the best student."""
@@ -402,9 +453,10 @@ def metadistill_flow(config: PipelineConfig) -> dict:
         parent.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
         prepared = data_stage.place(prepare_data(cfg.data, parent, timings), distributed.device(cfg.dist.device))
         parent.set_tags({"dist.device": str(prepared.device)})
+        check_champion_takes(cfg, prepared)
         prepare_augmentation(cfg, prepared, parent, timings)
-        teacher, teacher_eval = train_teacher(cfg, prepared, parent, timings)
-        teacher = improve_teacher_task(cfg, prepared, teacher, parent, timings)
+        teacher, teacher_eval, teacher_info = train_teacher(cfg, prepared, parent, timings)
+        teacher, improved_info = improve_teacher_task(cfg, prepared, teacher, parent, timings)
         outcomes, students_wall = student_sweep(cfg, prepared, teacher, parent, timings)
         rows = compare(outcomes, prepared.class_names, parent)
         registered, choice = None, None
@@ -412,17 +464,31 @@ def metadistill_flow(config: PipelineConfig) -> dict:
             choice = choose_student(outcomes)
             get_run_logger().info("chosen: %s seed %d (%s)", choice.outcome.method, choice.outcome.seed, choice.reason)
             registered = register(cfg, prepared, choice, parent)
-        parent.log_metrics({"teacher_test_acc": teacher_eval.accuracy}, step=0)
-    return {"mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
-            "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds")}
+        headline = {"teacher_test_acc": teacher_eval.accuracy}
+        if choice is not None:
+            headline.update(chosen_test_acc=choice.outcome.evaluation.accuracy, chosen_val_acc=choice.outcome.val_acc)
+        parent.log_metrics(headline, step=0)
+        student = cfg.student.model.model_dump(mode="json")
+        summary = {
+            "mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
+            "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds",
+                                                        "vs_kd") if k in r}
                         for r in rows},
             "students": [{"method": o.method, "seed": o.seed, "test_acc": o.evaluation.accuracy,
-                          "test_loss": o.evaluation.loss, "val_acc": o.val_acc, "train_seconds": o.result.seconds}
+                          "test_loss": o.evaluation.loss, "val_acc": o.val_acc, "train_seconds": o.result.seconds,
+                          "val_loss": o.val_loss}
                          for o in outcomes],
             "device": str(prepared.device), "student_concurrency": student_concurrency(cfg, prepared.device),
             "students_wall_seconds": students_wall,
             "chosen": None if choice is None else {"method": choice.outcome.method, "seed": choice.outcome.seed,
                                                    "reason": choice.reason},
             "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
-            "teacher_arch": teacher_spec(TeacherContext.from_config(cfg, prepared))["arch"],
+            "teacher_arch": teacher_info["arch"], "teacher": teacher_info, "teacher_improved": improved_info,
+            "student_arch": student["arch"],
+            "student_model": {"arch": student["arch"], "kwargs": student["kwargs"],
+                              "parameters": count_parameters(unwrap(outcomes[0].model))},
+            "held_out": {k: prepared.counts.get(k, 0) for k in ("train", "quiz", "val", "test", "transfer")},
+            "warnings": held_out_warnings(prepared.counts),
             "timings": timings, "data_cached": prepared.cached}
+        parent.set_description(run_description(summary, rows))
+    return summary

@@ -9,34 +9,48 @@ from pathlib import Path
 
 from pipelines.common.net import answers
 from pipelines.config.errors import ConfigError
-from pipelines.config.pipeline import PipelineConfig
+from pipelines.config.pipeline import PipelineConfig, check_models, dataset_shape
 from pipelines.data.errors import DataError
-from pipelines.data.readers import list_transfer_root, source_size
+from pipelines.data.readers import class_counts, imbalance_note, list_transfer_root, source_size
 from pipelines.engine.distributed import check_device
+from pipelines.evaluate.compare import held_out_warnings
 from pipelines.teacher.sources import preflight as check_sources
 
 
-def train_split_size(n: int, has_test: bool, classes: int, cfg: PipelineConfig) -> int:
-    """The training split's size as ``pipelines.data.splits.split_indices`` will cut it from a
+def split_sizes(n: int, has_test: bool, classes: int, cfg: PipelineConfig) -> dict[str, int]:
+    """The labelled splits' sizes as ``pipelines.data.splits.split_indices`` will cut them from a
     pool of ``n`` (exact, except that a test share carved per class may hold up to
-    ``classes`` images fewer than the whole pool's share: counted in the split's favour)."""
+    ``classes`` images fewer than the whole pool's share: counted in the training split's favour)."""
     d = cfg.data
     pool = n if has_test else n - max(0, int(round(n * d.test_fraction)) - classes)
     keep = int(round(pool * d.train_fraction))
     if d.label_budget is not None:
         keep = min(keep, d.label_budget)
-    return keep - int(round(keep * d.val_fraction)) - max(1, int(round(keep * d.quiz_fraction)))
+    val, quiz = int(round(keep * d.val_fraction)), max(1, int(round(keep * d.quiz_fraction)))
+    test = {} if has_test else {"test": int(round(n * d.test_fraction))}  # a test folder's is not listed here
+    return {"train": keep - val - quiz, "val": val, "quiz": quiz, **test}
 
 
-def check_inputs(cfg: PipelineConfig, sources: bool = True) -> None:
-    """Raise :class:`ConfigError` for the first input that cannot work."""
+def train_split_size(n: int, has_test: bool, classes: int, cfg: PipelineConfig) -> int:
+    return split_sizes(n, has_test, classes, cfg)["train"]
+
+
+def check_inputs(cfg: PipelineConfig, sources: bool = True) -> list[str]:
+    """Raise :class:`ConfigError` for the first input that cannot work; return warnings
+    about inputs that work but may mislead (printed once every check has passed)."""
     try:
         n, has_test, classes = source_size(cfg.data)
         if cfg.data.transfer_root is not None:
             list_transfer_root(Path(cfg.data.transfer_root).expanduser())
     except DataError as exc:
         raise ConfigError(str(exc)) from None
-    train = train_split_size(n, has_test, classes, cfg)
+    if cfg.data.name == "imagefolder":  # its class count is known now: the checks that need it
+        try:
+            check_models(cfg, dataset_shape(cfg.data)[0], classes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    sizes = split_sizes(n, has_test, classes, cfg)
+    train = sizes["train"]
     batches = {"teacher.train.batch_size": cfg.teacher.train.batch_size if not cfg.teacher.brought() else None,
                "teacher.finetune.batch_size": cfg.teacher.finetune.batch_size
                if cfg.teacher.brought() and cfg.teacher.finetune.mode != "none" else None,
@@ -47,7 +61,32 @@ def check_inputs(cfg: PipelineConfig, sources: bool = True) -> None:
                               f"the splits (label_budget, train_fraction, val_fraction, quiz_fraction): lower it")
     check_device(cfg.dist.device)
     if sources:
-        check_sources(cfg)
+        check_sources(cfg, classes)
+    return [note for note in [imbalance_note(cfg.data), *held_out_warnings(sizes)] if note is not None]
+
+
+def check_champion(cfg: PipelineConfig) -> None:
+    """The champion this run's student would be compared with takes the same inputs and
+    classes as this run's data, or the run stops now, naming ``tracking.experiment``,
+    rather than at registration after all the training.  A store that does not exist yet
+    holds no champion: it is not created here."""
+    from pipelines import tracking
+    from pipelines.register.student import champion_inputs, champion_mismatch
+
+    uri = tracking.tracking_uri()
+    if not cfg.tracking.register_best or (uri.startswith("sqlite:///") and not Path(uri[10:]).exists()):
+        return
+    model_name = f"{cfg.tracking.experiment}-student"
+    if (champion := champion_inputs(model_name)) is None:
+        return
+    try:
+        _, _, classes = source_size(cfg.data)
+        counts = class_counts(cfg.data)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    names = list(counts) if counts is not None else None  # an image folder's; the built-in sets' are fixed
+    if (why := champion_mismatch(champion, model_name, dataset_shape(cfg.data)[0], classes, names)) is not None:
+        raise ConfigError(why)
 
 
 def check_servers() -> None:

@@ -9,6 +9,7 @@ no half-registered model is left behind.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 
@@ -24,17 +25,51 @@ from pipelines.register.promotion import Decision, Paired, decide, promote
 from pipelines.tracking.runs import RunLogger
 
 
-def champion_evaluation(champion: dict | None, prepared: Prepared) -> Evaluation | None:
+def champion_inputs(model_name: str) -> dict | None:
+    """What the champion of ``model_name`` takes: ``{version, input_shape, num_classes,
+    class_names}``, from its version's tags (read back from its weights' spec for a version
+    registered before the tags were written); None when there is no champion."""
+    champion = tracking.current_champion(model_name)
+    if champion is None:
+        return None
+    if "input_shape" in champion and "num_classes" in champion:
+        return {"version": champion["version"], "input_shape": json.loads(champion["input_shape"]),
+                "num_classes": int(champion["num_classes"]),
+                "class_names": json.loads(champion.get("class_names") or "null")}
+    spec = json.loads((tracking.download_artifacts(champion["source_run_id"], "weights") / "spec.json").read_text())
+    return {"version": champion["version"], "input_shape": spec["input_shape"], "num_classes": spec["num_classes"],
+            "class_names": spec.get("class_names")}
+
+
+def champion_mismatch(champion: dict, model_name: str, shape, classes: int, class_names: list[str] | None) -> str | None:
+    """Why the champion (:func:`champion_inputs`) cannot be compared with a student of this
+    data, naming the fix; None when it can: the same input shape and classes (by name
+    where both sides know them)."""
+    same = (list(champion["input_shape"]) == list(shape) and champion["num_classes"] == classes
+            and (class_names is None or champion["class_names"] is None or champion["class_names"] == class_names))
+    if same:
+        return None
+    names = lambda n: f" ({', '.join(n[:5])}{', ...' if len(n) > 5 else ''})" if n else ""  # noqa: E731
+    experiment = model_name.removesuffix("-student")
+    return (f"the champion {model_name} v{champion['version']} takes inputs {list(champion['input_shape'])} with "
+            f"{champion['num_classes']} classes{names(champion['class_names'])}; this run's data gives {list(shape)} "
+            f"and {classes}{names(class_names)}, so the promotion gate could not compare them: use another experiment name, "
+            f"--set tracking.experiment=NEW (not {experiment}; the student then registers as NEW-student, and the "
+            f"default is named after the data), or --set tracking.register_best=false")
+
+
+def champion_evaluation(champion: dict | None, prepared: Prepared, model_name: str) -> Evaluation | None:
     """The champion evaluated on *this* test split, image by image (its weights, read back
     from its run), so the gate compares exact numbers on the same images."""
     if champion is None:
         return None
     folder = tracking.download_artifacts(champion["source_run_id"], "weights")
     model, spec = load_weights(folder)
-    if tuple(spec["input_shape"]) != tuple(prepared.input_shape) or spec["num_classes"] != prepared.num_classes:
-        raise ValueError(f"champion v{champion['version']} takes inputs {spec['input_shape']} with "
-                         f"{spec['num_classes']} classes; this run's data has {list(prepared.input_shape)} "
-                         f"and {prepared.num_classes}: use another experiment name")
+    takes = {"version": champion["version"], "input_shape": spec["input_shape"], "num_classes": spec["num_classes"],
+             "class_names": spec.get("class_names")}
+    if (why := champion_mismatch(takes, model_name, prepared.input_shape, prepared.num_classes,
+                                 prepared.class_names)) is not None:
+        raise ValueError(why)
     return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
 
 
@@ -69,14 +104,18 @@ def register_student(run: RunLogger, parent_run_id: str, model_name: str, choice
     save_weights(best.model, weights, {**spec, "method": best.method, "seed": best.seed,
                                        "test_acc": best.evaluation.accuracy})
     model_uri = tracking.log_student_model(run, *deployable(best, prepared), weights)
-    held = champion_evaluation(champion, prepared)
+    held = champion_evaluation(champion, prepared, model_name)
     decision = decide(best.evaluation.accuracy, held.accuracy if held else None,
                       champion["version"] if champion else None,
                       Paired.of(best.evaluation.correct, held.correct) if held else None, gate.promotion_alpha,
                       gate.promotion_min_delta)
     tags = {"method": best.method, "seed": best.seed, "test_acc": f"{best.evaluation.accuracy:.6f}",
             "data_key": prepared.key, "source_run_id": run.run_id, "student_run_id": best.run_id,
-            "pipeline_run_id": parent_run_id, "promotion_reason": decision.reason, "chosen_because": choice.reason}
+            "pipeline_run_id": parent_run_id, "promotion_reason": decision.reason, "chosen_because": choice.reason,
+            # what it takes, so the next run's pre-flight check compares its data without a download
+            "input_shape": json.dumps(list(prepared.input_shape)), "num_classes": str(prepared.num_classes)}
+    if len(names := json.dumps(list(prepared.class_names))) <= 5000:  # a tag's limit; the spec holds them all
+        tags["class_names"] = names
     if decision.delta is not None:
         tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
     if decision.p_value is not None:

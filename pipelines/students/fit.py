@@ -8,7 +8,6 @@ from pipelines.config.pipeline import PipelineConfig
 from pipelines.data.prepared import Prepared
 from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import LogFn, TrainResult
-from pipelines.engine.metrics import accuracy
 from pipelines.evaluate.compare import StudentOutcome
 from pipelines.evaluate.metrics import evaluate
 from pipelines.students.context import StudentContext
@@ -30,8 +29,12 @@ def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Mo
 def finish_student(method: str, seed: int, model: nn.Module, result: TrainResult, data: Prepared,
                    learned_teacher: nn.Module | None = None) -> StudentOutcome:
     evaluation = evaluate(model, data.x("test"), data.y("test"), data.num_classes)
-    val_acc = accuracy(model, data.x("val"), data.y("val")) if len(data.y("val")) else 0.0
-    return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=learned_teacher)
+    val_acc, val_loss, images = 0.0, None, len(data.y("val"))
+    if images:  # the accuracy picks the student, the loss breaks its ties
+        val = evaluate(model, data.x("val"), data.y("val"), data.num_classes)
+        val_acc, val_loss = val.accuracy, val.loss
+    return StudentOutcome(method, seed, model, result, evaluation, val_acc, learned_teacher=learned_teacher,
+                          val_loss=val_loss, val_images=images)
 
 
 def run_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,

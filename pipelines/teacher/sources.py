@@ -35,6 +35,7 @@ from pipelines.config.pipeline import PipelineConfig, dataset_shape
 from pipelines.config.sources import REGISTRY_URI
 from pipelines.config.students import StudentConfig
 from pipelines.config.teacher import TeacherConfig, teacher_input_shape
+from pipelines.data.readers import source_size
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SPEC_KEYS = ("arch", "input_shape", "num_classes")
@@ -332,10 +333,13 @@ def check_init(source: WeightsSource, model_key: str, arch: str, kwargs: dict, i
         raise SourceError(f"{label} was made for inputs {spec['input_shape']}; this data gives {list(input_shape)}")
 
 
-def preflight(cfg: PipelineConfig) -> list[WeightsSource]:
+def preflight(cfg: PipelineConfig, classes: int | None = None) -> list[WeightsSource]:
     """Resolve and check every source of ``cfg`` before any work (``metadistill run``): the
-    CLI's entry, before any data is prepared (the shapes come from the data section)."""
-    shape, classes = dataset_shape(cfg.data)
+    CLI's entry, before any data is prepared (the shapes come from the data section; an
+    image folder's ``classes`` from its folders, listed here when not given)."""
+    shape, classes = dataset_shape(cfg.data, classes)
+    if classes is None:
+        classes = source_size(cfg.data)[2]
     found = []
     if (teacher := teacher_source(cfg.teacher, shape)) is not None:
         check_teacher(teacher, cfg.teacher, cfg.student, shape, classes, cfg.data.name)

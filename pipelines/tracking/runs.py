@@ -117,6 +117,10 @@ class RunLogger:
     def set_tags(self, tags: dict[str, object]) -> None:
         client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def set_description(self, text: str) -> None:
+        """The run page's description (markdown; the UI shows it above the run's details)."""
+        self.set_tags({"mlflow.note.content": text if len(text) <= 5000 else text[:4998] + "…\n"})
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         client().log_artifact(self.run_id, str(path), artifact_path)
 
