@@ -429,7 +429,6 @@ def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: Ru
     return {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": decision.reason}
 
 
-@flow(name="metadistill", log_prints=True)
 def check_champion_takes(cfg: PipelineConfig, prepared: Prepared) -> None:
     """The champion takes this data's inputs and classes, checked once the data is read, so a
     scheduled run (which no CLI pre-flight check saw) stops here and not after all the training."""
@@ -440,6 +439,7 @@ def check_champion_takes(cfg: PipelineConfig, prepared: Prepared) -> None:
             raise ConfigError(why)
 
 
+@flow(name="metadistill", log_prints=True)
 def metadistill_flow(config: PipelineConfig) -> dict:
     """Prepare data, train the teacher and every student method over seeds, compare them
     on the test split, and register the best student."""
