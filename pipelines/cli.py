@@ -28,7 +28,8 @@ def _prepare_env() -> None:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from pipelines.config.presets import PRESETS
 
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: digits)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named preset (default: digits; imagefolder when data.name=imagefolder)")
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one dotted key, e.g. --set student.train.steps=500 (repeatable)")

@@ -278,6 +278,6 @@ def test_small_validation_splits_are_warned_before_work():
     from pipelines.orchestrate.preflight import check_inputs
 
     notes = check_inputs(load_config(overrides=["data.label_budget=200"]), sources=False)
-    assert len(notes) == 1 and "the validation split holds 20 images (quiz 20)" in notes[0]
+    assert len(notes) == 1 and "the validation split holds 20 images (quiz 20, validation 20, test 359)" in notes[0]
     assert "5.0 points" in notes[0] and "data.label_budget" in notes[0]
     assert check_inputs(load_config(), sources=False) == []  # digits' 144 validation images
