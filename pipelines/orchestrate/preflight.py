@@ -79,12 +79,12 @@ def check_champion(cfg: PipelineConfig) -> None:
     model_name = f"{cfg.tracking.experiment}-student"
     if (champion := champion_inputs(model_name)) is None:
         return
-    try:
-        _, _, classes = source_size(cfg.data)
+    try:  # an image folder's classes by name, from one listing; the built-in sets' are fixed
         counts = class_counts(cfg.data)
+        classes = len(counts) if counts is not None else source_size(cfg.data)[2]
     except DataError as exc:
         raise ConfigError(str(exc)) from None
-    names = list(counts) if counts is not None else None  # an image folder's; the built-in sets' are fixed
+    names = list(counts) if counts is not None else None
     if (why := champion_mismatch(champion, model_name, dataset_shape(cfg.data)[0], classes, names)) is not None:
         raise ConfigError(why)
 

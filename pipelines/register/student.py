@@ -37,7 +37,12 @@ def champion_inputs(model_name: str) -> dict | None:
                 "num_classes": int(champion["num_classes"]),
                 "class_names": json.loads(champion.get("class_names") or "null")}
     spec = json.loads((tracking.download_artifacts(champion["source_run_id"], "weights") / "spec.json").read_text())
-    return {"version": champion["version"], "input_shape": spec["input_shape"], "num_classes": spec["num_classes"],
+    return _takes(champion["version"], spec)
+
+
+def _takes(version: str, spec: dict) -> dict:
+    """What a version takes, from its weights' spec (the shape :func:`champion_inputs` returns)."""
+    return {"version": version, "input_shape": spec["input_shape"], "num_classes": spec["num_classes"],
             "class_names": spec.get("class_names")}
 
 
@@ -65,9 +70,7 @@ def champion_evaluation(champion: dict | None, prepared: Prepared, model_name: s
         return None
     folder = tracking.download_artifacts(champion["source_run_id"], "weights")
     model, spec = load_weights(folder)
-    takes = {"version": champion["version"], "input_shape": spec["input_shape"], "num_classes": spec["num_classes"],
-             "class_names": spec.get("class_names")}
-    if (why := champion_mismatch(takes, model_name, prepared.input_shape, prepared.num_classes,
+    if (why := champion_mismatch(_takes(champion["version"], spec), model_name, prepared.input_shape, prepared.num_classes,
                                  prepared.class_names)) is not None:
         raise ValueError(why)
     return evaluate(model, prepared.x("test"), prepared.y("test"), prepared.num_classes)
