@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from deploy.registry import LoadedModel
+from models.quantize import torchscript_bytes
 
 FORMATS = ("torchscript", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript")
@@ -24,11 +25,17 @@ class ExportError(RuntimeError):
     """An export that cannot be written on this install (a package it needs is missing)."""
 
 
-def check_format(fmt: str) -> None:
-    """Refuse an unknown format, or ONNX where ``onnx``/``onnxscript`` do not import (they are
-    in the base install: a broken or older one), before any model is loaded."""
+def check_format(fmt: str, variant: str = "float") -> None:
+    """Refuse an unknown format, ONNX of the int8 variant, or ONNX where ``onnx``/``onnxscript``
+    do not import (they are in the base install: a broken or older one), before any model is loaded."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if fmt == "onnx" and variant == "int8":
+        # torch.export (under torch.onnx's dynamo exporter) cannot trace the packed int8 weights of
+        # dynamically quantized layers; ONNX Runtime quantizes a float ONNX file itself.
+        raise ExportError("--format onnx --variant int8: a dynamically quantized torch model does not export to "
+                          "ONNX; use --format torchscript --variant int8, or export the float model to ONNX and "
+                          "quantize that file with onnxruntime.quantization.quantize_dynamic")
     if fmt != "onnx":
         return
     for package in ONNX_PACKAGES:
@@ -60,15 +67,14 @@ def metadata_path(out: Path) -> Path:
 
 
 def export(loaded: LoadedModel, fmt: str, out: Path) -> Path:
-    check_format(fmt)
+    check_format(fmt, loaded.variant)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = export_metadata(loaded)
     example = torch.rand(2, *loaded.spec["input_shape"])
     tmp = out.with_name(out.name + ".tmp")
     if fmt == "torchscript":
-        with torch.no_grad():
-            torch.jit.trace(loaded.model, example).save(str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)})
+        tmp.write_bytes(torchscript_bytes(loaded.model, example, {EXTRA_FILE: json.dumps(meta)}))
     else:
         import onnx
 

@@ -9,7 +9,9 @@ Concurrent requests are micro-batched: the batcher takes whatever is queued (up 
 ``max_batch`` rows, waiting at most ``max_wait_ms`` for more) and runs one forward pass.
 A new ``champion`` is picked up by polling the registry (``poll_seconds``) or on SIGHUP:
 the new model is loaded completely, then swapped in; batches already running finish on
-the old one.  Bad input is answered with a 4xx and a message, never a crash.
+the old one.  A server of the int8 variant stays int8: a new champion without a kept int8
+variant is not swapped in (the error is logged).  Bad input is answered with a 4xx and a
+message, never a crash.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 import orjson
 import torch
 
-from deploy.registry import LoadedModel, ModelLoadError, load_registered
+from deploy.registry import LoadedModel, ModelLoadError, VariantUnavailable, load_registered
+from models.forward import forward
 
 log = logging.getLogger("metadistill.serve")
 ENV_CONFIG = "METADISTILL_SERVE_CONFIG"
@@ -50,11 +53,15 @@ class ServeConfig:
     poll_seconds: float = 30.0
     drain_bytes: int = 64 << 20  # read and discard this much of an oversized body before answering
     device: str = "cpu"  # "cuda": forward passes on the GPU (cuda:0)
+    variant: str = "float"  # "int8": the version's int8 variant (deploy.registry.load_registered)
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, variant: str = "float") -> None:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"serve device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and variant == "int8":
+        raise VariantUnavailable("--variant int8 runs on the CPU only (dynamically quantized kernels have no CUDA "
+                                 "version): drop --device cuda, or serve --variant float on the GPU")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"--device cuda, but this machine has no usable CUDA device "
                              f"(torch {torch.__version__}): serve on the CPU (the default)")
@@ -98,7 +105,7 @@ class Batcher:
             for model in dict.fromkeys(i[0] for i in items):
                 group = [i for i in items if i[0] is model]
                 try:
-                    out = await loop.run_in_executor(self.executor, _forward, model,
+                    out = await loop.run_in_executor(self.executor, forward, model,
                                                      np.concatenate([i[1] for i in group]))
                 except Exception as exc:  # noqa: BLE001 - answer every waiting request
                     for _, _, fut in group:
@@ -110,12 +117,6 @@ class Batcher:
                     if not fut.done():
                         fut.set_result(out[start:start + len(x)])
                     start += len(x)
-
-
-def _forward(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
 
 class App:
@@ -152,8 +153,7 @@ class App:
             info = await loop.run_in_executor(None, tracking.model_version_by_alias, self.cfg.model, self.cfg.alias)
             if info is None or info["version"] == self.current.version:
                 return False
-            loaded = await loop.run_in_executor(None, lambda: placed(load_registered(self.cfg.model, self.cfg.alias),
-                                                                     self.cfg.device))
+            loaded = await loop.run_in_executor(None, self._load)
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
             log.error("reload of %s@%s failed, still serving v%s: %s", self.cfg.model, self.cfg.alias,
                       self.current.version, exc)
@@ -162,9 +162,13 @@ class App:
             log.error("new %s v%s takes %s, the server was started for %s; not swapped", self.cfg.model,
                       loaded.version, loaded.spec["input_shape"], list(self.shape))
             return False
-        log.info("serving %s v%s (was v%s)", self.cfg.model, loaded.version, self.current.version)
+        log.info("serving %s v%s %s (was v%s)", self.cfg.model, loaded.version, loaded.variant, self.current.version)
         self.current = loaded
         return True
+
+    def _load(self) -> LoadedModel:
+        """The version that holds the alias now, as the variant and on the device this server serves."""
+        return placed(load_registered(self.cfg.model, self.cfg.alias, self.cfg.variant), self.cfg.device)
 
     # ------------------------------------------------------------ ASGI
     async def __call__(self, scope, receive, send) -> None:
@@ -332,15 +336,15 @@ def create_app(cfg: ServeConfig | None = None) -> App:
     if cfg is None:
         cfg = ServeConfig(**json.loads(os.environ[ENV_CONFIG]))
     torch.set_num_threads(1)  # many small forwards: threads would only contend
-    check_device(cfg.device)
-    return App(placed(load_registered(cfg.model, cfg.alias), cfg.device), cfg)
+    check_device(cfg.device, cfg.variant)
+    return App(placed(load_registered(cfg.model, cfg.alias, cfg.variant), cfg.device), cfg)
 
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
     import uvicorn
 
-    check_device(cfg.device)
-    load_registered(cfg.model, cfg.alias)  # fail before binding if the model cannot be served
+    check_device(cfg.device, cfg.variant)
+    load_registered(cfg.model, cfg.alias, cfg.variant)  # fail before binding if the model cannot be served
     os.environ[ENV_CONFIG] = json.dumps(asdict(cfg))
     uvicorn.run("deploy.serve:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False, http="httptools", loop="uvloop",

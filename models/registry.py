@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from models.cnn import CNN
 from models.conv4 import Conv4
 from models.external import build_external, is_external, split_name
 from models.mlp import MLP
@@ -14,11 +15,15 @@ from models.resnet import CifarResNet, WideResNet
 
 Factory = Callable[..., nn.Module]
 
-_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 
 
 def _mlp(input_shape, num_classes, hidden=(256, 256), **kw):
     return MLP(input_shape, num_classes, hidden=tuple(hidden), **kw)
+
+
+def _cnn(input_shape, num_classes, widths=(16, 32), **kw):
+    return CNN(input_shape, num_classes, widths=tuple(widths), **kw)
 
 
 def _conv4(input_shape, num_classes, **kw):
@@ -38,9 +43,10 @@ def _wrn(input_shape, num_classes, depth=16, widen=4, **kw):
 
 _FACTORIES: dict[str, Factory] = {
     "mlp": _mlp,
+    "cnn": _cnn,
     "conv4": _conv4,
     "wrn": _wrn,
-    **{f"resnet{d}": _resnet(d) for d in _RESNET_DEPTHS},
+    **{f"resnet{d}": _resnet(d) for d in RESNET_DEPTHS},
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES) + ("wrn-D-W", "torchvision:NAME", "timm:NAME")
 _WRN_NAME = re.compile(r"^wrn-(\d+)-(\d+)$")

@@ -8,10 +8,16 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.registry import build_model
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``model.safetensors`` holds: the state dict, contiguous, on the CPU."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
 def save_weights(model: nn.Module, folder: Path, spec: dict) -> None:
@@ -20,8 +26,7 @@ def save_weights(model: nn.Module, folder: Path, spec: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     tmp.mkdir(exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
+    save_file(saved_state(model), str(tmp / "model.safetensors"))
     (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
     if folder.exists():
         import shutil

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 EXIT_CONFIG = 2
+VARIANTS = ("float", "int8")  # deploy.registry.VARIANTS, spelled out so that --help imports no torch
+VARIANT_HELP = ("float (default), or int8: the nn.Linear layers quantized to int8, convolutions left float; only for "
+                "a version whose run kept its int8 variant (tag int8.kept)")
 
 
 def _prepare_env() -> None:
@@ -135,6 +138,7 @@ def _registry_commands(sub) -> None:
     srv.add_argument("--poll-seconds", type=float, default=30.0, help="registry polling (0: only on SIGHUP)")
     srv.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where forward passes run (default cpu; cuda: the first GPU)")
+    srv.add_argument("--variant", default="float", choices=VARIANTS, help=VARIANT_HELP)
 
     prom = sub.add_parser("promote", help="make VERSION the champion (old champion becomes challenger)")
     prom.add_argument("version")
@@ -151,6 +155,8 @@ def _registry_commands(sub) -> None:
     exp.add_argument("--model", help="registered model name (default: metadistill-digits-student)")
     exp.add_argument("--alias", default="champion")
     exp.add_argument("--out", required=True, help="output file")
+    exp.add_argument("--variant", default="float", choices=VARIANTS,
+                     help=VARIANT_HELP + " (TorchScript only)")
 
     ui = sub.add_parser("ui", help="start the MLflow UI over the project's store on 127.0.0.1",
                         description="Serve the MLflow UI over the project's tracking store and registry.")
@@ -179,14 +185,14 @@ def _fit_threads(cfg, sample=None) -> int:
 
 
 def _print_table(summary: dict) -> None:
-    """The run's table (teachers, then one row per method), under it the students'
-    architecture, the choice, the registration, any warnings and what to do next.  Full
-    width when stdout is not a terminal (a log, a pipe), so no header is cut."""
+    """The run's table (teachers, then one row per method), under it the students' network
+    (and its search), its cost, the choice, the registration, any warnings and what to do
+    next.  Full width when stdout is not a terminal (a log, a pipe): no header is cut."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from pipelines.evaluate.compare import student_text, vs_kd_text
+    from pipelines.evaluate.compare import network_lines, vs_kd_text
 
     methods = summary["methods"]
     delta = any("vs_kd" in m for m in methods.values())
@@ -216,13 +222,15 @@ def _print_table(summary: dict) -> None:
     console.print(table)
     if improved and improved.get("why") and improved.get("skipped") == "no transfer data":
         console.print(escape(f"teacher improvement skipped: {improved['why']}"))
-    if student := summary.get("student_model"):
-        console.print(escape(f"students: {student_text(student)} each; teacher: {summary.get('teacher_arch', '?')}"))
+    for line in network_lines(summary):  # the cost card: docs/operating.md#the-cost-card
+        console.print(escape(line), soft_wrap=True)
     if chosen := summary.get("chosen"):
         console.print(f"chosen: [bold]{chosen['method']}[/] seed {chosen['seed']}: {escape(chosen['reason'])}")
     reg = summary.get("registered_model")
     if reg:
         console.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [bold]{reg['alias']}[/]: {escape(reg['reason'])}")
+    if reg and (int8 := summary.get("int8")):
+        console.print(escape(int8_text(int8)))
     for warning in summary.get("warnings") or []:
         console.print(escape(f"warning: {warning}"))
     if reg and reg["alias"] == "challenger":
@@ -234,6 +242,15 @@ def _print_table(summary: dict) -> None:
         steps += [f"metadistill serve --model {reg['name']}",
                   f"metadistill export --format onnx --model {reg['name']} --out student.onnx"]
     console.print(escape("next: " + "  ·  ".join(steps)), soft_wrap=True)
+
+
+def int8_text(int8: dict) -> str:
+    """The registered version's int8 variant in one line: kept or not, and why (accuracies, file sizes)."""
+    verdict = "kept (serve or export it with --variant int8)" if int8["kept"] else "not kept"
+    from models.cost import cost_text
+
+    card = f"; int8 cost: {cost_text(int8['cost'])}" if int8.get("cost") else ""
+    return f"int8 variant {verdict}: {int8['reason']}{card}"
 
 
 def _train_s(teacher: dict, seconds: float) -> str:
@@ -393,8 +410,9 @@ def cmd_serve(args) -> int:
 
     cfg = ServeConfig(model=args.model or DEFAULT_MODEL, alias=args.alias, max_batch=args.max_batch,
                       max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-                      max_instances=args.max_instances, poll_seconds=args.poll_seconds, device=args.device)
-    print(f"serving {cfg.model}@{cfg.alias} on http://{args.host}:{args.port}", file=sys.stderr)
+                      max_instances=args.max_instances, poll_seconds=args.poll_seconds, device=args.device,
+                      variant=args.variant)
+    print(f"serving {cfg.model}@{cfg.alias} ({cfg.variant}) on http://{args.host}:{args.port}", file=sys.stderr)
     serve(cfg, args.host, args.port, args.workers)
     return 0
 
@@ -417,8 +435,8 @@ def cmd_export(args) -> int:
     from deploy.export import EXTRA_FILE, check_format, export, metadata_path
     from deploy.registry import load_registered
 
-    check_format(args.format)  # a missing onnx/onnxscript: one line, exit 2, before the model loads
-    path = export(load_registered(args.model or DEFAULT_MODEL, args.alias), args.format, Path(args.out))
+    check_format(args.format, args.variant)  # a missing onnx/onnxscript, ONNX of int8: one line, exit 2, before loading
+    path = export(load_registered(args.model or DEFAULT_MODEL, args.alias, args.variant), args.format, Path(args.out))
     inside = "its ONNX metadata_props" if args.format == "onnx" else f"its extra file {EXTRA_FILE}"
     print(f"wrote {path} ({args.format}: raw [0, 1] pixels in, logits out; class names, input shape and range "
           f"and the normalisation inside the graph are in {inside})")
@@ -467,7 +485,7 @@ def _known_errors() -> dict[type, tuple[int, str]]:
     """Errors the pipeline raises on purpose, each with its exit code and a hint: they are
     reported as one line (the traceback only with --debug)."""
     from deploy.export import ExportError
-    from deploy.registry import ModelLoadError
+    from deploy.registry import ModelLoadError, VariantUnavailable
     from pipelines.config.errors import ConfigError
     from pipelines.data.errors import DataError
     from pipelines.engine.metrics import TrainingDiverged
@@ -486,6 +504,7 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             ScheduleError: (1, "see `metadistill server` and `metadistill schedule --help`"),
             ServicesError: (1, "see README: Team set-up"),
             ExportError: (EXIT_CONFIG, ""),  # its message names the missing package and the pip command
+            VariantUnavailable: (EXIT_CONFIG, ""),  # its message says why and what to serve instead
             ModelLoadError: (1, "see `metadistill promote` / `metadistill run`"),
             VersionNotFound: (1, "list versions in the MLflow UI (`metadistill ui`)"),
             TrackingError: (1, f"MLflow at {os.environ.get('MLFLOW_TRACKING_URI') or 'the project home'} failed: "

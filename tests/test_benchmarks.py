@@ -8,7 +8,7 @@ in ``EXPECT`` fails.  Each runs in this process (``main(argv)``; the ones that m
 processes, torchrun or servers, still do).  The ones marked ``slow`` start several
 ``metadistill run`` processes each (about 15 s apiece on the idle 2-core machine, 35-130 s
 a module), more than this file's budget of about 90 s: they are skipped, saying so, unless
-``METADISTILL_BENCH_SMOKE=all`` (all 17 took about 7 minutes there).
+``METADISTILL_BENCH_SMOKE=all`` (the 17 modules of that time took about 7 minutes there).
 """
 
 from __future__ import annotations
@@ -69,13 +69,16 @@ class Expect:
 
 
 EXPECT = {
+    "arch_search": Expect("arch_search_digits.json"),
     "augment_quality": Expect("augment_quality_mnist_wide.json"),
     "busy_machine": Expect("busy_machine.json", slow="6 step-timing processes and 3 `metadistill run` processes, "
                                                      "one beside a CPU burner"),
     "concurrent_students": Expect("concurrent_students_h200.json", slow="3 `metadistill run` processes"),
     "data_stream": Expect("data_stream.json", args=lambda tmp: ["--folder", str(tmp / "jpegs")],
                           slow="2 streamed `metadistill run` processes with DataLoader workers"),
-    "ddp_scaling": Expect("ddp_scaling.json", by_hand=("note",)),
+    "ddp_scaling": Expect("ddp_scaling.json", by_hand=("note",),
+                          slow="torchrun at several world sizes, about 30 s; the DDP path itself is tested in "
+                               "test_distributed"),
     "distill_cost": Expect("distill_cost.json"),
     "distill_quality": Expect("distill_quality_fashion_mnist.json"),
     "distill_report": Expect(None),

@@ -79,3 +79,21 @@ def test_a_challenger_is_named_with_how_to_try_it(capsys):
     assert "teacher improved (skipped: teacher.improve.method=none)" in out
     assert "--alias challenger" in out and "metadistill promote 4 --model m-student" in out
     assert out.rstrip().splitlines()[-1].startswith("next: metadistill ui")
+
+
+def test_the_cost_cards_one_line_each_in_human_units(capsys):
+    latency = {"calls": 200, "repeats": 5}
+    student = {"arch": "mlp", "kwargs": {"hidden": [16]}, "parameters": 1210,
+               "cost": {"parameters": 1210, "macs": 1184, "size_bytes": 5128,
+                        "latency_b1": {"median_ms": 0.0801, "spread_pct": 5.0, "batch": 1, **latency},
+                        "latency_b64": {"median_ms": 0.2, "spread_pct": 3.0, "batch": 64, **latency}}}
+    teacher = {"arch": "resnet8", "test_acc": 0.595, "cached": True, "train_seconds": 41.25,
+               "cost": {"parameters": 78_042, "macs": 12_475_392, "size_bytes": 330_000,
+                        "latency_b1": {"median_ms": 1.93, "spread_pct": 1.0, "batch": 1, **latency},
+                        "latency_b64": {"median_ms": 81.2, "spread_pct": 0.5, "batch": 64, **latency}}}
+    _print_table(_summary(student_model=student, teacher=teacher))
+    out = capsys.readouterr().out
+    assert ('student mlp {"hidden": [16]}: 1,210 params · 1,184 MACs · 5.01 KiB · 80.1 us at batch 1 (±2.5%) · '
+            "200 us at batch 64") in out
+    assert "teacher resnet8: 78,042 params · 12.5 M MACs · 322 KiB · 1.93 ms at batch 1 (±0.5%) · 81.2 ms at batch 64" in out
+    assert "params ·" not in next(line for line in out.splitlines() if line.startswith("students: "))

@@ -281,3 +281,9 @@ def test_small_validation_splits_are_warned_before_work():
     assert len(notes) == 1 and "the validation split holds 20 images (quiz 20, validation 20, test 359)" in notes[0]
     assert "5.0 points" in notes[0] and "data.label_budget" in notes[0]
     assert check_inputs(load_config(), sources=False) == []  # digits' 144 validation images
+
+
+def test_a_budget_needs_the_cost_card_it_is_checked_on():
+    with pytest.raises(ConfigError, match="student.budget \\(params\\) is checked at promotion on the student's cost card"):
+        load_config(overrides=["student.budget.params=5000", "tracking.cost_card=false"])
+    assert not load_config(overrides=["tracking.cost_card=false"]).tracking.cost_card

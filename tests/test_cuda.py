@@ -147,8 +147,8 @@ def test_checkpoint_written_on_cuda_resumes_on_the_cpu(tmp_path):
 def test_serving_forward_on_cuda_matches_the_cpu():
     import numpy as np
 
-    from deploy.serve import _forward
+    from models.forward import forward  # what deploy/serve.py runs for each micro-batch
 
     model = _mlp([12, 16, 4], 0, torch.float32)
     x = np.random.default_rng(0).random((5, 12), dtype=np.float32)
-    assert np.allclose(_forward(model, x), _forward(model.cpu(), x), atol=1e-5)
+    assert np.allclose(forward(model, x), forward(model.cpu(), x), atol=1e-5)

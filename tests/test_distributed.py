@@ -222,7 +222,8 @@ def _client(home) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-TINY_FLOW = BASE + ["teacher.train.steps=40", "student.train.steps=30", "student.seeds=[0]", "maml.meta_steps=4",
+TINY_FLOW = BASE + ["tracking.cost_card=false",  # measured in test_cost and test_integration
+                    "teacher.train.steps=40", "student.train.steps=30", "student.seeds=[0]", "maml.meta_steps=4",
                     "maml.log_every=2", "dist.nproc=2", "tracking.experiment=dist-digits"]
 
 

@@ -58,6 +58,10 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert 0.3 < improved_acc <= 1 and summary["teacher_improved"]["cached"] is False
     assert summary["student_model"]["arch"] == summary["student_arch"] == "mlp"
     assert summary["student_model"]["parameters"] > 0 and "hidden" in summary["student_model"]["kwargs"]
+    # the cost cards: one thread, a process of their own; on the parent run and the registered version
+    student_cost, teacher_cost = summary["student_model"]["cost"], summary["teacher"]["cost"]
+    assert student_cost["parameters"] == summary["student_model"]["parameters"] and student_cost["threads"] == 1
+    assert teacher_cost["macs"] == 64 * 64 + 64 * 10 and student_cost["latency_b64"]["median_ms"] > 0
     assert summary["held_out"]["train"] == 1000 - summary["held_out"]["quiz"] - summary["held_out"]["val"]
     assert summary["held_out"]["val"] >= 100 and summary["warnings"] == []
     assert set(summary["methods"]["kd_tuned"]["vs_kd"]) == {"diff", "seeds"}  # 2 seeds: no interval
@@ -84,6 +88,11 @@ def test_pipeline_end_to_end(home, prefect_server):
     assert parent.data.metrics["chosen_test_acc"] == next(
         s["test_acc"] for s in summary["students"] if (s["method"], s["seed"]) == (method, seed))
     assert parent.data.metrics["teacher_improved_test_acc"] == improved_acc
+    assert parent.data.metrics["student_cost.macs"] == student_cost["macs"]
+    assert parent.data.metrics["teacher_cost.latency_b1_ms"] == teacher_cost["latency_b1"]["median_ms"]
+    assert "**Cost:** student mlp" in note
+    version = client.get_model_version("it-digits-student", "1")
+    assert version.tags["cost.macs"] == str(student_cost["macs"]) and "cost.latency_b1_ms" in version.tags
 
     children = _children(client, parent.info.run_id, parent.info.experiment_id)
     assert {"data", "augmentation", "teacher", "teacher-improve", "evaluate", "register"} | {
@@ -128,8 +137,22 @@ def test_pipeline_end_to_end(home, prefect_server):
     out = model(__import__("torch").zeros(3, 1, 8, 8))
     assert tuple(out.shape) == (3, 10)
 
-    # A second run with a crippled student does not dethrone the champion.
-    worse = metadistill_flow(config=load_config(overrides=TINY + ["student.train.steps=1", "student.seeds=[0]"]))
+    # A second run with a crippled student does not dethrone the champion; its network is searched first
+    # (the architecture stage: a child run per trained trial, the Pareto figure), so the gate compares two
+    # architectures.
+    worse = metadistill_flow(config=load_config(overrides=TINY + [
+        "student.train.steps=1", "student.seeds=[0]", "arch_search.enabled=true", "arch_search.trials=2",
+        "arch_search.proxy_steps=30", "arch_search.default_budget=params", "arch_search.searcher=random",
+        "arch_search.space={mlp: {depth: [1], width: [4, 8, 12]}}"]))
+    arch = worse["architecture"]
+    assert arch["trials"] >= 2 and arch["searcher"] == "random" and arch["budget"].startswith("params <= ")
+    assert worse["student_model"]["arch"] == arch["chosen"]["arch"] == "mlp"
+    assert worse["student_model"]["kwargs"] == arch["chosen"]["kwargs"]
+    searched = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'architecture'")[0]
+    assert "pareto_front.png" in {a.path for a in client.list_artifacts(searched.info.run_id)}
+    trials = _children(client, searched.info.run_id, parent.info.experiment_id)
+    assert len(trials) >= 2 and all(name.startswith("trial/") for name in trials)
+    assert all(0 <= t.data.metrics["held_out_acc"] <= 1 and t.data.metrics["cost.params"] > 0 for t in trials.values())
     assert worse["registered_model"]["alias"] == "challenger"
     assert str(client.get_model_version_by_alias("it-digits-student", "champion").version) == "1"
     challenger = client.get_model_version("it-digits-student", worse["registered_model"]["version"])
@@ -186,7 +209,8 @@ def test_concurrent_students_equal_the_sequential_sweep(home, prefect_server):
 
     from pipelines.orchestrate.flow import metadistill_flow
 
-    sweep = TINY + ["tracking.experiment=it-conc", "tracking.register_best=false", "student.seeds=[0, 1]",
+    sweep = TINY + ["tracking.experiment=it-conc", "tracking.register_best=false", "tracking.cost_card=false",
+                    "student.seeds=[0, 1]",
                     "student.methods=[scratch, kd, kd_tuned, maml_init, meta_distill]"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what each of the two concurrent students gets on two cores
@@ -227,12 +251,20 @@ def test_cli_run_writes_summary(home, tmp_path):
                             "held_out", "warnings"}
     assert "test acc % (mean ± std)" in proc.stdout and "teacher (mlp)" in proc.stdout  # the teacher's row
     assert "teacher improved (mlp)" in proc.stdout and "students: mlp" in proc.stdout and "…" not in proc.stdout
+    assert f"student mlp {{\"hidden\": [16]}}: {summary['student_model']['cost']['parameters']:,} params · " in proc.stdout
+    assert "teacher mlp: " in proc.stdout and " at batch 64" in proc.stdout
     last = proc.stdout.rstrip().splitlines()[-1]
     assert last.startswith("next: metadistill ui") and "serve --model it-digits-student" in last
     assert f"chosen: {summary['chosen']['method']} seed {summary['chosen']['seed']}" in proc.stdout
     assert "registered it-digits-student v1 as champion: no champion yet" in proc.stdout
     assert " ± " not in proc.stdout.split("teacher (mlp)")[1].split("\n")[0]  # one seed: no spread
     assert np.isfinite(summary["methods"]["scratch"]["test_acc"])
+    int8 = summary["int8"]  # the chosen student's int8 variant, on the same test split
+    assert set(int8) >= {"test_acc", "kept", "reason", "size_bytes", "float_size_bytes"} and int8["size_bytes"] > 0
+    assert not int8["kept"] and "no smaller" in int8["reason"]  # 1,210 weights: the int8 file's code outweighs them
+    assert f"int8 variant {'kept' if int8['kept'] else 'not kept'}" in proc.stdout
+    tags = _client(home).get_model_version("it-digits-student", "1").tags
+    assert tags["int8.kept"] == str(int8["kept"]).lower() and tags["int8.reason"] == int8["reason"]
 
 
 def test_an_identical_rerun_never_promotes(home, prefect_server):
@@ -241,7 +273,7 @@ def test_an_identical_rerun_never_promotes(home, prefect_server):
     from pipelines.orchestrate.flow import metadistill_flow
 
     same = TINY[:5] + ["student.train.steps=40", "student.seeds=[0]", "student.methods=[scratch]",
-                       "tracking.experiment=it-rerun"]
+                       "tracking.experiment=it-rerun", "tracking.cost_card=false"]
     first = metadistill_flow(config=load_config(overrides=same))
     again = metadistill_flow(config=load_config(overrides=same))
     assert first["registered_model"]["alias"] == "champion"

@@ -87,3 +87,22 @@ def test_conv4_pooling_before_relu_gives_the_textbook_block_values_and_gradients
     g_ours = torch.autograd.grad(ours.square().sum(), params)
     g_reference = torch.autograd.grad(reference.square().sum(), params)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ours, g_reference))
+
+
+def test_int8_mlp_is_a_smaller_torchscript_file_with_close_predictions():
+    from models.normalize import Normalized
+    from models.quantize import float_layers, quantize_int8, torchscript_bytes
+
+    torch.manual_seed(0)
+    model = Normalized(build_model("mlp", (1, 8, 8), 10), [0.3], [0.4]).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = quantize_int8(model)
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        floats, ints = model(x), int8(x)
+    assert (floats - ints).abs().max() < 0.05 * floats.abs().max()
+    assert (floats.argmax(-1) == ints.argmax(-1)).float().mean() >= 0.9
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the float model is untouched
+    assert len(torchscript_bytes(int8, x[:2])) < 0.4 * len(torchscript_bytes(model, x[:2]))  # 4-byte -> 1-byte weights
+    assert float_layers(model) == 0
+    assert float_layers(build_model("conv4", (1, 28, 28), 5)) == 4  # dynamic quantization leaves convolutions float

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import free_port, wait_http
 
-TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
+TINY = ["tracking.cost_card=false",  # measured in test_cost and test_integration
+        "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
         "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch, kd]",
         "tracking.experiment=sched-digits"]
 

@@ -26,6 +26,7 @@ from models.weights import save_weights
 from pipelines import tracking
 from pipelines.common.home import project_home
 from pipelines.register.promotion import promote, rollback
+from pipelines.register.student import cost_tags
 from tests.helpers import free_port
 
 NAME = "serve-test-student"
@@ -33,16 +34,25 @@ SPEC = {"arch": "mlp", "kwargs": {"hidden": [16]}, "input_shape": [1, 8, 8], "nu
         "class_names": [str(i) for i in range(10)], "mean": [0.3], "std": [0.4], "data_key": "k1"}
 
 
-def register_tiny(seed: int, test_acc: float, alias: str) -> str:
+# v2's cost card, in its tags as the pipeline writes them (v1 was registered before the cost tags)
+CARD = {"parameters": 1210, "macs": 1184, "size_bytes": 5128,
+        "latency_b1": {"median_ms": 0.08, "spread_pct": 5.0, "calls": 200, "repeats": 5, "batch": 1},
+        "latency_b64": {"median_ms": 0.2, "spread_pct": 3.0, "calls": 200, "repeats": 5, "batch": 64}}
+
+
+def register_tiny(seed: int, test_acc: float, alias: str | None, arch: str = "mlp", kwargs: dict | None = None,
+                  tags: dict | None = None) -> str:
+    """A version of ``arch`` on SPEC's inputs and classes, registered without the pipeline."""
+    spec = {**SPEC, "arch": arch, "kwargs": SPEC["kwargs"] if kwargs is None else kwargs}
     torch.manual_seed(seed)
-    model = build_model("mlp", (1, 8, 8), 10, hidden=[16]).eval()
+    model = build_model(arch, (1, 8, 8), 10, **spec["kwargs"]).eval()
     with tracking.pipeline_run("serve-test", f"tiny-{seed}", {}) as run:
         folder = project_home() / "staging" / run.run_id
-        save_weights(model, folder, SPEC)
+        save_weights(model, folder, spec)
         uri = tracking.log_student_model(run, Normalized(model, SPEC["mean"], SPEC["std"]).eval(),
                                          np.random.rand(2, 1, 8, 8).astype(np.float32), folder)
         reg = tracking.register_model(uri, NAME, alias, {"test_acc": test_acc, "data_key": "k1", "source_run_id": run.run_id,
-                                                   "method": "kd"})
+                                                   "method": "kd", **(tags or {})})
     return reg.version
 
 
@@ -53,7 +63,7 @@ def registry(tmp_path_factory):
     os.environ["METADISTILL_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     v1 = register_tiny(1, 0.90, "champion")
-    v2 = register_tiny(2, 0.80, "challenger")
+    v2 = register_tiny(2, 0.80, "challenger", tags=cost_tags(CARD))
     yield {"home": home, "v1": v1, "v2": v2}
     if old is None:
         os.environ.pop("METADISTILL_HOME", None)
@@ -143,6 +153,14 @@ def test_metadata_health(registry, server):
     status, meta = request(server, "/metadata")
     assert status == 200 and meta["model"] == NAME and meta["input_shape"] == [1, 8, 8]
     assert meta["test_metrics"]["test_acc"] == 0.9 and meta["class_names"][3] == "3"
+    # what it is and what it costs: v1 has no cost tags, so what the loaded model says
+    assert meta["arch"] == "mlp" and meta["kwargs"] == {"hidden": [16]}
+    folder = tracking.download_artifacts(tracking.model_version(NAME, registry["v1"])["tags"]["source_run_id"], "weights")
+    assert meta["cost"] == {"parameters": 1210, "macs": None, "latency_b1": None, "latency_b64": None,
+                            "size_bytes": (folder / "model.safetensors").stat().st_size}
+    tagged = load_registered(NAME, "challenger").metadata  # v2: the card its registration measured
+    assert tagged["cost"]["macs"] == 1184 and tagged["cost"]["latency_b1"] == {"median_ms": 0.08, "spread_pct": 5.0,
+                                                                               "batch": 1}
 
 
 @pytest.mark.parametrize("body,ctype,raw,status,message", [
@@ -212,6 +230,106 @@ def test_concurrent_requests_and_hot_swap_on_promotion(registry, server):
     assert request(server, "/metadata")[1]["version"] == registry["v2"]
     assert hit(0)[2]["model"]["version"] == registry["v2"]
     rollback(NAME, reason="test rollback")
+
+
+def served_version(port: int, version: str, timeout: float = 30) -> str:
+    """The version ``port`` serves once it is ``version`` (or ``timeout`` seconds have passed)."""
+    deadline = time.time() + timeout
+    while (served := request(port, "/metadata")[1]["version"]) != version and time.time() < deadline:
+        time.sleep(0.3)
+    return served
+
+
+def test_a_champion_of_another_architecture_is_hot_reloaded(registry, server):
+    """Architectures vary from run to run: the server runs the MLP champion, a CIFAR ResNet
+    on the same inputs and classes is promoted, and the next poll serves it."""
+    assert served_version(server, registry["v1"]) == registry["v1"]  # after the rollback above
+    resnet = register_tiny(3, 0.95, None, arch="resnet8", kwargs={"base_width": 4})
+    promote(NAME, resnet, reason="another architecture")
+    assert served_version(server, resnet) == resnet
+    status, meta = request(server, "/metadata")
+    assert status == 200 and meta["version"] == resnet and meta["input_shape"] == [1, 8, 8]
+    x = np.random.default_rng(5).random((4, 1, 8, 8)).astype(np.float32)
+    status, out = request(server, "/predict", {"instances": x.tolist()})
+    model = reference(resnet)
+    assert type(model.model).__name__ == "CifarResNet"
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    assert status == 200 and out["model"]["version"] == resnet
+    assert np.asarray(out["probabilities"]).shape == (4, 10)
+    assert out["predictions"] == logits.argmax(-1).tolist()
+    assert np.allclose(out["probabilities"], logits.softmax(-1).numpy(), atol=1e-5)
+    rollback(NAME, reason="back to the MLP")  # the tests below start from v1
+    assert served_version(server, registry["v1"]) == registry["v1"]
+
+
+def test_int8_of_a_version_without_one_is_refused_exit_2(registry, tmp_path, capsys):
+    from pipelines.cli import main
+
+    code = main(["serve", "--model", NAME, "--variant", "int8", "--port", str(free_port())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "predates int8" in err[-1] and "metadistill run" in err[-1], err
+    code = main(["serve", "--model", NAME, "--variant", "int8", "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "runs on the CPU only" in err[-1], err
+    code = main(["export", "--format", "torchscript", "--variant", "int8", "--model", NAME,
+                 "--out", str(tmp_path / "s.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "predates int8" in err[0], err
+    code = main(["export", "--format", "onnx", "--variant", "int8", "--model", NAME, "--out", str(tmp_path / "s.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--format torchscript --variant int8" in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", NAME, "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if request(port, "/ready")[0] == 200:
+                return proc, port
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read().decode())
+    raise TimeoutError("serve did not get ready")
+
+
+def test_int8_variant_is_served_and_kept_across_reloads(registry):
+    """The registry holds float weights only; a version whose run kept its int8 variant
+    (the tags the pipeline writes) is served quantized, and a reload stays int8: an alias
+    moved to a version without one is not swapped in."""
+    from models.quantize import quantize_int8
+
+    kept = {"int8.kept": "true", "int8.test_acc": "0.900000", "int8.reason": "within the margin"}
+    first = register_tiny(4, 0.90, None, tags=kept)
+    tracking.set_alias(NAME, "int8-test", first, {})
+    proc, port = start_server("--alias", "int8-test", "--variant", "int8", "--poll-seconds", "0.5")
+    try:
+        status, meta = request(port, "/metadata")
+        assert status == 200 and meta["variant"] == "int8" and meta["variants"] == ["float", "int8"]
+        assert meta["int8"]["test_acc"] == 0.9 and "convolutions stay float" in meta["int8"]["quantized"]
+        x = np.random.default_rng(6).random((5, 1, 8, 8)).astype(np.float32)
+        with torch.no_grad():  # the same batch through the same quantized model: the same activation scale
+            int8 = quantize_int8(reference(first))(torch.from_numpy(x))
+            floats = reference(first)(torch.from_numpy(x))
+        out = request(port, "/invocations", {"inputs": x.tolist()})[1]
+        assert np.allclose(out["predictions"], int8.numpy(), atol=1e-5)
+        assert not np.allclose(out["predictions"], floats.numpy(), atol=1e-5)  # it is not the float model
+        tracking.set_alias(NAME, "int8-test", registry["v2"], {})  # no int8 variant: refused, still serving
+        time.sleep(2)
+        assert request(port, "/metadata")[1]["version"] == first
+        second = register_tiny(5, 0.91, "int8-test", tags=kept)
+        assert served_version(port, second) == second
+        assert request(port, "/metadata")[1]["variant"] == "int8"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    log = proc.stdout.read().decode()
+    assert f"v{registry['v2']} predates int8" in log, log[-2000:]
 
 
 def test_promote_and_rollback_record_who_when_why(registry):
@@ -292,9 +410,11 @@ def test_export_matches_pytorch(registry, tmp_path, fmt):
         assert found["normalisation"]["mean"] == SPEC["mean"] and found["normalisation"]["std"] == SPEC["std"]
         assert "inside the graph" in found["normalisation"]["applied"]
         assert found["model"] == NAME and found["version"] == loaded.version
+        assert found["arch"] == "mlp" and found["cost"]["parameters"] == 1210
 
 
-SIDE_KEYS = {"class_names", "input_shape", "input_range", "input_name", "normalisation", "model", "version"}
+SIDE_KEYS = {"class_names", "input_shape", "input_range", "input_name", "normalisation", "model", "version", "arch",
+             "kwargs", "cost"}
 
 
 def test_onnx_file_matches_the_served_prediction(registry, server, tmp_path):

@@ -31,7 +31,8 @@ from pipelines.config.loader import load_config
 from pipelines.teacher import sources
 from tests.helpers import free_port
 
-TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=120",
+TINY = ["tracking.cost_card=false",  # measured in test_cost and test_integration
+        "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=120",
         "student.train.steps=40", "student.seeds=[0]", "student.methods=[scratch, kd]"]
 DIGITS_SPEC = {"input_shape": [1, 8, 8], "num_classes": 10, "mean": [0.3], "std": [0.4]}
 
@@ -265,7 +266,8 @@ def test_torchvision_resnet18_finetuned_teaches_resnet8_registered_and_served(ho
         "teacher.finetune.batch_size=32", "teacher.finetune.optimizer.lr=0.02", "teacher.finetune.augment=false",
         "student.model.arch=resnet8", "student.model.kwargs={base_width: 8}", "student.train.steps=200",
         "student.train.batch_size=32", "student.seeds=[0]", "student.methods=[kd]", "tracking.experiment=byo-cifar",
-        "teacher.improve.method=none"])  # the brought teacher's path is the point; its improvement is tested elsewhere
+        "teacher.improve.method=none",  # the brought teacher's path is the point; its improvement is tested elsewhere
+        "tracking.cost_card=false"])  # a resnet18's card takes seconds; cards are tested in test_cost
     summary = metadistill_flow(config=cfg)
     assert summary["teacher_test_acc"] > 0.15  # a random resnet18 is at 0.10: the fine-tune learned
     assert summary["registered_model"]["alias"] == "champion"

@@ -21,8 +21,11 @@ from sklearn.datasets import load_digits
 from pipelines.orchestrate.services import Ports, Services, stop_group
 from tests.helpers import free_port, wait_http
 
+REPO = Path(__file__).resolve().parents[1]
+
 # One small student method: these tests are about processes, servers and the registry.
-TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
+TINY = ["tracking.cost_card=false",  # measured in test_cost and test_integration
+        "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
         "teacher.improve.method=none", "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch]"]
 
 
@@ -272,3 +275,40 @@ def test_threads_are_shared_by_the_runs_alive_on_the_home(home, monkeypatch):
         (home / "runs" / str(os.getpid())).unlink(missing_ok=True)
         threads._budget = None
         torch.set_num_threads(before)
+
+
+def test_two_workers_run_trials_of_one_architecture_study_on_the_team_database(team, tmp_path):
+    """`metadistill services` exports the study database; two processes with homes of their own
+    join one study there, train at the same time, and stop once it holds its trials."""
+    import optuna
+
+    from tests.arch_worker import SETTING
+
+    env = {**os.environ, **team.env()}
+    assert team.password() not in env["METADISTILL_STUDY_STORAGE"]  # printed by `metadistill services`
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.arch_worker", str(tmp_path)], cwd=REPO,
+                                env=clean_env(**team.env(), METADISTILL_HOME=str(tmp_path / f"node-{i}"),
+                                              METADISTILL_PROGRESS="0", OMP_NUM_THREADS="1"))
+               for i in range(2)]
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("ready-*"))) < 2:  # both have their data and teacher: start together
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "a worker failed to start"
+        time.sleep(0.1)
+    (tmp_path / "go").touch()
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
+    assert len(results) == 2 and results[0]["study"] == results[1]["study"]
+    os.environ["PGPASSFILE"] = team.env()["PGPASSFILE"]
+    study = optuna.load_study(study_name=results[0]["study"], storage=team.env()["METADISTILL_STUDY_STORAGE"])
+    trained = [t for t in study.get_trials() if "worker" in t.user_attrs]
+    trials = int(next(s.split("=")[1] for s in SETTING if s.startswith("arch_search.trials=")))
+    assert trials <= len(trained) <= trials + 1  # each worker stops once the study holds its trials
+    spans = {}
+    for t in trained:
+        start, end = spans.get(t.user_attrs["worker"], (float("inf"), 0.0))
+        spans[t.user_attrs["worker"]] = (min(start, t.user_attrs["started"]), max(end, t.user_attrs["finished"]))
+    assert len(spans) == 2, f"one worker trained everything: {spans}"
+    (a0, a1), (b0, b1) = spans.values()
+    assert a0 < b1 and b0 < a1, f"the workers' trials did not overlap in time: {spans}"
+    # Both read the same choice from the one study.
+    assert results[0]["chosen"] == results[1]["chosen"]

@@ -16,7 +16,8 @@ import pytest
 from tests.helpers import free_port, wait_http
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-TINY = ["teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
+TINY = ["tracking.cost_card=false",  # measured in test_cost and test_integration
+        "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
         "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch, kd]", "tracking.experiment=ui-digits"]
 SCREENSHOTS = Path(os.environ.get("METADISTILL_SCREENSHOTS", "results/screenshots"))
 

@@ -4,6 +4,7 @@ they check models against before any data is read.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pydantic import Field, model_validator
 
 from models.external import split_name
 from models.registry import build_model, count_parameters
+from pipelines.config.arch import ArchSearchConfig
 from pipelines.config.data import DataConfig
 from pipelines.config.errors import Strict
 from pipelines.config.fewshot import FewShotConfig
@@ -31,6 +33,8 @@ class PipelineConfig(Strict):
     student: StudentConfig = Field(default_factory=StudentConfig, description="the student network, its training "
                                                                              "budget, and the methods and seeds "
                                                                              "compared")
+    arch_search: ArchSearchConfig = Field(default_factory=ArchSearchConfig, description=(
+        "the architecture stage: the student's network searched for this teacher under student.budget"))
     kd: KDConfig = Field(default_factory=KDConfig, description="Hinton KD (kd, kd_tuned and its grid) and the "
                                                               "transfer images every teacher-based method draws")
     maml: MamlConfig = Field(default_factory=MamlConfig, description="the meta-learned initialisation of maml_init "
@@ -79,8 +83,45 @@ class PipelineConfig(Strict):
                              f"{self.student.train.optimizer.name!r}: set it to sgd or turn temperature.learn off")
         if self.maml.meta_steps is None:  # the student's budget bounds maml_init's meta-training
             self.maml.meta_steps = min(300, max(1, self.student.train.steps // 5))
+        if self.student.budget.limits() and not self.tracking.cost_card and self.tracking.register_best:
+            raise ValueError(f"student.budget ({', '.join(self.student.budget.limits())}) is checked at promotion on "
+                             f"the student's cost card: leave tracking.cost_card on")
         check_models(self, shape, classes)
+        if self.arch_search.enabled:
+            check_space(self, shape, classes or 2)
         return self
+
+
+def check_space(cfg: PipelineConfig, shape: tuple[int, int, int], classes: int) -> None:
+    """Every point of ``arch_search.space`` builds for the data, and a hard limit on
+    parameters or MACs leaves at least one point: refused before any work, naming the key
+    (a latency limit is checked by the pre-flight check, which measures)."""
+    from models.cost import count_macs
+    from models.space import to_model
+
+    if cfg.student.init != "scratch":
+        raise ValueError(f"arch_search.enabled searches the student's network, but student.init={cfg.student.init} "
+                         f"brings the weights of one network: set student.init=scratch or arch_search.enabled=false")
+    budget, fits = cfg.student.budget, []
+    for family, knobs in cfg.arch_search.space.items():
+        names = list(knobs)
+        for values in itertools.product(*(knobs[n] for n in names)):
+            arch, kwargs = to_model(family, dict(zip(names, values)))
+            try:
+                model = build_model(arch, shape, classes, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"arch_search.space.{family}: {arch} {kwargs} cannot be built for inputs "
+                                 f"{'x'.join(map(str, shape))}: {exc}") from exc
+            if budget.mode == "hard" and (budget.params is not None or budget.macs is not None):
+                params = count_parameters(model)
+                macs = count_macs(model, shape) if budget.macs is not None else 0
+                fits.append((budget.params is None or params <= budget.params)
+                            and (budget.macs is None or macs <= budget.macs))
+    if fits and not any(fits):
+        limits = ", ".join(f"student.budget.{k}={v:,}" for k, v in (("params", budget.params), ("macs", budget.macs))
+                           if v is not None)
+        raise ValueError(f"no point of arch_search.space meets {limits}: raise the budget or add smaller points "
+                         f"to arch_search.space")
 
 
 def check_models(cfg: PipelineConfig, shape: tuple[int, int, int], classes: int | None) -> None:

@@ -24,6 +24,15 @@ class TrackingConfig(Strict):
         "same test images at this level (one-sided)"))
     promotion_min_delta: float = Field(0.0, ge=0, lt=1, description="and beats its test accuracy by more than this "
                                                                     "(a fraction: 0.01 is one point)")
+    int8_max_drop: float | None = Field(0.005, ge=0, lt=1, description=(
+        "after registration, the student's nn.Linear layers are quantized to int8 (dynamic quantization; convolutions "
+        "stay float) and evaluated on the same test split; the int8 variant is kept (servable with --variant int8) "
+        "when it loses at most this much test accuracy (a fraction: 0.005 is half a point) and its TorchScript file is "
+        "smaller; null: no int8 step"))
+    cost_card: bool = Field(True, description=(
+        "measure the student's and the teacher's cost card (parameters, MACs, file size, one-thread CPU latency at "
+        "batch 1 and 64) in a process of its own: about 2.5 s for small networks; false: none is measured, and a "
+        "student.budget cannot be checked at promotion"))
 
 
 class DistConfig(Strict):

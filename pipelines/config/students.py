@@ -190,6 +190,32 @@ class MamlConfig(Strict):
     log_every: int = Field(10, gt=0, description="meta-steps between logged meta-training metrics")
 
 
+class BudgetConfig(Strict):
+    """``student.budget``: what the student may cost to run, from its cost card (one thread, a
+    process of its own).  A candidate over a limit that is set is never promoted, whatever
+    the mode; ``mode`` and ``exponent`` shape the reward the architecture search ranks by
+    (``pipelines.arch.space.Budget``)."""
+
+    latency_ms: float | None = Field(None, gt=0, description="batch-1 CPU latency limit in milliseconds (the "
+                                                              "card's median; null: no limit)")
+    macs: int | None = Field(None, gt=0, description="limit on multiply-accumulates of one forward at batch 1")
+    params: int | None = Field(None, gt=0, description="limit on the student's parameters")
+    mode: Literal["hard", "soft"] = Field("hard", description="the architecture search's reward: hard, the accuracy "
+                                                              "under every limit, and a point over one is never "
+                                                              "trained; soft, MnasNet's accuracy * prod (cost / limit) "
+                                                              "** exponent over the set limits. The promotion gate "
+                                                              "treats every set limit as hard")
+    exponent: float = Field(-0.07, le=0, description="soft mode's w in MnasNet's reward (-0.07: twice the latency "
+                                                     "costs about 5% of the reward)")
+    latency_slack: float = Field(0.05, ge=0, description="the fraction a latency reading may exceed latency_ms and "
+                                                         "still pass: latency moves with the machine's load")
+
+    def limits(self) -> dict[str, float]:
+        """The limits that are set: ``{"latency_ms": 0.5, ...}``."""
+        return {k: v for k, v in (("latency_ms", self.latency_ms), ("macs", self.macs), ("params", self.params))
+                if v is not None}
+
+
 # Student methods (pipelines/students/methods.py maps each name to its function; a test keeps
 # the two lists equal).  Teacher-based methods see the transfer split; the others do not.
 TEACHER_METHODS = ("kd", "kd_tuned", "meta_distill", "meta_distill+maml_init", "meta_distill_pilot")
@@ -214,6 +240,9 @@ class StudentConfig(FromSource):
     must_be_smaller: bool = Field(True, description="refuse a student with more parameters than the teacher")
     concurrency: int | None = Field(None, ge=1, description="students of the sweep (methods x seeds) trained at "
                                                             "once; default: one per GPU on CUDA, else 1")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="what the student may cost to run "
+                                                                           "(its cost card); a candidate over it "
+                                                                           "stays challenger")
     init: InitSource = Field("scratch", description="where the student's starting weights come from (a new head "
                                                     "where the classes differ); maml_init meta-trains from them")
     init_uri: str | None = Field(None, description="file: safetensors + spec.json; registry: models:/...; "

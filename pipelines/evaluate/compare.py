@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from models.cost import cost_text
 from pipelines.config.students import TEACHER_METHODS
 from pipelines.engine.loop import TrainResult
 from pipelines.evaluate.metrics import Evaluation
@@ -198,10 +199,42 @@ def comparison_csv(rows: list[dict]) -> str:
     return "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n"
 
 
+def arch_text(model: dict) -> str:
+    """``mlp {"hidden": [16]}``: an architecture and its arguments."""
+    return model["arch"] + (f" {json.dumps(model['kwargs'])}" if model.get("kwargs") else "")
+
+
 def student_text(student: dict) -> str:
     """``mlp {"hidden": [16]}, 1,210 parameters``."""
-    kwargs = f" {json.dumps(student['kwargs'])}" if student.get("kwargs") else ""
-    return f"{student['arch']}{kwargs}, {student['parameters']:,} parameters"
+    return f"{arch_text(student)}, {student['parameters']:,} parameters"
+
+
+def cost_lines(summary: dict) -> list[str]:
+    """One line per cost card measured: ``student mlp {"hidden": [16]}: 1,210 params · 1,184
+    MACs · ...``, then the teacher's."""
+    student, teacher = summary.get("student_model") or {}, summary.get("teacher") or {}
+    lines = [f"student {arch_text(student)}: {cost_text(student['cost'])}"] if student.get("cost") else []
+    if teacher.get("cost"):
+        lines.append(f"teacher {teacher.get('arch') or summary.get('teacher_arch', '?')}: {cost_text(teacher['cost'])}")
+    return lines
+
+
+def architecture_line(summary: dict) -> str | None:
+    """The architecture search's result in one line (None when the run did not search)."""
+    if not (arch := summary.get("architecture")):
+        return None
+    cached = "; cached" if arch["cached"] else ""
+    return (f"{arch['searcher']} search of {arch['trials']} trials (reward {arch['reward']}; {arch['budget']}{cached}): "
+            f"{arch['reason']}")
+
+
+def network_lines(summary: dict) -> list[str]:
+    """What the run's table is followed by: the architecture search's result, the students'
+    network and the teacher's, and their cost cards."""
+    lines = [f"architecture: {arch}"] if (arch := architecture_line(summary)) else []
+    if student := summary.get("student_model"):
+        lines.append(f"students: {student_text(student)} each; teacher: {summary.get('teacher_arch', '?')}")
+    return lines + cost_lines(summary)
 
 
 def run_description(summary: dict, rows: list[dict]) -> str:
@@ -218,8 +251,11 @@ def run_description(summary: dict, rows: list[dict]) -> str:
     elif improved.get("skipped"):
         line += f"; improvement skipped: {improved['skipped']}"
     parts.append(line)
+    if arch := architecture_line(summary):
+        parts.append(f"**Architecture:** {arch}")
     if summary.get("student_model"):
         parts.append(f"**Students:** {student_text(summary['student_model'])}")
+    parts += [f"**Cost:** {line}" for line in cost_lines(summary)]
     parts.append(comparison_markdown(rows).rstrip())
     if chosen := summary.get("chosen"):
         parts.append(f"**Chosen:** {chosen['method']} seed {chosen['seed']}: {chosen['reason']}")

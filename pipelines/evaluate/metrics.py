@@ -42,9 +42,11 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-             batch: int | None = None) -> Evaluation:
+             batch: int | None = None, device: torch.device | None = None) -> Evaluation:
+    """``device``: where the forward runs; default where the model's weights are (an int8
+    model, whose packed weights are no parameters, says ``torch.device("cpu")``)."""
     model.eval()
-    device = device_of(model, x.device)
+    device = device or device_of(model, x.device)
     # Forward on the model's device; the metrics on the host (y's device when it is there).
     logits = torch.cat([model(images).float().cpu() for images in in_batches(x, batch or inference_batch(x), device)])
     y = y.cpu()

@@ -20,11 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from deploy.cost import INT8, CostError, cost_cards
+from models.cost import Cost, cost_text, flat
 from models.normalize import unwrap
 from models.registry import count_parameters
 from models.weights import save_weights
 from pipelines import data as data_stage
 from pipelines import tracking
+from pipelines.arch import stage as arch_stage
 from pipelines.augment import search as augment_search
 from pipelines.augment.search import AugmentContext
 from pipelines.common.home import made_once, project_home
@@ -33,6 +36,7 @@ from pipelines.config.data import DataConfig
 from pipelines.config.errors import ConfigError
 from pipelines.config.loader import flatten
 from pipelines.config.pipeline import PipelineConfig
+from pipelines.config.training import ModelConfig
 from pipelines.data.prepared import Prepared, model_spec
 from pipelines.engine import distributed
 from pipelines.evaluate.compare import (
@@ -50,6 +54,7 @@ from pipelines.evaluate.metrics import evaluate
 from pipelines.orchestrate import launch
 from pipelines.orchestrate.registration import registration_turn
 from pipelines.orchestrate.worker import load_stage_output
+from pipelines.register.int8 import Int8Check, check_int8, log_int8
 from pipelines.register.student import champion_inputs, champion_mismatch, lineage_tags, register_student
 from pipelines.students.fit import finish_student, run_student
 from pipelines.teacher import improve, sources
@@ -245,6 +250,55 @@ def _improve_under_torchrun(cfg: PipelineConfig, ctx: TeacherContext, run: RunLo
     return outcome
 
 
+@task(name="search-architecture", cache_policy=NO_CACHE)
+def search_architecture(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunLogger,
+                        timings: dict) -> tuple[PipelineConfig, dict | None]:
+    """The architecture stage (``arch_search``), in its own child run with one child run per
+    trial and the Pareto figure; returns the config whose ``student.model`` is the chosen
+    point (every method trains it) and what the summary reports of the search."""
+    if not cfg.arch_search.enabled:
+        return cfg, None
+    refit_threads()
+    with tracking.child_run(parent, "architecture", _tags()) as run:
+        run.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("arch_search.", "student.budget."))})
+        with arch_stage.latency_probe(arch_stage.needs_latency(cfg.arch_search, cfg.student.budget)) as probe:
+            ctx = arch_stage.ArchContext.from_config(cfg, prepared, teacher, probe)
+            result = arch_stage.search(ctx, say=get_run_logger().info)
+        for record in result.trials:
+            if not record["over_budget"] and record["repeat_of"] is None:  # the rest cost nothing: JSON only
+                _log_trial(run, record)
+        fig = plots.pareto_front(result.trials, result.reference, result.chosen, result.measure, result.limit,
+                                 f"{cfg.arch_search.searcher} search, reward {cfg.arch_search.reward}: {result.budget}")
+        run.log_figure(fig, "pareto_front.png")
+        plots.close(fig)
+        run.log_text(json.dumps(result.as_json(), indent=1), "arch_search.json")
+        run.log_metrics({"arch_search_seconds": result.seconds, "arch_trials": len(result.trials)}, step=0)
+        chosen = f"{result.chosen['arch']} {json.dumps(result.chosen['kwargs'])}"
+        for target in (run, parent):
+            target.set_tags({"arch.chosen": chosen, "arch.cached": result.cached})
+        run.set_tags({"arch.reason": result.reason, "arch.study": result.study})
+    timings["architecture"] = 0.0 if result.cached else result.seconds
+    get_run_logger().info("architecture: %s (%s)", chosen, result.reason)
+    searched = cfg.model_copy(deep=True)
+    searched.student.model = ModelConfig(**result.chosen)
+    return searched, {"chosen": result.chosen, "reason": result.reason, "budget": result.budget,
+                      "searcher": cfg.arch_search.searcher, "reward": cfg.arch_search.reward,
+                      "trials": len(result.trials), "seconds": result.seconds, "cached": result.cached,
+                      "hand_picked": {k: result.reference[k] for k in ("arch", "kwargs", "held_out_acc")}}
+
+
+def _log_trial(run: RunLogger, record: dict) -> None:
+    """One child run per trial: the point, its cost, its held-out accuracy and reward."""
+    with tracking.child_run(run, f"trial/{record['number']}", {**_tags(), "state": record["state"]}) as child:
+        child.log_params({"arch": record["arch"], "kwargs": json.dumps(record["kwargs"]),
+                          "candidate": record["candidate"]})
+        child.log_metrics({"held_out_acc": record["held_out_acc"], "reward": record["reward"],
+                           "seconds": record["seconds"], **{f"cost.{k}": v for k, v in record["cost"].items()}},
+                          step=0)
+        if record.get("over_budget"):
+            child.set_tags({"over_budget": record["over_budget"]})
+
+
 def student_teacher_folder(cfg: PipelineConfig, prepared: Prepared):
     """Where the teacher the students learn from is saved (for torchrun workers)."""
     ctx = TeacherContext.from_config(cfg, prepared)
@@ -413,8 +467,42 @@ def compare(outcomes: list[StudentOutcome], class_names: list[str], parent: RunL
     return rows
 
 
+@task(name="cost-card", cache_policy=NO_CACHE)
+def measure_costs(cfg: PipelineConfig, prepared: Prepared, teacher, student: StudentOutcome, parent: RunLogger,
+                  int8: Int8Check | None = None) -> tuple[Cost | None, Cost | None]:
+    """The cost cards of the students' architecture (every method shares it: ``student``'s
+    weights stand for all) and of the teacher, from saved weights folders, in a process of
+    their own on one thread; logged on the parent run as ``student_cost.*`` and
+    ``teacher_cost.*``.  A card that cannot be measured is None and a warning: it never
+    fails a run whose training is done."""
+    folder = project_home() / "cache" / "staging" / f"{parent.run_id}-cost"
+    save_weights(unwrap(student.model), folder / "student",
+                 model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared))
+    save_weights(unwrap(teacher), folder / "teacher", teacher_spec(TeacherContext.from_config(cfg, prepared)))
+    start = time.perf_counter()
+    try:
+        kept = int8 is not None and int8.kept
+        cards = cost_cards([folder / "student", folder / "teacher", *([f"{INT8}{folder / 'student'}"] if kept else [])])
+    except CostError as exc:
+        get_run_logger().warning("no cost card: %s", exc)
+        return None, None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if len(cards) == 3:
+        int8.cost = cards.pop()
+        parent.log_metrics({f"student_int8_{key}": value for key, value in flat(int8.cost).items()}, step=0)
+    for who, card in zip(("student", "teacher"), cards):
+        parent.log_metrics({f"{who}_{key}": value for key, value in flat(card).items()}, step=0)
+        get_run_logger().info("%s cost: %s", who, cost_text(card))
+    get_run_logger().info("cost cards measured in %.1f s (one thread, a process of their own)",
+                          time.perf_counter() - start)
+    return cards[0], cards[1]
+
+
 @task(name="register", cache_policy=NO_CACHE)
-def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: RunLogger) -> dict | None:
+def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: RunLogger,
+             cost: Cost | None = None, int8: Int8Check | None = None) -> tuple[dict, dict | None]:
+    """The new version (name, version, alias, reason) and its int8 check (None: no int8 step)."""
     model_name = f"{cfg.tracking.experiment}-student"
     with registration_turn(model_name), tracking.child_run(parent, "register", _tags()) as run:
         spec = model_spec(cfg.student.model.arch, cfg.student.model.kwargs, prepared)
@@ -423,10 +511,14 @@ def register(cfg: PipelineConfig, prepared: Prepared, choice: Choice, parent: Ru
         lineage = lineage_tags(cfg.teacher.source, ctx.teacher_key,
                                [ctx.source, sources.student_source(cfg.student, prepared.input_shape)], champion)
         reg, decision = register_student(run, parent.run_id, model_name, choice, prepared, spec, lineage, champion,
-                                         cfg.tracking)
+                                         cfg.tracking, cost, cfg.student.budget, int8)
         run.set_tags({"registered_model": model_name, "registered_version": reg.version, "alias": reg.alias})
+        log_int8(run, int8)
     get_run_logger().info("registered %s v%s as %s: %s", model_name, reg.version, reg.alias, decision.reason)
-    return {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": decision.reason}
+    if int8 is not None:
+        get_run_logger().info("int8 variant %s: %s", "kept" if int8.kept else "not kept", int8.reason)
+    registered = {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": decision.reason}
+    return registered, None if int8 is None else int8.summary()
 
 
 def check_champion_takes(cfg: PipelineConfig, prepared: Prepared) -> None:
@@ -437,6 +529,29 @@ def check_champion_takes(cfg: PipelineConfig, prepared: Prepared) -> None:
         why = champion_mismatch(champion, model_name, prepared.input_shape, prepared.num_classes, prepared.class_names)
         if why is not None:
             raise ConfigError(why)
+
+
+def run_summary(cfg: PipelineConfig, prepared: Prepared, rows: list[dict], outcomes: list[StudentOutcome],
+                students_wall: float, choice: Choice | None, student_cost: Cost | None) -> dict:
+    """What the summary says of the students, the data and the device."""
+    student = cfg.student.model.model_dump(mode="json")
+    return {
+        "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds",
+                                                    "vs_kd") if k in r}
+                    for r in rows},
+        "students": [{"method": o.method, "seed": o.seed, "test_acc": o.evaluation.accuracy,
+                      "test_loss": o.evaluation.loss, "val_acc": o.val_acc, "train_seconds": o.result.seconds,
+                      "val_loss": o.val_loss}
+                     for o in outcomes],
+        "device": str(prepared.device), "student_concurrency": student_concurrency(cfg, prepared.device),
+        "students_wall_seconds": students_wall,
+        "chosen": None if choice is None else {"method": choice.outcome.method, "seed": choice.outcome.seed,
+                                               "reason": choice.reason},
+        "student_arch": student["arch"],
+        "student_model": {"arch": student["arch"], "kwargs": student["kwargs"],
+                          "parameters": count_parameters(unwrap(outcomes[0].model)), "cost": student_cost},
+        "held_out": {k: prepared.counts.get(k, 0) for k in ("train", "quiz", "val", "test", "transfer")},
+        "warnings": held_out_warnings(prepared.counts), "data_cached": prepared.cached}
 
 
 @flow(name="metadistill", log_prints=True)
@@ -457,38 +572,27 @@ def metadistill_flow(config: PipelineConfig) -> dict:
         prepare_augmentation(cfg, prepared, parent, timings)
         teacher, teacher_eval, teacher_info = train_teacher(cfg, prepared, parent, timings)
         teacher, improved_info = improve_teacher_task(cfg, prepared, teacher, parent, timings)
+        cfg, arch_info = search_architecture(cfg, prepared, teacher, parent, timings)
         outcomes, students_wall = student_sweep(cfg, prepared, teacher, parent, timings)
         rows = compare(outcomes, prepared.class_names, parent)
-        registered, choice = None, None
+        registered, choice, int8 = None, None, None
         if cfg.tracking.register_best:
             choice = choose_student(outcomes)
             get_run_logger().info("chosen: %s seed %d (%s)", choice.outcome.method, choice.outcome.seed, choice.reason)
-            registered = register(cfg, prepared, choice, parent)
+        int8_check = None if choice is None else check_int8(choice.outcome, prepared, cfg.tracking.int8_max_drop)
+        student_cost, teacher_info["cost"] = (None, None) if not cfg.tracking.cost_card else measure_costs(
+            cfg, prepared, teacher, choice.outcome if choice else outcomes[0], parent, int8_check)
+        if choice is not None:
+            registered, int8 = register(cfg, prepared, choice, parent, student_cost, int8_check)
         headline = {"teacher_test_acc": teacher_eval.accuracy}
         if choice is not None:
             headline.update(chosen_test_acc=choice.outcome.evaluation.accuracy, chosen_val_acc=choice.outcome.val_acc)
         parent.log_metrics(headline, step=0)
-        student = cfg.student.model.model_dump(mode="json")
         summary = {
             "mlflow_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
-            "methods": {r["method"]: {k: r[k] for k in ("test_acc", "test_acc_std", "test_loss", "train_seconds", "seeds",
-                                                        "vs_kd") if k in r}
-                        for r in rows},
-            "students": [{"method": o.method, "seed": o.seed, "test_acc": o.evaluation.accuracy,
-                          "test_loss": o.evaluation.loss, "val_acc": o.val_acc, "train_seconds": o.result.seconds,
-                          "val_loss": o.val_loss}
-                         for o in outcomes],
-            "device": str(prepared.device), "student_concurrency": student_concurrency(cfg, prepared.device),
-            "students_wall_seconds": students_wall,
-            "chosen": None if choice is None else {"method": choice.outcome.method, "seed": choice.outcome.seed,
-                                                   "reason": choice.reason},
-            "registered_model": registered, "teacher_test_acc": teacher_eval.accuracy,
+            **run_summary(cfg, prepared, rows, outcomes, students_wall, choice, student_cost),
+            "registered_model": registered, "int8": int8, "teacher_test_acc": teacher_eval.accuracy,
             "teacher_arch": teacher_info["arch"], "teacher": teacher_info, "teacher_improved": improved_info,
-            "student_arch": student["arch"],
-            "student_model": {"arch": student["arch"], "kwargs": student["kwargs"],
-                              "parameters": count_parameters(unwrap(outcomes[0].model))},
-            "held_out": {k: prepared.counts.get(k, 0) for k in ("train", "quiz", "val", "test", "transfer")},
-            "warnings": held_out_warnings(prepared.counts),
-            "timings": timings, "data_cached": prepared.cached}
+            "architecture": arch_info, "timings": timings}
         parent.set_description(run_description(summary, rows))
     return summary

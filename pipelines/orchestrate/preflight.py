@@ -60,9 +60,26 @@ def check_inputs(cfg: PipelineConfig, sources: bool = True) -> list[str]:
             raise ConfigError(f"{key}={batch} exceeds the {train} training examples that {cfg.data.name} leaves after "
                               f"the splits (label_budget, train_fraction, val_fraction, quiz_fraction): lower it")
     check_device(cfg.dist.device)
+    check_latency_budget(cfg)
     if sources:
         check_sources(cfg, classes)
     return [note for note in [imbalance_note(cfg.data), *held_out_warnings(sizes)] if note is not None]
+
+
+def check_latency_budget(cfg: PipelineConfig) -> None:
+    """With a latency limit, the architecture search needs a point that meets it: the point
+    of fewest multiply-accumulates is measured here (one thread, a process of its own), and
+    a limit even it breaks stops the run now, naming the key."""
+    budget = cfg.student.budget
+    if not cfg.arch_search.enabled or budget.latency_ms is None or budget.mode != "hard":
+        return
+    from pipelines.arch.space import cheapest_latency
+
+    name, reading = cheapest_latency(cfg.arch_search.space, dataset_shape(cfg.data)[0], dataset_shape(cfg.data)[1] or 2)
+    if reading > budget.latency_ms * (1 + budget.latency_slack):
+        raise ConfigError(f"no point of arch_search.space meets student.budget.latency_ms={budget.latency_ms:g}: the "
+                          f"cheapest, {name}, takes {reading:.3g} ms at batch 1 on this machine (one thread): raise "
+                          f"the limit or add smaller points to arch_search.space")
 
 
 def check_champion(cfg: PipelineConfig) -> None:

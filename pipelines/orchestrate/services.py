@@ -81,6 +81,21 @@ class Services:
         return f"{driver}://metadistill:{self.password()}@127.0.0.1:{self.ports.postgres}/{database}"
 
     @property
+    def study_storage(self) -> str:
+        """The architecture search's study database (Optuna's relational storage), with no
+        password in it: libpq reads that from :meth:`pgpass`, so the URL can be printed."""
+        return f"postgresql+psycopg2://metadistill@127.0.0.1:{self.ports.postgres}/optuna"
+
+    def pgpass(self) -> Path:
+        """A libpq password file (mode 600) for the study database: PGPASSFILE names it."""
+        path = self.root / "pgpass"
+        if not path.is_file():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"127.0.0.1:{self.ports.postgres}:optuna:metadistill:{self.password()}\n")
+        return path
+
+    @property
     def tracking_uri(self) -> str:
         return f"http://{self.ports.host}:{self.ports.mlflow}"
 
@@ -132,7 +147,7 @@ class Services:
         self.init_postgres()
         self._pg([pg_bin("pg_ctl"), "-D", str(self.cluster), "-l", str(self.cluster / "server.log"), "-w", "-t", "60",
                   "-o", f"-p {self.ports.postgres}", "start"], f"starting PostgreSQL (log: {self.cluster / 'server.log'})")
-        for database in ("mlflow", "prefect"):
+        for database in ("mlflow", "prefect", "optuna"):
             self._create_database(database)
 
     def _create_database(self, name: str) -> None:
@@ -206,7 +221,8 @@ class Services:
 
     def env(self) -> dict[str, str]:
         """What a node sets to use these servers."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "PREFECT_API_URL": self.prefect_api_url}
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "PREFECT_API_URL": self.prefect_api_url,
+                "METADISTILL_STUDY_STORAGE": self.study_storage, "PGPASSFILE": str(self.pgpass())}
 
 
 def log_tail(path: Path, chars: int = 2000) -> str:

@@ -8,12 +8,14 @@ and why, for the pipeline's registration step and the commands alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import binom
 
+from models.cost import Cost, cost_change
 from pipelines import tracking
+from pipelines.config.students import BudgetConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Decision:
     reason: str
     delta: float | None  # candidate minus champion test accuracy, on the same split
     p_value: float | None = None  # one-sided exact McNemar test that the candidate is better
+    cost_change: str | None = None  # "+12% parameters, +12% MACs, -3% batch-1 latency" against the champion
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,26 @@ class Paired:
 
 
 def decide(candidate_acc: float, champion_acc: float | None, champion_version: str | None = None,
-           paired: Paired | None = None, alpha: float = 0.05, min_delta: float = 0.0) -> Decision:
+           paired: Paired | None = None, alpha: float = 0.05, min_delta: float = 0.0, *, cost: Cost | None = None,
+           champion_cost: Cost | None = None, budget: BudgetConfig | None = None) -> Decision:
     """Does the candidate take ``champion``?  ``champion_acc`` is the champion's accuracy
     on the candidate's own test split (None: no champion yet).  With ``paired`` (both
     models' predictions on those images) it must win McNemar's exact test at ``alpha``;
-    in every case it must beat the champion by more than ``min_delta``."""
+    in every case it must beat the champion by more than ``min_delta``, and stay within
+    ``budget`` (its cost card ``cost``).  The reason ends with the cost change against the
+    champion's card (``champion_cost``, from its tags) where both are known."""
+    accuracy = _by_accuracy(candidate_acc, champion_acc, champion_version, paired, alpha, min_delta)
+    change = cost_change(cost, champion_cost) if cost is not None and champion_cost is not None else None
+    reason = accuracy.reason + (f"; cost vs champion v{champion_version}: {change}" if change else "")
+    over = over_budget(cost, budget)
+    if over:  # a limit the run was given: never promoted past it, however accurate
+        return replace(accuracy, alias="challenger", reason=f"over budget: {'; '.join(over)}; {reason}",
+                       cost_change=change)
+    return replace(accuracy, reason=reason, cost_change=change)
+
+
+def _by_accuracy(candidate_acc: float, champion_acc: float | None, champion_version: str | None,
+                 paired: Paired | None, alpha: float, min_delta: float) -> Decision:
     if champion_acc is None:
         return Decision("champion", "no champion yet", None)
     delta = candidate_acc - champion_acc
@@ -67,6 +85,32 @@ def decide(candidate_acc: float, champion_acc: float | None, champion_version: s
     if delta > min_delta and (p is None or p < alpha):
         return Decision("champion", f"beats {versus}{test}{margin}", delta, p)
     return Decision("challenger", f"does not beat {versus}{test}{margin}", delta, p)
+
+
+def over_budget(cost: Cost | None, budget: BudgetConfig | None) -> list[str]:
+    """Each limit of ``budget`` that the card ``cost`` exceeds, named with its measured value
+    (a card that was not measured passes no set limit)."""
+    limits = budget.limits() if budget is not None else {}
+    if not limits:
+        return []
+    if cost is None:
+        return [f"no cost card was measured to check student.budget ({', '.join(limits)})"]
+    over = []
+    if budget.params is not None and cost["parameters"] > budget.params:
+        over.append(f"{cost['parameters']:,} parameters > student.budget.params={budget.params:,}")
+    if budget.macs is not None and (cost.get("macs") is None or cost["macs"] > budget.macs):
+        over.append(f"{_or_unmeasured(cost.get('macs'), '{:,}')} MACs > student.budget.macs={budget.macs:,}")
+    if budget.latency_ms is not None:
+        allowed = budget.latency_ms * (1 + budget.latency_slack)
+        measured = (cost.get("latency_b1") or {}).get("median_ms")
+        if measured is None or measured > allowed:
+            over.append(f"batch-1 latency {_or_unmeasured(measured, '{:.3g}')} ms > student.budget.latency_ms="
+                        f"{budget.latency_ms:g} (+{budget.latency_slack:.0%} slack: {allowed:.3g} ms)")
+    return over
+
+
+def _or_unmeasured(value, fmt: str) -> str:
+    return "unmeasured" if value is None else fmt.format(value)
 
 
 def _who() -> str:

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.cost import Cost, flat, from_flat
 from models.normalize import Normalized
 from models.weights import load_weights, save_weights
 from pipelines import tracking
 from pipelines.common.home import project_home
 from pipelines.config.runtime import TrackingConfig
+from pipelines.config.students import BudgetConfig
 from pipelines.data.prepared import Normalization, Prepared
 from pipelines.evaluate.compare import Choice, StudentOutcome
 from pipelines.evaluate.metrics import Evaluation, evaluate
 from pipelines.register.promotion import Decision, Paired, decide, promote
 from pipelines.tracking.runs import RunLogger
+
+if TYPE_CHECKING:  # int8 builds on deployable() below
+    from pipelines.register.int8 import Int8Check
 
 
 def champion_inputs(model_name: str) -> dict | None:
@@ -96,12 +102,20 @@ def deployable(best: StudentOutcome, prepared: Prepared) -> tuple[Normalized, np
     return Normalized(copy.deepcopy(best.model).cpu(), prepared.mean, prepared.std).eval(), example
 
 
+def cost_tags(cost: Cost) -> dict[str, str]:
+    """The card's flat keys as tag text: counts whole, times to 6 significant digits."""
+    return {k: str(int(v)) if v.is_integer() else f"{v:.6g}" for k, v in flat(cost).items()}
+
+
 def register_student(run: RunLogger, parent_run_id: str, model_name: str, choice: Choice, prepared: Prepared,
                      spec: dict, lineage: dict[str, str], champion: dict | None,
-                     gate: TrackingConfig) -> tuple[tracking.Registration, Decision]:
+                     gate: TrackingConfig, cost: Cost | None = None, budget: BudgetConfig | None = None,
+                     int8: Int8Check | None = None) -> tuple[tracking.Registration, Decision]:
     """Log the chosen student as an MLflow model in ``run``, register it as a new version of
     ``model_name`` and promote it when it beats ``champion`` (the version that held the alias
-    when the run looked); returns the new version and why."""
+    when the run looked) within ``budget`` (its cost card ``cost``, kept in the version's
+    tags); returns the new version and why.  ``int8``: its int8 variant's check
+    (:func:`pipelines.register.int8.check_int8`), recorded in the version's tags."""
     best = choice.outcome
     weights = project_home() / "cache" / "staging" / run.run_id
     save_weights(best.model, weights, {**spec, "method": best.method, "seed": best.seed,
@@ -111,7 +125,8 @@ def register_student(run: RunLogger, parent_run_id: str, model_name: str, choice
     decision = decide(best.evaluation.accuracy, held.accuracy if held else None,
                       champion["version"] if champion else None,
                       Paired.of(best.evaluation.correct, held.correct) if held else None, gate.promotion_alpha,
-                      gate.promotion_min_delta)
+                      gate.promotion_min_delta, cost=cost, champion_cost=from_flat(champion) if champion else None,
+                      budget=budget)
     tags = {"method": best.method, "seed": best.seed, "test_acc": f"{best.evaluation.accuracy:.6f}",
             "data_key": prepared.key, "source_run_id": run.run_id, "student_run_id": best.run_id,
             "pipeline_run_id": parent_run_id, "promotion_reason": decision.reason, "chosen_because": choice.reason,
@@ -123,7 +138,12 @@ def register_student(run: RunLogger, parent_run_id: str, model_name: str, choice
         tags["delta_vs_champion"] = f"{decision.delta:+.6f}"
     if decision.p_value is not None:
         tags["promotion_p_value"] = f"{decision.p_value:.6g}"
+    if cost is not None:
+        tags.update(cost_tags(cost))
+    if decision.cost_change is not None:
+        tags["cost_vs_champion"] = decision.cost_change
     tags.update(lineage)
+    tags.update(int8.tags() if int8 is not None else {})
     # The version belongs to the pipeline run, where people look for what a run registered (the
     # MLflow UI lists a run's registered models by the version's run); the logged model and its
     # weights stay in the register child run, named by the source_run_id tag.

@@ -40,7 +40,7 @@ class FrozenTeacher:
         self.teacher, self.part, self.table, self.seconds = ctx.teacher.eval(), part, None, 0.0
         if ctx.augment is None:
             device = str(ctx.data.device)
-            key = (_teacher_fingerprint(ctx.teacher), part, ctx.data.key, device)
+            key = (teacher_fingerprint(ctx.teacher), part, ctx.data.key, device)
             with FrozenTeacher._lock:  # concurrent students of one sweep compute it once
                 if key not in FrozenTeacher._tables:
                     # One table per device and part (concurrent students may train on several GPUs).
@@ -92,7 +92,7 @@ def with_kd(ctx: StudentContext, point: dict, **changes) -> StudentContext:
     return dataclasses.replace(ctx, kd=ctx.kd.model_copy(update=point), **changes)
 
 
-def _teacher_fingerprint(teacher: nn.Module) -> str:
+def teacher_fingerprint(teacher: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in teacher.state_dict().items():
         digest.update(name.encode())
@@ -108,7 +108,7 @@ def kd_grid(ctx: StudentContext) -> dict:
     student and grid, so the seeds of a sweep (and torchrun workers) share one search.
     Returns ``{"point", "grid_seconds", "table"}``."""
     kd, student_cfg = ctx.kd, ctx.student
-    key = cache_key(3, data=ctx.data.key, teacher=_teacher_fingerprint(ctx.teacher),
+    key = cache_key(3, data=ctx.data.key, teacher=teacher_fingerprint(ctx.teacher),
                     student=student_cfg.model_dump(mode="json", exclude={"methods", "seeds"}),
                     init=ctx.init.sha256 if ctx.init else None,
                     kd=kd.model_dump(mode="json", exclude={"alpha", "temperature"}),
