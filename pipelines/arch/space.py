@@ -16,8 +16,6 @@ from models.space import to_model
 from pipelines.config.students import BudgetConfig
 from pipelines.config.training import ModelConfig
 
-MEASURES = ("latency_ms", "macs", "params")  # the budget's limits, by the key of a cost dict
-
 
 @dataclass(frozen=True)
 class Candidate:
