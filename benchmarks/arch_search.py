@@ -34,6 +34,7 @@ SMOKE = ["--preset", "digits", "--search-seeds", "1", "--seeds", "2", "--trials"
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import paired_stats, parse_args, write_json
+    from models.space import points
     from pipelines.config.arch import SEARCHERS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for searcher in args.searchers.split(","):
             searches[searcher] = [run_search(searcher, [f"arch_search.searcher={searcher}", f"arch_search.seed={k}"])
                                   for k in range(args.search_seeds)]
-        grid_points = sum(len(list(_product(k))) for k in GRID.values())
+        grid_points = len(points(GRID))
         searches["grid"] = [run_search("grid", ["arch_search.searcher=random", f"arch_search.trials={grid_points}",
                                                 "arch_search.halving=false", f"arch_search.space={json.dumps(GRID)}"])]
         default = cfg.arch_search.searcher
@@ -183,12 +184,6 @@ def report(result: dict) -> str:
                      f"{sum(not x for x in aware['same_choice'])} of {len(aware['same_choice'])} search seeds; after "
                      f"`kd`, {d['diff']:+.2f} points [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], p = {d['p']:.1g}.")
     return "\n\n".join(lines)
-
-
-def _product(knobs: dict) -> list:
-    import itertools
-
-    return list(itertools.product(*knobs.values()))
 
 
 def _key(model: dict) -> str:

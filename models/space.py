@@ -5,6 +5,7 @@ and exported like a hand-picked one).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,12 @@ FAMILIES: dict[str, Family] = {
 KNOB_RULES = {"mlp.depth": ">= 0", "mlp.width": ">= 1", "cnn.stages": ">= 1", "cnn.width": ">= 1",
               "cnn.depth": ">= 1", "cnn.kernel": "odd", "resnet.depth": f"one of {list(RESNET_DEPTHS)}",
               "resnet.width": ">= 1", "conv4.width": ">= 1"}
+
+
+def points(space: dict[str, dict[str, list[int]]]) -> list[tuple[str, dict[str, int]]]:
+    """Every point of ``space`` (family -> knob -> values): its family and knob values."""
+    return [(family, dict(zip(knobs, values)))
+            for family, knobs in space.items() for values in itertools.product(*knobs.values())]
 
 
 def to_model(family: str, knobs: dict[str, int]) -> tuple[str, dict]:

@@ -4,7 +4,6 @@ probe process of its own.  A point over the budget is refused before it trains."
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import optuna
 
 from models.cost import count_macs
 from models.registry import build_model, count_parameters
+from models.space import points as space_points
 from models.space import to_model
 from pipelines.config.students import BudgetConfig
 from pipelines.config.training import ModelConfig
@@ -38,12 +38,7 @@ def model_name(model: ModelConfig) -> str:
 
 def points(space: dict) -> list[Candidate]:
     """Every point of the space."""
-    out = []
-    for family, knobs in space.items():
-        names = list(knobs)
-        for values in itertools.product(*(knobs[n] for n in names)):
-            out.append(Candidate(family, tuple(zip(names, values))))
-    return out
+    return [Candidate(family, tuple(knobs.items())) for family, knobs in space_points(space)]
 
 
 def distributions(space: dict) -> dict[str, optuna.distributions.CategoricalDistribution]:

@@ -4,7 +4,6 @@ they check models against before any data is read.
 
 from __future__ import annotations
 
-import itertools
 import re
 from pathlib import Path
 
@@ -97,26 +96,24 @@ def check_space(cfg: PipelineConfig, shape: tuple[int, int, int], classes: int) 
     parameters or MACs leaves at least one point: refused before any work, naming the key
     (a latency limit is checked by the pre-flight check, which measures)."""
     from models.cost import count_macs
-    from models.space import to_model
+    from models.space import points, to_model
 
     if cfg.student.init != "scratch":
         raise ValueError(f"arch_search.enabled searches the student's network, but student.init={cfg.student.init} "
                          f"brings the weights of one network: set student.init=scratch or arch_search.enabled=false")
     budget, fits = cfg.student.budget, []
-    for family, knobs in cfg.arch_search.space.items():
-        names = list(knobs)
-        for values in itertools.product(*(knobs[n] for n in names)):
-            arch, kwargs = to_model(family, dict(zip(names, values)))
-            try:
-                model = build_model(arch, shape, classes, **kwargs)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"arch_search.space.{family}: {arch} {kwargs} cannot be built for inputs "
-                                 f"{'x'.join(map(str, shape))}: {exc}") from exc
-            if budget.mode == "hard" and (budget.params is not None or budget.macs is not None):
-                params = count_parameters(model)
-                macs = count_macs(model, shape) if budget.macs is not None else 0
-                fits.append((budget.params is None or params <= budget.params)
-                            and (budget.macs is None or macs <= budget.macs))
+    for family, knobs in points(cfg.arch_search.space):
+        arch, kwargs = to_model(family, knobs)
+        try:
+            model = build_model(arch, shape, classes, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"arch_search.space.{family}: {arch} {kwargs} cannot be built for inputs "
+                             f"{'x'.join(map(str, shape))}: {exc}") from exc
+        if budget.mode == "hard" and (budget.params is not None or budget.macs is not None):
+            params = count_parameters(model)
+            macs = count_macs(model, shape) if budget.macs is not None else 0
+            fits.append((budget.params is None or params <= budget.params)
+                        and (budget.macs is None or macs <= budget.macs))
     if fits and not any(fits):
         limits = ", ".join(f"student.budget.{k}={v:,}" for k, v in (("params", budget.params), ("macs", budget.macs))
                            if v is not None)
