@@ -183,9 +183,9 @@ def summarise(raw: dict, versus: str = "learned") -> dict:
             if r == versus:
                 continue
             diff = np.array(acc[versus]) - np.array(acc[r])
-            paired = paired_stats(diff) if len(diff) > 1 else {"ci95": [float("nan")] * 2, "p": float("nan")}
-            result[f"vs_{versus}"][r] = {"diff": float(diff.mean()),
-                                         "ci95": paired["ci95"][1] - float(diff.mean()), "p": paired["p"]}
+            paired = paired_stats(diff)  # one seed, or no spread: no interval (None)
+            half = paired["ci95"][1] - paired["diff"] if paired["ci95"] is not None else None
+            result[f"vs_{versus}"][r] = {"diff": paired["diff"], "ci95": half, "p": paired["p"]}
     teacher_seconds = float(np.mean([s for r in rows for s in seconds[r]]))
     result["search_seconds"] = {r: float(np.mean(v)) for r, v in raw["search_seconds"].items() if v}
     result["search_cost_ratio"] = {r: v / teacher_seconds for r, v in result["search_seconds"].items()}

@@ -7,10 +7,15 @@
 Rows (``--rows``, default all), each a student method with the teacher it learns from:
 
 - ``scratch``: labels only;
-- ``kd_tuned@original``: standard practice, the supervised teacher and the tuned KD grid;
+- ``standard_practice@original``: standard practice, the supervised teacher and the best of
+  tuned KD, DKD and DIST on the held-out labels; ``kd_tuned@original``,
+  ``dkd_tuned@original``, ``dist_kd_tuned@original``: each of the three alone;
 - ``kd@original``, ``kd@improved``, ``kd_tuned@improved``: plain and tuned KD, from the
-  labelled teacher or the one improved on the transfer split (``teacher.improve``);
-- ``meta_distill``: the default (improved teacher, its head co-trained, the guard);
+  labelled teacher or the one improved on the transfer split (``teacher.improve``), kept or
+  not;
+- ``meta_distill``: the default, from the teacher the pipeline keeps (the improved one only
+  when it beats the original on the held-out labels beyond noise), its head co-trained, the
+  guard, the kd reference; ``meta_distill@noreference`` without the kd reference;
   ``meta_distill@feedback0`` and ``@feedback1``, without and with the student's feedback
   (the JSON of commit f170c51 has ``meta_distill`` at feedback 1, that commit's default);
   ``meta_distill@temperature``, with the long-horizon temperature learned too, and
@@ -20,8 +25,8 @@ Every row trains the same student network with the same budget for each seed; a 
 fixes the data order and the initialisation, so the per-seed differences are paired.
 The teacher's training and improvement count in the costs with what they took to train
 (recorded beside their cached weights, so a rerun that reuses them still counts them):
-standard practice is the teacher's training plus the whole ``kd_tuned`` grid and its
-student; the ``meta_distill`` pipeline, the teacher's training, its improvement and the
+standard practice is the teacher's training plus the three grids and its student; the
+``meta_distill`` pipeline, the teacher's training, its improvement and the
 student.  Accuracies are fractions.  The bar chart and the JSON go to MLflow (experiment
 ``<tracking.experiment>-quality``).
 """
@@ -36,18 +41,21 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("scratch", "kd_tuned@original", "kd@original", "kd@improved", "kd_tuned@improved", "meta_distill",
+ROWS = ("scratch", "standard_practice@original", "kd_tuned@original", "dkd_tuned@original", "dist_kd_tuned@original",
+        "kd@original", "kd@improved", "kd_tuned@improved", "meta_distill", "meta_distill@noreference",
         "meta_distill@feedback0", "meta_distill@feedback1", "meta_distill@temperature", "meta_distill@temperature20")
-VARIANTS = {"feedback0": ["meta_distill.feedback.weight=0"], "feedback1": ["meta_distill.feedback.weight=1"],
+VARIANTS = {"noreference": ["meta_distill.reference=false"],
+            "feedback0": ["meta_distill.feedback.weight=0"], "feedback1": ["meta_distill.feedback.weight=1"],
             "temperature": ["meta_distill.temperature.learn=true"],
             "temperature20": ["meta_distill.temperature.learn=true", "meta_distill.temperature.share=0.2"]}
-STANDARD = "kd_tuned@original"
+STANDARD = "standard_practice@original"
 # --smoke: every row and every stage (a transfer split, so the teacher is improved) at a size
 # that runs in seconds.
 SMOKE = ["--seeds", "2", *[x for item in (
     "data.label_budget=300", "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [16]}", "teacher.train.steps=5",
     "teacher.improve.steps=3", "student.train.steps=4", "meta_distill.interval=2", "meta_distill.guard.every=2",
-    "kd.grid_alpha=[0.9]", "kd.grid_temperature=[2.0, 4.0]") for x in ("--set", item)]]
+    "kd.grid_alpha=[0.9]", "kd.grid_temperature=[2.0, 4.0]", "dkd.grid_beta=[8.0]", "dkd.grid_temperature=[4.0]",
+    "dist_kd.grid_beta=[1.0]", "dist_kd.grid_temperature=[1.0, 4.0]") for x in ("--set", item)]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.evaluate.metrics import evaluate
     from pipelines.students.context import StudentContext
     from pipelines.students.fit import run_student
-    from pipelines.students.kd import kd_grid
+    from pipelines.students.tuned import TUNINGS, grid_search
     from pipelines.teacher import sources
     from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import obtain_teacher, teacher_spec
-    from pipelines.teacher.improve import improve_teacher
+    from pipelines.teacher.improve import improve_teacher, judge_improvement
     from pipelines.tracking import plots
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = TeacherContext.from_config(cfg, prepared)
     teacher = obtain_teacher(ctx)
     improved = improve_teacher(ctx, teacher.model)
-    teachers = {"original": teacher.model, "improved": improved.model}
-    teacher_acc = {k: evaluate(m, *test).accuracy for k, m in teachers.items()}
+    verdict = judge_improvement(teacher.model, improved.model, prepared, cfg.teacher.improve.keep_p)
+    # The default pipeline's students learn from the teacher it keeps.
+    teachers = {"original": teacher.model, "improved": improved.model,
+                "pipeline": improved.model if verdict.kept else teacher.model}
+    teacher_acc = {k: evaluate(m, *test).accuracy for k, m in teachers.items() if k != "pipeline"}
+    print(verdict.reason, flush=True)
     print(f"teacher {cfg.teacher.model.arch}: {100 * teacher_acc['original']:.2f}, improved "
           f"{100 * teacher_acc['improved']:.2f} ({improved.train_seconds} s); splits {prepared.counts}", flush=True)
     accs: dict[str, np.ndarray] = {}
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_test_acc": teacher_acc["original"], "improved_teacher_test_acc": teacher_acc["improved"],
             "teacher_seconds": teacher.train_seconds, "teacher_cached": teacher.cached,
             "improve_seconds": improved.train_seconds, "improve_cached": improved.cached,
-            "improve_mask_rate": improved.mask_rate,
+            "improve_mask_rate": improved.mask_rate, "improve_verdict": verdict.as_json(),
             "teacher_source": cfg.teacher.source, "teacher_arch": teacher_spec(ctx)["arch"],
             "splits": prepared.counts, "student_steps": cfg.student.train.steps,
             "units": "accuracies and their differences as fractions (0.01 = 1 point); seconds of compute",
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         method, _, variant = row.partition("@")
         row_cfg = variants.get(variant, cfg)
-        row_teacher = teachers["original" if variant == "original" else "improved"]
+        row_teacher = teachers[variant if variant in ("original", "improved") else "pipeline"]
         outcomes, temperatures = [], []
         for seed in cfg.student.seeds:
             last: dict[str, float] = {}
@@ -139,14 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         # The rows so far, so that a long run stopped early still leaves what it measured.
         home.write_json(Path(args.json), {**record(), "complete": False}, indent=2)
     result = {**record(), "complete": True}
-    for base in (STANDARD, "kd_tuned@improved", "kd@improved", "meta_distill@feedback0"):
+    for base in (STANDARD, "kd_tuned@original", "kd_tuned@improved", "kd@improved", "meta_distill@feedback0"):
         if base in accs:
             result[f"vs_{base}"] = {r: paired_stats(a - accs[base]) for r, a in accs.items() if r != base}
-    grids = {}
+    grids = {}  # cached by the runs above: no retraining
     for name, model in teachers.items():
-        if f"kd_tuned@{name}" in accs:  # cached by the runs above: no retraining
-            grids[name] = kd_grid(StudentContext.from_config(cfg, prepared, model, cfg.kd.grid_seed))
-    result["kd_tuned_grids"] = grids
+        ctx_s = StudentContext.from_config(cfg, prepared, model, cfg.kd.grid_seed)
+        searched = {m for m in TUNINGS if f"{m}_tuned@{name}" in accs or
+                    (f"standard_practice@{name}" in accs)}
+        if searched and name != "pipeline":
+            grids[name] = {m: grid_search(ctx_s, TUNINGS[m]) for m in sorted(searched)}
+    result["tuned_grids"] = grids
     result["costs"] = costs(result, grids)
     result["wall_seconds"] = time.perf_counter() - start
     bars = [{"method": r, "test_acc": v["mean"], "ci": 1.96 * v["std"] / np.sqrt(v["n"])}
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 def costs(result: dict, grids: dict) -> dict:
     """End-to-end seconds of standard practice and of the ``meta_distill`` pipeline (left
     out when a cached teacher stage has no recorded cost), and ``meta_distill``'s step cost over ``kd``'s
-    with the same teacher.  A ``kd_tuned`` row's compute already includes its grid."""
+    with the same teacher.  A tuned row's compute already includes its grids."""
     methods, out = result["methods"], {}
     trained = result["teacher_seconds"] is not None and result["improve_seconds"] is not None
     if STANDARD in methods and "meta_distill" in methods and trained:
@@ -172,9 +187,10 @@ def costs(result: dict, grids: dict) -> dict:
         out.update({"standard_practice_seconds": standard, "meta_distill_pipeline_seconds": ours,
                     "pipeline_ratio": ours / standard})
     if "kd@improved" in methods and "meta_distill" in methods:
+        # With the kd reference (on by default) this counts one kd training more.
         out["meta_distill_step_vs_kd"] = methods["meta_distill"]["compute_seconds"] / methods["kd@improved"][
             "compute_seconds"]
-    out["grid_seconds"] = {name: grid["grid_seconds"] for name, grid in grids.items()}
+    out["grid_seconds"] = {name: {m: g["grid_seconds"] for m, g in by.items()} for name, by in grids.items()}
     return out
 
 

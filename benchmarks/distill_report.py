@@ -19,7 +19,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = [str(p.relative_to(REPO)) for p in sorted((REPO / "docs" / "benchmarks").glob("distill_quality_*.json"))]
 
-COMPARISONS = [("meta_distill", "kd_tuned@original"), ("meta_distill", "kd_tuned@improved"),
+COMPARISONS = [("meta_distill", "standard_practice@original"), ("meta_distill", "meta_distill@noreference"),
+               ("dkd_tuned@original", "kd_tuned@original"), ("dist_kd_tuned@original", "kd_tuned@original"),
+               ("meta_distill", "kd_tuned@original"), ("meta_distill", "kd_tuned@improved"),
                ("meta_distill", "meta_distill@feedback0"), ("meta_distill@temperature", "kd_tuned@original"),
                ("meta_distill@temperature", "kd_tuned@improved"), ("meta_distill@temperature", "meta_distill"),
                ("kd_tuned@improved", "kd_tuned@original"), ("kd@improved", "kd@original")]
@@ -30,11 +32,9 @@ def _pts(x: float) -> str:
 
 
 def _delta(a: np.ndarray, b: np.ndarray) -> str:
-    from benchmarks.common import paired_stats
+    from benchmarks.common import paired_stats, paired_text
 
-    stats = paired_stats(a - b)
-    lo, hi = stats["ci95"]
-    return f"{100 * stats['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p = {stats['p']:.2g} ({stats['p_wilcoxon']:.2g})"
+    return paired_text(paired_stats(a - b), scale=100)
 
 
 def tables(paths: list[str]) -> str:
@@ -53,17 +53,21 @@ def tables(paths: list[str]) -> str:
             if a in seeds and b in seeds:
                 lines.append(f"| {name} | {a} − {b} | {_delta(seeds[a], seeds[b])} |")
         for m in ("meta_distill", "meta_distill@temperature"):
-            if m in seeds and "kd@improved" in seeds:
-                worst = float((seeds[m] - seeds["kd@improved"]).min())
-                lines.append(f"| {name} | worst seed of {m} − kd@improved | {100 * worst:+.2f} |")
+            for kd in ("kd@improved", "kd@original"):
+                if m in seeds and kd in seeds:
+                    worst = float((seeds[m] - seeds[kd]).min())
+                    lines.append(f"| {name} | worst seed of {m} − {kd} | {100 * worst:+.2f} |")
     lines += ["", "| setting | teacher s | improvement s | grid s (original, improved) | standard practice s | "
               "meta_distill pipeline s | pipeline ratio | meta_distill step / kd step | kd_tuned points (α, T) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results:
         c = r["costs"]
-        grids = c.get("grid_seconds", {})
-        points = "; ".join(f"{k}: {g['point']['alpha']}, {g['point']['temperature']}"
-                           for k, g in r.get("kd_tuned_grids", {}).items())
+        # Older JSON: one kd grid per teacher (kd_tuned_grids, seconds as numbers); newer: the
+        # three tuned methods' grids per teacher (tuned_grids, seconds by method).
+        grids = {k: sum(g.values()) if isinstance(g, dict) else g for k, g in c.get("grid_seconds", {}).items()}
+        tuned = r.get("tuned_grids") or {k: {"kd": g} for k, g in r.get("kd_tuned_grids", {}).items()}
+        points = "; ".join(f"{k}: {g['kd']['point']['alpha']}, {g['kd']['point']['temperature']}"
+                           for k, g in tuned.items() if "kd" in g)
         lines.append(f"| {name} | {r['teacher_seconds']:.0f} | {r['improve_seconds']:.0f} | "
                      f"{grids.get('original', float('nan')):.0f}, {grids.get('improved', float('nan')):.0f} | "
                      f"{c.get('standard_practice_seconds', float('nan')):.0f} | "

@@ -21,6 +21,14 @@ def soft_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     raise ValueError(f"soft_loss must be 'kl' or 'mse', got {soft_loss!r}")
 
 
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled examples (per-example ``weight``); transfer
+    examples (label :data:`UNLABELED`) add nothing."""
+    labelled = labels >= 0
+    hard = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * labelled
+    return (weight * hard).sum() / labelled.sum().clamp(min=1)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       labels: torch.Tensor, temperature: float | torch.Tensor, alpha: float | torch.Tensor,
                       soft_loss: str = "kl") -> torch.Tensor:
@@ -35,7 +43,4 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """
     t = temperature
     soft = soft_terms(student_logits, teacher_logits, t, soft_loss)
-    labelled = labels >= 0
-    hard = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none") * labelled
-    n_labelled = labelled.sum().clamp(min=1)
-    return t * t * (alpha * soft).mean() + ((1.0 - alpha) * hard).sum() / n_labelled
+    return t * t * (alpha * soft).mean() + labelled_cross_entropy(student_logits, labels, 1.0 - alpha)

@@ -220,8 +220,8 @@ def _print_table(summary: dict) -> None:
         table.add_row(name, *cells, *((vs_kd_text(m.get("vs_kd")) or ("baseline" if name == "kd" else ""),) if delta else ()))
     console = Console(width=None if sys.stdout.isatty() else max(200, int(os.environ.get("COLUMNS") or 0)))
     console.print(table)
-    if improved and improved.get("why") and improved.get("skipped") == "no transfer data":
-        console.print(escape(f"teacher improvement skipped: {improved['why']}"))
+    if line := improvement_line(improved):
+        console.print(escape(line), soft_wrap=True)
     for line in network_lines(summary):  # the cost card: docs/operating.md#the-cost-card
         console.print(escape(line), soft_wrap=True)
     if chosen := summary.get("chosen"):
@@ -242,6 +242,16 @@ def _print_table(summary: dict) -> None:
         steps += [f"metadistill serve --model {reg['name']}",
                   f"metadistill export --format onnx --model {reg['name']} --out student.onnx"]
     console.print(escape("next: " + "  ·  ".join(steps)), soft_wrap=True)
+
+
+def improvement_line(improved: dict | None) -> str | None:
+    """Under the table: why the improvement stage was skipped, or whether its teacher
+    replaced the original (the held-out verdict)."""
+    if improved and improved.get("why") and improved.get("skipped") == "no transfer data":
+        return f"teacher improvement skipped: {improved['why']}"
+    if improved and "verdict" in improved:
+        return f"teacher: {improved['verdict']['reason']}"
+    return None
 
 
 def int8_text(int8: dict) -> str:

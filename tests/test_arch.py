@@ -115,7 +115,7 @@ def digits(home):
     cfg = load_config(overrides=[
         "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [64]}", "teacher.train.steps=60",
         "student.train.steps=200", "arch_search.enabled=true", "arch_search.trials=4", "arch_search.searcher=evolution",
-        "arch_search.population=2", "arch_search.default_budget=params",
+        "arch_search.population=2", "arch_search.default_budget=params", "arch_search.halving=true",
         "arch_search.space={mlp: {depth: [1, 2], width: [8, 16, 24, 64]}}"])
     prepared = data_stage.prepare(cfg.data)
     return cfg, prepared, obtain_teacher(TeacherContext.from_config(cfg, prepared)).model
@@ -136,14 +136,85 @@ def test_a_search_keeps_the_budget_trains_at_most_its_trials_and_is_cached(digit
     assert chosen <= limit
     assert any(line.startswith("  trial ") for line in lines)
     best = max([t for t in trained if t["state"] == "complete"], key=lambda t: t["reward"])
-    wins = best["reward"] > result.reference["held_out_acc"]
-    assert result.chosen == ({"arch": best["arch"], "kwargs": best["kwargs"]} if wins else
+    beyond_noise = "sign test p" in result.reason and "within noise" not in result.reason
+    assert result.chosen == ({"arch": best["arch"], "kwargs": best["kwargs"]} if beyond_noise else
                              {"arch": "mlp", "kwargs": {"hidden": [16]}})
+    assert "hits" not in result.reference and all("hits" not in t for t in result.trials)  # kept in the study only
     # The same search again is read back, not run.
     again = search(ArchContext.from_config(cfg, prepared, teacher), say=lines.append)
     assert again.cached and again.chosen == result.chosen
     record = json.loads(next((home / "cache" / "arch").glob("*.json")).read_text())
     assert record["chosen"] == result.chosen
+
+
+def _trial(name: str, hits: str, params: int, budget: Budget) -> dict:
+    acc = hits.count("1") / len(hits)
+    cost = {"params": params, "macs": params}
+    return {"candidate": name, "arch": "mlp", "kwargs": {"hidden": [params]}, "cost": cost, "held_out_acc": acc,
+            "reward": budget.reward(acc, cost), "hits": hits, "state": "complete", "over_budget": None,
+            "repeat_of": None}
+
+
+def test_a_searched_point_replaces_the_hand_picked_student_only_beyond_noise():
+    from pipelines.arch.stage import _choose
+
+    hard = Budget.of(BudgetConfig(params=100), None, "params")
+    reference = _trial("hand-picked", "1111100000", 50, hard)
+    # Right on 5 images the reference misses, wrong on none it gets: p = 1/2^5 = 0.031 < 0.05.
+    chosen, reason = _choose([_trial("a", "1111111111", 60, hard)], reference, hard, keep_p=0.05)
+    assert chosen["kwargs"] == {"hidden": [60]} and "sign test p = 0.031" in reason
+    # 5 wins and 1 loss: p = (1 + 6) / 2^6 = 0.109: the same gain in accuracy, within noise.
+    chosen, reason = _choose([_trial("b", "0111111111", 60, hard)], reference, hard, keep_p=0.05)
+    assert chosen["kwargs"] == {"hidden": [50]} and "within noise" in reason and "p = 0.11" in reason
+    assert _choose([_trial("b", "0111111111", 60, hard)], reference, hard, keep_p=0.2)[0]["kwargs"] == {"hidden": [60]}
+    # Soft: a cheaper point whose gain is within noise still wins on cost (the reward's other half).
+    soft = Budget.of(BudgetConfig(params=100, mode="soft"), None, "params")
+    chosen, _ = _choose([_trial("c", "0111111111", 20, soft)], _trial("hand-picked", "1111100000", 50, soft),
+                        soft, keep_p=0.05)
+    assert chosen["kwargs"] == {"hidden": [20]}
+
+
+def test_latency_readings_are_paired_with_the_hand_picked_students_and_kept_at_one_load():
+    """The machine slows down twofold between two points' readings: each point's reading is
+    scaled by the hand-picked student's reading taken beside it, so the two points compare
+    as they would at one load (the first anchor reading's)."""
+    from pipelines.arch.space import Costs
+    from pipelines.config.training import ModelConfig
+
+    base = {"anchor": 1.0, "fast": 0.5, "slow": 1.2}  # idle latency, ms
+    load = {"now": 1.0}
+
+    class Probe:  # a stand-in for deploy.cost.LatencyProbe: readings that move with the load
+        def latency(self, arch, kwargs, input_shape, num_classes, batch=1):
+            return {"median_ms": base[kwargs["name"]] * load["now"], "spread_pct": 1.0}
+
+    def model(name: str) -> ModelConfig:
+        return ModelConfig(arch="mlp", kwargs={"hidden": [8 + len(name)], "name": name})
+
+    costs = Costs((1, 8, 8), 10, Probe(), anchor=model("anchor"))
+    costs.of = lambda m, latency: Costs._latency(costs, m)  # the readings only: these points build no network
+    assert costs.of(model("anchor"), True)["latency_ms"] == pytest.approx(1.0)
+    assert costs.of(model("fast"), True)["latency_ms"] == pytest.approx(0.5)
+    load["now"] = 2.0  # the machine is busy now
+    slow = costs.of(model("slow"), True)
+    assert slow["latency_ms"] == pytest.approx(1.2) and slow["latency_raw_ms"] == pytest.approx(2.4)
+    unpaired = Costs((1, 8, 8), 10, Probe())
+    assert Costs._latency(unpaired, model("slow"))["latency_ms"] == pytest.approx(2.4)
+
+
+def test_the_sign_test_counts_disagreements_and_sums_the_binomial_tail():
+    import torch
+
+    from pipelines.engine.metrics import pack_hits, sign_test, unpack_hits
+
+    a, b = unpack_hits("110110"), unpack_hits("100011")
+    assert pack_hits(a) == "110110"
+    wins, losses, p = sign_test(a, b)  # a alone right on images 2 and 4; b alone on image 6
+    assert (wins, losses) == (2, 1) and p == pytest.approx(4 / 8)  # P(X >= 2), X ~ Bin(3, 1/2)
+    assert sign_test(b, a)[2] == pytest.approx(7 / 8)
+    assert sign_test(a, a) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="same examples"):
+        sign_test(a, torch.ones(3, dtype=torch.bool))
 
 
 def test_a_latency_limit_even_the_cheapest_point_breaks_is_refused_before_any_work():

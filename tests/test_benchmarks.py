@@ -80,7 +80,7 @@ EXPECT = {
                           slow="torchrun at several world sizes, about 30 s; the DDP path itself is tested in "
                                "test_distributed"),
     "distill_cost": Expect("distill_cost.json"),
-    "distill_quality": Expect("distill_quality_fashion_mnist.json"),
+    "distill_quality": Expect("round4/distill_quality_fashion_mnist.json"),
     "distill_report": Expect(None),
     "distill_variants": Expect("ablation/mnist_search.json"),
     "fewshot_configs": Expect("fewshot_configs_h200.json", keys=fewshot_keys),
@@ -133,3 +133,34 @@ def test_benchmark_smoke(name, isolated, tmp_path, capsys):
     assert not missing, f"{name}'s JSON lacks {sorted(missing)} of docs/benchmarks/{expect.published}"
     expect.check(result)
     capsys.readouterr()  # each prints its JSON: not kept for the report
+
+
+def test_paired_stats_against_hand_computed_values_and_scipy():
+    """Diffs 1, 2, 3: mean 2, standard error 1/sqrt(3), t = 2*sqrt(3) on 2 degrees of freedom,
+    whose two-sided p is 1 - t / sqrt(t^2 + 2); the interval's half-width is t_0.975(2) = 4.3027
+    standard errors; Wilcoxon's exact p with three positive ranks is 2/8."""
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    from benchmarks.common import paired_stats, paired_text
+
+    got = paired_stats(np.array([1.0, 2.0, 3.0]))
+    t = 2 * math.sqrt(3)
+    assert got["diff"] == pytest.approx(2.0) and got["n"] == 3
+    assert got["p"] == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert got["ci95"] == pytest.approx([2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)], abs=1e-5)
+    assert got["p_wilcoxon"] == pytest.approx(0.25)
+    a, b = np.random.default_rng(0).normal(size=10), np.random.default_rng(1).normal(size=10)
+    paired = paired_stats(a - b)
+    assert paired["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert paired["p_wilcoxon"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    # One seed: nothing to test.  Every seed the same non-zero gain: the t-test is undefined
+    # (no spread), the sign test's exact p is 2/2^n, not 0.
+    one = paired_stats(np.array([0.7]))
+    assert one["p"] is None and one["ci95"] is None and "no test" in paired_text(one)
+    same = paired_stats(np.full(10, 0.5))
+    assert same["ci95"] is None and same["p"] == pytest.approx(2 / 1024) and same["p_wilcoxon"] == same["p"]
+    assert paired_stats(np.zeros(4))["p"] == 1.0
+    assert paired_text(got, scale=100) == "+200.00 [-48.41, +448.41], p = 0.074 (Wilcoxon 0.25)"

@@ -27,7 +27,9 @@ def _summary(**changes) -> dict:
         "teacher_test_acc": 0.595, "teacher_arch": "resnet8",
         "teacher": {"arch": "resnet8", "test_acc": 0.595, "cached": True, "train_seconds": 41.25},
         "teacher_improved": {"arch": "resnet8", "test_acc": 0.61, "cached": False, "train_seconds": 12.5,
-                             "mask_rate": 0.4},
+                             "mask_rate": 0.4, "kept": False, "verdict": {"kept": False, "reason": (
+                                 "the students learn from the original teacher: the improved one is not better "
+                                 "beyond noise (held-out 60.50% against the original's 60.00% on 40 images; ...)")}},
         "student_arch": "mlp", "student_model": {"arch": "mlp", "kwargs": {"hidden": [16]}, "parameters": 1210},
         "held_out": {"train": 160, "quiz": 20, "val": 20, "test": 200, "transfer": 400},
         "warnings": ["the validation split holds 20 images (quiz 20, validation 20, test 200): ..."],
@@ -45,6 +47,7 @@ def test_the_table_is_whole_in_a_log_and_says_what_was_used_and_what_next(capsys
     assert "59.50" in teacher and "41.2 (cached)" in teacher and "0.2" not in teacher.split("59.50")[1]
     improved = next(line for line in out.splitlines() if "teacher improved (resnet8)" in line)
     assert "61.00" in improved and "12.9" in improved  # trained in this run: its stage's seconds
+    assert "teacher: the students learn from the original teacher: the improved one is not better" in out
     assert "Δ vs kd, points (95% CI)" in out and "+0.67 [-0.20, +1.54]" in out
     assert 'students: mlp {"hidden": [16]}, 1,210 parameters each; teacher: resnet8' in out
     assert "chosen: kd seed 1" in out and "registered metadistill-imagefolder-pets-student v1 as champion" in out

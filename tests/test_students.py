@@ -57,6 +57,55 @@ def test_kd_tuned_searches_once_and_trains_the_best_validation_point(setting, ho
         assert torch.equal(a, b)
 
 
+def test_standard_practice_trains_the_best_of_the_three_tuned_grids(setting, home):
+    """Each grid is searched once and cached; the method whose best point scored highest on
+    the held-out images is trained at that point, exactly as that method alone would be."""
+    cfg, prepared, teacher = setting
+    cfg = load_config(overrides=TINY + ["kd.grid_alpha=[0.9]", "kd.grid_temperature=[4]", "dkd.grid_beta=[1, 8]",
+                                        "dkd.grid_temperature=[4]", "dist_kd.grid_beta=[2]",
+                                        "dist_kd.grid_temperature=[1, 4]"])
+    logged = {}
+    first = run_student("standard_practice", cfg, prepared, teacher, seed=1, on_log=lambda step, m: logged.update(m))
+    grids = {m: json.loads(next((home / "cache" / f"{m}_tuned").glob("*.json")).read_text())
+             for m in ("kd", "dkd", "dist_kd")}
+    assert [len(grids[m]["table"]) for m in ("kd", "dkd", "dist_kd")] == [1, 2, 2]
+    assert grids["dist_kd"]["point"]["beta"] == grids["dist_kd"]["point"]["gamma"] == 2
+    best = max(grids, key=lambda m: grids[m]["val_acc"])
+    assert logged[f"standard_practice_is_{best}"] == 1.0 and sum(v for k, v in logged.items()
+                                                                 if k.startswith("standard_practice_is_")) == 1.0
+    assert first.result.seconds > sum(g["grid_seconds"] for g in grids.values())
+    point = ",".join(f"{best}.{k}={v}" for k, v in grids[best]["point"].items()).split(",")
+    alone = run_student(best, load_config(overrides=TINY + point), prepared, teacher, seed=1)
+    for a, b in zip(first.model.state_dict().values(), alone.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # The tuned variant of the same method reads the same cached grid.
+    tuned = run_student(f"{best}_tuned", cfg, prepared, teacher, seed=1)
+    assert torch.equal(next(iter(tuned.model.state_dict().values())), next(iter(first.model.state_dict().values())))
+
+
+@pytest.mark.parametrize("method", ["dkd", "dist_kd"])
+def test_dkd_and_dist_students_learn_from_the_teacher_and_the_transfer_images(setting, method):
+    cfg, prepared, teacher = setting
+    cfg = load_config(overrides=[*TINY[:-2], "student.train.steps=150", "data.label_budget=500"])
+    outcome = run_student(method, cfg, prepared, teacher, seed=0)
+    assert outcome.evaluation.accuracy > 0.6  # ten classes: chance is 0.1
+
+
+def test_the_dkd_term_warms_up_linearly_over_its_fraction_of_the_steps():
+    from pipelines.config.students import DKDConfig
+    from pipelines.students.dkd import DKDLoss
+
+    loss = DKDLoss(teacher=None, dkd=DKDConfig(warmup=0.1), steps=200)  # 20 warm-up steps
+    weights = []
+    for step in (1, 10, 20, 150):
+        loss.before_step(step, None, None, None)
+        weights.append(loss.weight)
+    assert weights == [0.05, 0.5, 1.0, 1.0]
+    loss = DKDLoss(teacher=None, dkd=DKDConfig(warmup=0.0), steps=200)
+    loss.before_step(1, None, None, None)
+    assert loss.weight == 1.0
+
+
 def test_label_finetune_runs_for_teacher_methods_only(setting):
     cfg, prepared, teacher = setting
     tuned_cfg = load_config(overrides=TINY + ["student.finetune_steps=10"])

@@ -197,6 +197,58 @@ def test_improved_teacher_never_sees_a_transfer_label_and_is_cached(setting, hom
     assert not improve.improves(off.teacher.improve, prepared)
 
 
+def test_an_improved_teacher_is_kept_only_when_it_beats_the_original_beyond_noise(setting):
+    """A teacher whose weights were damaged is never kept in place of the original; the
+    original is kept in place of the damaged one; a copy of the same teacher is not kept
+    (no disagreements: p = 1), except with keep_p=1, which always replaces."""
+    cfg, prepared, teacher = setting
+    damaged = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in damaged.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    worse = improve.judge_improvement(teacher, damaged, prepared, keep_p=0.05)
+    assert not worse.kept and worse.improved_acc < worse.original_acc and worse.losses > worse.wins
+    assert "learn from the original teacher" in worse.reason and "teacher.improve.keep_p 0.05" in worse.reason
+    better = improve.judge_improvement(damaged, teacher, prepared, keep_p=0.05)
+    assert better.kept and better.p < 0.05 and (better.wins, better.losses) == (worse.losses, worse.wins)
+    same = improve.judge_improvement(teacher, copy.deepcopy(teacher), prepared, keep_p=0.05)
+    assert not same.kept and (same.wins, same.losses, same.p) == (0, 0, 1.0)
+    assert improve.judge_improvement(teacher, copy.deepcopy(teacher), prepared, keep_p=1.0).kept
+
+
+def test_a_teacher_that_harms_the_student_slowly_is_bounded_by_the_kd_reference(setting, monkeypatch):
+    """The co-trained head's targets drift, over the whole run, towards the next class's
+    (a wrong label, more and more sure): the guard, which compares the student with its own
+    snapshots, lets it through; the kd reference trained from the same seed is returned
+    instead, exactly the sweep's paired kd student."""
+    from pipelines.students import meta_distill
+    from pipelines.students.fit import run_student
+
+    cfg, prepared, teacher = setting
+    steps = 200
+    cfg = load_config(overrides=TINY + [f"student.train.steps={steps}"])
+    original, calls = meta_distill.TeachingHead.targets, {"n": 0}
+
+    def harmful(self, x, index):
+        targets = original(self, x, index)
+        calls["n"] += 1
+        w = min(1.0, calls["n"] / steps)
+        return (1 - w) * targets + w * 3 * targets.roll(1, dims=-1)
+
+    monkeypatch.setattr(meta_distill.TeachingHead, "targets", harmful)
+    logged = {}
+    bounded = run_student("meta_distill", cfg, prepared, teacher, seed=3, on_log=lambda s, m: logged.update(m))
+    calls["n"] = 0
+    off = load_config(overrides=TINY + [f"student.train.steps={steps}", "meta_distill.reference=false"])
+    harmed = run_student("meta_distill", off, prepared, teacher, seed=3)
+    kd = run_student("kd", cfg, prepared, teacher, seed=3)
+    assert harmed.evaluation.accuracy < kd.evaluation.accuracy - 0.2  # the harm is real
+    assert logged["returned_kd_reference"] == 1.0 and logged["held_out_acc_vs_kd_reference"] < 0
+    for a, b in zip(bounded.model.state_dict().values(), kd.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert bounded.result.seconds > kd.result.seconds  # the reference's compute is counted
+
+
 def test_the_learned_policy_can_be_the_strong_view(setting):
     """``teacher.improve.strong=learned``: the strong view is the searched policy (its base
     included) and the improvement's cache key follows the search; the default stays

@@ -13,7 +13,7 @@ from models.cost import count_macs
 from models.registry import build_model, count_parameters
 from models.space import points as space_points
 from models.space import to_model
-from pipelines.config.students import BudgetConfig
+from pipelines.config.students import BudgetConfig, over_limits
 from pipelines.config.training import ModelConfig
 
 
@@ -71,10 +71,19 @@ def cheapest_latency(space: dict, input_shape: tuple[int, ...], num_classes: int
 class Costs:
     """What each point costs, worked out once per point: parameters and MACs in this
     process, batch-1 latency from ``probe`` (one thread, a process of its own) when a
-    latency limit or measure needs it."""
+    latency limit or measure needs it.
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, probe=None):
+    Latency moves with the machine's load, and a search reads its points over minutes or
+    hours: a limit read at one moment and a point read at another are not comparable (on
+    CIFAR-10 a point 17% slower than the hand-picked student on an idle machine passed a
+    limit read while the machine was slow).  So each point's reading is paired with a
+    reading of ``anchor`` (the hand-picked student) taken right after it, and reported at
+    the load of the anchor's first reading: ``point_now * anchor_first / anchor_now``.  The
+    raw readings are kept beside it."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, probe=None, anchor: ModelConfig | None = None):
         self.input_shape, self.num_classes, self.probe, self._seen = tuple(input_shape), num_classes, probe, {}
+        self.anchor, self.anchor_ms = anchor, None
 
     def of(self, model: ModelConfig, latency: bool) -> dict:
         key = (model.arch, repr(sorted(model.kwargs.items())))
@@ -83,9 +92,19 @@ class Costs:
             net = build_model(model.arch, self.input_shape, self.num_classes, **model.kwargs)
             cost.update(params=count_parameters(net), macs=count_macs(net, self.input_shape))
         if latency and "latency_ms" not in cost:
-            reading = self.probe.latency(model.arch, model.kwargs, self.input_shape, self.num_classes, batch=1)
-            cost.update(latency_ms=reading["median_ms"], latency_spread_pct=reading["spread_pct"])
+            cost.update(self._latency(model))
         return cost
+
+    def _latency(self, model: ModelConfig) -> dict:
+        read = lambda m: self.probe.latency(m.arch, m.kwargs, self.input_shape, self.num_classes, batch=1)
+        reading = read(model)
+        out = {"latency_ms": reading["median_ms"], "latency_spread_pct": reading["spread_pct"]}
+        if self.anchor is None:
+            return out
+        anchor_now = read(self.anchor)["median_ms"]
+        self.anchor_ms = self.anchor_ms or anchor_now  # the first reading sets the scale
+        return {**out, "latency_ms": reading["median_ms"] * self.anchor_ms / anchor_now,
+                "latency_raw_ms": reading["median_ms"], "anchor_latency_ms": anchor_now}
 
 
 @dataclass(frozen=True)
@@ -114,11 +133,9 @@ class Budget:
 
     def over(self, cost: dict) -> str | None:
         """Which limit the point breaks, with its value; None when it meets them all."""
-        for measure, limit in self.limits.items():
-            allowed = limit * (1 + self.latency_slack) if measure == "latency_ms" else limit
-            if cost[measure] > allowed:
-                return f"{measure} {_fmt(cost[measure])} > {_fmt(limit)}" + (
-                    f" (+{self.latency_slack:.0%} slack)" if measure == "latency_ms" and self.latency_slack else "")
+        for measure, value, limit in over_limits(self.limits, cost, self.latency_slack)[:1]:
+            return f"{measure} {_fmt(value)} > {_fmt(limit)}" + (
+                f" (+{self.latency_slack:.0%} slack)" if measure == "latency_ms" and self.latency_slack else "")
         return None
 
     def reward(self, accuracy: float, cost: dict) -> float:

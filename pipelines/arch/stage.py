@@ -5,7 +5,8 @@ run's teacher by kd (``reward=distill``) or from the labels alone (``reward=scra
 scores it on the held-out labelled images (quiz and validation splits, as ``kd_tuned``'s
 grid); the reward weighs that accuracy against ``student.budget``.  A point over a hard
 limit is refused before it trains.  The hand-picked ``student.model`` trains the same way
-as the reference, and stays the student unless a searched point beats its reward.
+as the reference, and stays the student unless a searched point beats its reward beyond the
+noise of the held-out images (a sign test on the examples the two disagree on).
 
 The study lives in an Optuna storage (a journal file in the project home, or the team's
 PostgreSQL when ``$METADISTILL_STUDY_STORAGE`` names it), so several processes on several
@@ -34,11 +35,11 @@ from pipelines.config.arch import ArchSearchConfig
 from pipelines.config.students import BudgetConfig
 from pipelines.config.training import ModelConfig
 from pipelines.engine.loop import StepHook, supervised_loss
-from pipelines.engine.metrics import accuracy
+from pipelines.engine.metrics import accuracy, correctness, pack_hits, sign_test, unpack_hits
 from pipelines.students.context import StudentContext
 from pipelines.students.kd import FrozenTeacher, kd_loss, teacher_fingerprint
 
-ARCH_CACHE_VERSION = 1
+ARCH_CACHE_VERSION = 2  # 2: trials keep their held-out hits (the keep rule's sign test)
 STORAGE_ENV = "METADISTILL_STUDY_STORAGE"  # the team's study database (`metadistill services` exports it)
 TrialLog = Callable[[dict], None]
 
@@ -57,12 +58,12 @@ class ArchContext:
     costs: Costs = field(init=False)
 
     def __post_init__(self):
-        self.costs = Costs(self.proxy.data.input_shape, self.proxy.data.num_classes, self.probe)
+        self.costs = Costs(self.proxy.data.input_shape, self.proxy.data.num_classes, self.probe, anchor=self.reference)
 
     @classmethod
     def from_config(cls, cfg, data, teacher: nn.Module, probe=None) -> ArchContext:
         search, student = cfg.arch_search, cfg.student
-        steps = search.proxy_steps or max(1, student.train.steps // 4)
+        steps = search.proxy_steps or student.train.steps
         train = student.train.model_copy(update={"steps": steps, "log_every": steps})
         proxy_student = student.model_copy(update={"train": train, "finetune_steps": 0, "init": "scratch",
                                                    "init_uri": None})
@@ -152,8 +153,9 @@ def train_candidate(ctx: ArchContext, model: ModelConfig, trial: optuna.Trial | 
             sub.fit(student, supervised_loss, hooks=hooks)
     except optuna.TrialPruned:
         stopped = rungs.last
-    acc = accuracy(student, *held_out)
-    return {"held_out_acc": acc, "seconds": time.perf_counter() - start, "stopped_at": stopped}
+    hits = correctness(student, *held_out)
+    return {"held_out_acc": hits.sum().item() / max(1, len(hits)), "hits": pack_hits(hits),
+            "seconds": time.perf_counter() - start, "stopped_at": stopped}
 
 
 def _halving(ctx: ArchContext) -> bool:
@@ -212,6 +214,9 @@ def _search(ctx: ArchContext, key: str, path, on_trial: TrialLog, say) -> Search
     start = time.perf_counter()
     study = open_study(ctx, key)
     reference = _reference(ctx, study, say)
+    # Every worker's latency readings in the units of the reference's first reading (its
+    # machine, its load): another worker joining the study reads on its own machine.
+    ctx.costs.anchor_ms = reference["cost"].get("latency_ms") or ctx.costs.anchor_ms
     budget = Budget.of(ctx.budget, reference["cost"], ctx.search.default_budget)
     say(f"architecture search: {ctx.search.searcher}, {ctx.search.trials} trials of "
         f"{ctx.proxy.student.train.steps} steps, reward {ctx.search.reward}; budget {budget.describe()}")
@@ -230,10 +235,13 @@ def _search(ctx: ArchContext, key: str, path, on_trial: TrialLog, say) -> Search
             say(_line(record, _trained(study), ctx.search.trials))
     trials = [_record(t, ctx.search.space) for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "cost" in t.user_attrs]
-    chosen, reason = _choose(trials, reference, budget) if feasible else (
+    chosen, reason = _choose(trials, reference, budget, ctx.search.keep_p) if feasible else (
         {"arch": reference["arch"], "kwargs": reference["kwargs"]},
         f"no point of the space met the budget ({budget.describe()}) when measured: the hand-picked student stays")
     measure = _measure(budget)
+    # The held-out hits stay in the study (a later worker compares with them), not in the result.
+    trials = [{k: v for k, v in t.items() if k != "hits"} for t in trials]
+    reference = {k: v for k, v in reference.items() if k != "hits"}
     result = SearchResult(chosen, reason, trials, reference, budget.describe(), time.perf_counter() - start,
                           measure, budget.limits.get(measure), study=study.study_name)
     write_json(path, result.as_json(), indent=1)
@@ -324,12 +332,16 @@ def _record(t, space: dict) -> dict:
     return {"number": t.number, "candidate": decode(t.params, space).name, **a["arch"], "cost": a["cost"],
             "held_out_acc": a.get("held_out_acc", 0.0), "reward": a.get("reward", 0.0),
             "seconds": a.get("seconds", 0.0), "stopped_at": a.get("stopped_at"), "over_budget": a.get(OVER_BUDGET),
-            "repeat_of": a.get("repeat_of"), "state": t.state.name.lower()}
+            "repeat_of": a.get("repeat_of"), "state": t.state.name.lower(), "hits": a.get("hits", "")}
 
 
-def _choose(trials: list[dict], reference: dict, budget: Budget) -> tuple[dict, str]:
-    """The trained, fully run point of the highest reward (ties: the cheaper); the
-    hand-picked student when none beats its reward."""
+def _choose(trials: list[dict], reference: dict, budget: Budget, keep_p: float) -> tuple[dict, str]:
+    """The trained, fully run point of the highest reward (ties: the cheaper), when it beats
+    the hand-picked student beyond noise; else the hand-picked student.
+
+    Beyond noise: on the held-out images the two disagree on, the point is right more often
+    than chance allows (``sign_test``, one-sided p < ``keep_p``).  Under a soft budget an
+    accuracy difference within noise counts as none, and the reward compares the costs."""
     ran = [t for t in trials if t["state"] == "complete" and not t["over_budget"] and t["repeat_of"] is None]
     ref_reward = budget.reward(reference["held_out_acc"], reference["cost"])
     keep = {"arch": reference["arch"], "kwargs": reference["kwargs"]}
@@ -340,10 +352,18 @@ def _choose(trials: list[dict], reference: dict, budget: Budget) -> tuple[dict, 
     if best["reward"] <= ref_reward:
         return keep, (f"no searched point beat the hand-picked student's reward {ref_reward:.4f} at the proxy budget "
                       f"(best: {best['candidate']}, {best['reward']:.4f}): it stays")
+    wins, losses, p = sign_test(unpack_hits(best["hits"]), unpack_hits(reference["hits"]))
+    test = (f"right on {wins} held-out images the hand-picked student gets wrong, wrong on {losses} it gets right: "
+            f"sign test p = {p:.2g}")
+    gain = best["held_out_acc"] - reference["held_out_acc"]
+    if gain > 0 and p >= keep_p and budget.reward(reference["held_out_acc"], best["cost"]) <= ref_reward:
+        return keep, (f"{best['candidate']} had the highest reward ({best['reward']:.4f} against the hand-picked "
+                      f"student's {ref_reward:.4f}) but its held-out gain of {100 * gain:+.2f} points is within noise "
+                      f"({test} >= arch_search.keep_p {keep_p:g}): the hand-picked student stays")
     return ({"arch": best["arch"], "kwargs": best["kwargs"]},
             f"highest reward {best['reward']:.4f} of {len(ran)} trained points under {budget.describe()} "
             f"(held-out {100 * best['held_out_acc']:.2f}% at the proxy budget; the hand-picked student "
-            f"{100 * reference['held_out_acc']:.2f}%, reward {ref_reward:.4f})")
+            f"{100 * reference['held_out_acc']:.2f}%, reward {ref_reward:.4f}; {test})")
 
 
 def _line(record: dict, done: int, total: int) -> str:

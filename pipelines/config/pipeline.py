@@ -16,7 +16,15 @@ from pipelines.config.data import DataConfig
 from pipelines.config.errors import Strict
 from pipelines.config.fewshot import FewShotConfig
 from pipelines.config.runtime import DistConfig, TrackingConfig
-from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, MetaDistillPilotConfig, StudentConfig
+from pipelines.config.students import (
+    DISTKDConfig,
+    DKDConfig,
+    KDConfig,
+    MamlConfig,
+    MetaDistillConfig,
+    MetaDistillPilotConfig,
+    StudentConfig,
+)
 from pipelines.config.teacher import TeacherConfig, teacher_input_shape
 from pipelines.config.training import ModelConfig
 
@@ -36,6 +44,10 @@ class PipelineConfig(Strict):
         "the architecture stage: the student's network searched for this teacher under student.budget"))
     kd: KDConfig = Field(default_factory=KDConfig, description="Hinton KD (kd, kd_tuned and its grid) and the "
                                                               "transfer images every teacher-based method draws")
+    dkd: DKDConfig = Field(default_factory=DKDConfig, description="decoupled KD (dkd, dkd_tuned and its grid)")
+    dist_kd: DISTKDConfig = Field(default_factory=DISTKDConfig, description="DIST, KD by the teacher's class "
+                                                                           "relations (dist_kd, dist_kd_tuned and its "
+                                                                           "grid)")
     maml: MamlConfig = Field(default_factory=MamlConfig, description="the meta-learned initialisation of maml_init "
                                                                     "(MAML family, tasks from the training split)")
     meta_distill: MetaDistillConfig = Field(default_factory=MetaDistillConfig, description=(

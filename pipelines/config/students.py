@@ -1,4 +1,4 @@
-"""``student.*`` and the settings of the student methods: ``kd.*``, ``maml.*`` and
+"""``student.*`` and the settings of the student methods: ``kd.*``, ``dkd.*``, ``dist_kd.*``, ``maml.*`` and
 ``meta_distill.*`` (its sub-sections ``head``, ``guard``, ``temperature``, ``feedback``) and
 ``meta_distill_pilot.*``.
 """
@@ -47,6 +47,57 @@ class KDConfig(Strict):
     def transfer_batch(self, batch_size: int) -> int:
         """Transfer examples drawn beside each labelled batch of ``batch_size``."""
         return int(round(self.transfer_ratio * batch_size))
+
+
+def _positive_grid(values: list[float], name: str) -> list[float]:
+    if not values:
+        raise ValueError(f"{name} must list at least one value")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{name} has values that are not positive: {[v for v in values if v <= 0]}")
+    return values
+
+
+class DKDConfig(Strict):
+    """``dkd``: decoupled KD (Zhao et al. 2022), cross-entropy on the labels plus
+    ``alpha * TCKD + beta * NCKD``; defaults are the authors' CIFAR-100 settings."""
+
+    alpha: float = Field(1.0, ge=0, description="weight of the target-class term (TCKD)")
+    beta: float = Field(8.0, ge=0, description="weight of the non-target term (NCKD)")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of both terms (scaled by T^2)")
+    warmup: float = Field(20 / 240, ge=0, lt=1, description="the DKD term ramps up linearly over this fraction of "
+                                                            "student.train.steps (the authors': 20 of 240 epochs)")
+    grid_beta: list[float] = Field(default_factory=lambda: [0.5, 2.0, 8.0],
+                                   description="dkd_tuned: NCKD weights searched (the authors used 0.5 on ImageNet, "
+                                               "2 to 8 on CIFAR-100)")
+    grid_temperature: list[float] = Field(default_factory=lambda: [1.0, 4.0], description="dkd_tuned: temperatures "
+                                                                                          "searched")
+
+    @field_validator("grid_beta", "grid_temperature")
+    @classmethod
+    def _grid(cls, values: list[float], info) -> list[float]:
+        return _positive_grid(values, f"dkd.{info.field_name}")
+
+
+class DISTKDConfig(Strict):
+    """``dist_kd``: DIST (Huang et al. 2022), cross-entropy on the labels plus the teacher's
+    inter- and intra-class relations matched by Pearson correlation; defaults are the
+    authors' ImageNet settings."""
+
+    beta: float = Field(1.0, ge=0, description="weight of the inter-class relation (within each example)")
+    gamma: float = Field(1.0, ge=0, description="weight of the intra-class relation (within each class, across the "
+                                                "batch)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature (scaled by T^2)")
+    grid_beta: list[float] = Field(default_factory=lambda: [1.0, 2.0],
+                                   description="dist_kd_tuned: the weights searched, beta = gamma (the authors: 1 on "
+                                               "ImageNet, 2 on CIFAR-100)")
+    grid_temperature: list[float] = Field(default_factory=lambda: [1.0, 4.0],
+                                          description="dist_kd_tuned: temperatures searched (the authors: 1 on "
+                                                      "ImageNet, 4 on CIFAR-100)")
+
+    @field_validator("grid_beta", "grid_temperature")
+    @classmethod
+    def _grid(cls, values: list[float], info) -> list[float]:
+        return _positive_grid(values, f"dist_kd.{info.field_name}")
 
 
 class HeadConfig(Strict):
@@ -114,6 +165,11 @@ class MetaDistillConfig(Strict):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    reference: bool = Field(True, description="also train plain kd from the same seed (same initialisation and "
+                                              "batches) and return it instead when it scores higher on the "
+                                              "held-out images: the guard compares the student with its own "
+                                              "snapshots and misses a teacher that harms it slowly; this bounds "
+                                              "it by kd (about one kd training more)")
 
 
 Learnable = Literal["teacher", "calibration", "kd_params", "weights"]
@@ -216,9 +272,25 @@ class BudgetConfig(Strict):
                 if v is not None}
 
 
+def over_limits(limits: dict[str, float], measured: dict[str, float | None],
+                latency_slack: float) -> list[tuple[str, float | None, float]]:
+    """Each of ``limits`` (``BudgetConfig.limits``' measures) that ``measured`` breaks, as
+    (measure, measured value, limit): latency may exceed its limit by ``latency_slack``
+    (it moves with the machine's load); a value not measured breaks its limit.  The one
+    check behind the architecture search's refusals and the promotion gate's."""
+    broken = []
+    for measure, limit in limits.items():
+        value = measured.get(measure)
+        allowed = limit * (1 + latency_slack) if measure == "latency_ms" else limit
+        if value is None or value > allowed:
+            broken.append((measure, value, limit))
+    return broken
+
+
 # Student methods (pipelines/students/methods.py maps each name to its function; a test keeps
 # the two lists equal).  Teacher-based methods see the transfer split; the others do not.
-TEACHER_METHODS = ("kd", "kd_tuned", "meta_distill", "meta_distill+maml_init", "meta_distill_pilot")
+TEACHER_METHODS = ("kd", "kd_tuned", "dkd", "dkd_tuned", "dist_kd", "dist_kd_tuned", "standard_practice",
+                   "meta_distill", "meta_distill+maml_init", "meta_distill_pilot")
 
 
 METHOD_NAMES = ("scratch", "maml_init", *TEACHER_METHODS)

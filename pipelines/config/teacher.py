@@ -48,6 +48,10 @@ class ImproveConfig(TrainConfig):
                                                          "every narrow op of meta.augment at up to its full range")
     cutout: float = Field(0.5, ge=0, lt=1, description="strong view: a square of this share of the side, "
                                                       "set to the mean colour, at a random place (0: none)")
+    keep_p: float = Field(0.05, gt=0, le=1, description="the improved teacher replaces the original only when it "
+                                                        "beats it on the held-out labelled images beyond noise: "
+                                                        "McNemar's exact test on the images the two disagree on, "
+                                                        "one-sided p below this (1: always replace it)")
 
 
 class TeacherConfig(FromSource):

@@ -247,7 +247,9 @@ def run_description(summary: dict, rows: list[dict]) -> str:
     line += " (cached)" if teacher.get("cached") else ""
     improved = summary.get("teacher_improved") or {}
     if "test_acc" in improved:
-        line += f"; improved on the transfer data: {100 * improved['test_acc']:.2f}% (the students learn from it)"
+        line += f"; improved on the transfer data: {100 * improved['test_acc']:.2f}% (" + (
+            "the students learn from it)" if improved.get("kept", True) else
+            f"not kept: {improved['verdict']['reason']})")
     elif improved.get("skipped"):
         line += f"; improvement skipped: {improved['skipped']}"
     parts.append(line)

@@ -200,8 +200,9 @@ def _register_teacher(cfg: PipelineConfig, ctx: TeacherContext, run: RunLogger, 
 def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, parent: RunLogger, timings: dict):
     """The teacher's consistency training on the transfer split (``teacher.improve``), in
     its own child run; returns the teacher the students learn from (the labelled one when
-    the stage is off or there is no transfer split) and what the summary reports of it:
-    its test accuracy, or why the stage was skipped."""
+    the stage is off, there is no transfer split, or the improved one is not better on the
+    held-out images beyond noise) and what the summary reports of it: its test accuracy and
+    the verdict, or why the stage was skipped."""
     if not improve.improves(cfg.teacher.improve, prepared):
         info = skipped_improvement(cfg)
         get_run_logger().info("improved teacher: skipped: %s (%s)", info["skipped"], info["why"])
@@ -226,10 +227,18 @@ def improve_teacher_task(cfg: PipelineConfig, prepared: Prepared, teacher, paren
         run.set_tags({"teacher.improve.cached": outcome.cached, "teacher.improve.key": outcome.key})
         if outcome.result is not None:
             _log_curve(run, outcome.result.curve, "teacher-improve")
-    get_run_logger().info("improved teacher: test acc %.2f%% (cached=%s)", 100 * ev.accuracy, outcome.cached)
-    parent.log_metrics({"teacher_improved_test_acc": ev.accuracy}, step=0)
-    return outcome.model, {"arch": teacher_spec(ctx)["arch"], "test_acc": ev.accuracy, "cached": outcome.cached,
-                           "train_seconds": _train_seconds(outcome), "mask_rate": outcome.mask_rate}
+        verdict = improve.judge_improvement(teacher, outcome.model, prepared, cfg.teacher.improve.keep_p)
+        run.log_metrics({"teacher_improve_kept": float(verdict.kept), "teacher_improve_p": verdict.p,
+                         "teacher_improve_held_out_gain": verdict.improved_acc - verdict.original_acc},
+                        step=cfg.teacher.improve.steps)
+    get_run_logger().info("improved teacher: test acc %.2f%% (cached=%s); %s", 100 * ev.accuracy, outcome.cached,
+                          verdict.reason)
+    parent.log_metrics({"teacher_improved_test_acc": ev.accuracy, "teacher_improve_kept": float(verdict.kept)},
+                       step=0)
+    return outcome.model if verdict.kept else teacher, {
+        "arch": teacher_spec(ctx)["arch"], "test_acc": ev.accuracy, "cached": outcome.cached,
+        "train_seconds": _train_seconds(outcome), "mask_rate": outcome.mask_rate, "kept": verdict.kept,
+        "verdict": verdict.as_json()}
 
 
 def skipped_improvement(cfg: PipelineConfig) -> dict:

@@ -15,7 +15,7 @@ from scipy.stats import binom
 
 from models.cost import Cost, cost_change
 from pipelines import tracking
-from pipelines.config.students import BudgetConfig
+from pipelines.config.students import BudgetConfig, over_limits
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,14 @@ def over_budget(cost: Cost | None, budget: BudgetConfig | None) -> list[str]:
         return []
     if cost is None:
         return [f"no cost card was measured to check student.budget ({', '.join(limits)})"]
-    over = []
-    if budget.params is not None and cost["parameters"] > budget.params:
-        over.append(f"{cost['parameters']:,} parameters > student.budget.params={budget.params:,}")
-    if budget.macs is not None and (cost.get("macs") is None or cost["macs"] > budget.macs):
-        over.append(f"{_or_unmeasured(cost.get('macs'), '{:,}')} MACs > student.budget.macs={budget.macs:,}")
-    if budget.latency_ms is not None:
-        allowed = budget.latency_ms * (1 + budget.latency_slack)
-        measured = (cost.get("latency_b1") or {}).get("median_ms")
-        if measured is None or measured > allowed:
-            over.append(f"batch-1 latency {_or_unmeasured(measured, '{:.3g}')} ms > student.budget.latency_ms="
-                        f"{budget.latency_ms:g} (+{budget.latency_slack:.0%} slack: {allowed:.3g} ms)")
-    return over
+    measured = {"params": cost["parameters"], "macs": cost.get("macs"),
+                "latency_ms": (cost.get("latency_b1") or {}).get("median_ms")}
+    texts = {"params": lambda v, limit: f"{v:,} parameters > student.budget.params={limit:,}",
+             "macs": lambda v, limit: f"{_or_unmeasured(v, '{:,}')} MACs > student.budget.macs={limit:,}",
+             "latency_ms": lambda v, limit: (f"batch-1 latency {_or_unmeasured(v, '{:.3g}')} ms > "
+                                             f"student.budget.latency_ms={limit:g} (+{budget.latency_slack:.0%} "
+                                             f"slack: {limit * (1 + budget.latency_slack):.3g} ms)")}
+    return [texts[m](v, limit) for m, v, limit in over_limits(limits, measured, budget.latency_slack)]
 
 
 def _or_unmeasured(value, fmt: str) -> str:

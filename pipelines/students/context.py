@@ -14,11 +14,19 @@ from torch import nn
 from models.registry import build_model
 from pipelines.augment.search import AugmentContext, augmenter_for
 from pipelines.common.rng import global_rng
-from pipelines.config.students import KDConfig, MamlConfig, MetaDistillConfig, MetaDistillPilotConfig, StudentConfig
+from pipelines.config.students import (
+    DISTKDConfig,
+    DKDConfig,
+    KDConfig,
+    MamlConfig,
+    MetaDistillConfig,
+    MetaDistillPilotConfig,
+    StudentConfig,
+)
 from pipelines.engine.batches import Augment, Transfer
 from pipelines.engine.checkpoint import Checkpointer
-from pipelines.engine.device import in_batches, inference_batch
 from pipelines.engine.loop import LogFn, StepHook, TrainResult, supervised_loss, train_classifier
+from pipelines.engine.metrics import held_out
 from pipelines.teacher.sources import WeightsSource, start_from
 
 if TYPE_CHECKING:
@@ -29,8 +37,8 @@ if TYPE_CHECKING:
 @dataclass
 class StudentContext:
     """One student's inputs.  It holds the config sections the methods read (``student``,
-    ``kd``, ``maml``, ``meta_distill``, ``meta_distill_pilot``) and the augmentation the stage chose, never the
-    whole tree: :meth:`from_config` is where the tree is taken apart."""
+    ``kd``, ``dkd``, ``dist_kd``, ``maml``, ``meta_distill``, ``meta_distill_pilot``) and the
+    augmentation the stage chose, never the whole tree: :meth:`from_config` is where the tree is taken apart."""
 
     student: StudentConfig
     kd: KDConfig
@@ -48,6 +56,8 @@ class StudentContext:
     init: WeightsSource | None = None  # student.init: the weights every method starts from
     rng_after_init: torch.Tensor | None = None  # the global generator's state right after new_student
     meta_distill_pilot: MetaDistillPilotConfig = field(default_factory=MetaDistillPilotConfig)
+    dkd: DKDConfig = field(default_factory=DKDConfig)
+    dist_kd: DISTKDConfig = field(default_factory=DISTKDConfig)
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, data: Prepared, teacher: nn.Module, seed: int,
@@ -56,7 +66,8 @@ class StudentContext:
         augmentation = AugmentContext.from_config(cfg, data)
         return cls(cfg.student, cfg.kd, cfg.maml, cfg.meta_distill,
                    augmenter_for(augmentation) if cfg.student.train.augment else None, augmentation.policy_fingerprint,
-                   data, teacher, seed, meta_distill_pilot=cfg.meta_distill_pilot, **options)
+                   data, teacher, seed, meta_distill_pilot=cfg.meta_distill_pilot, dkd=cfg.dkd,
+                   dist_kd=cfg.dist_kd, **options)
 
     def new_student(self) -> nn.Module:
         with global_rng(self.seed):
@@ -71,11 +82,7 @@ class StudentContext:
     def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The labelled images that steer a method's choices (``kd_tuned``'s grid point,
         ``meta_distill``'s teacher and guard): the quiz and validation splits, never trained on."""
-        def whole(x) -> torch.Tensor:  # a stream split is decoded once: these splits are small
-            return x if isinstance(x, torch.Tensor) else torch.cat(list(in_batches(x, inference_batch(x), x.device)))
-
-        return (torch.cat([whole(self.data.x("quiz")), whole(self.data.x("val"))]),
-                torch.cat([self.data.y("quiz"), self.data.y("val")]))
+        return held_out(self.data)
 
     def transfer(self) -> Transfer | None:
         """The unlabeled examples drawn beside each labelled batch (teacher-based methods)."""

@@ -18,12 +18,16 @@ hooks act around the student's steps, in this order, each with one job:
   student fell behind it by more than noise (``meta.guard``), damping the head's step size.
 
 The held-out images (quiz and validation splits) rotate in batches of ``quiz_batch_size``
-(:class:`HeldOut`).  The better of the final and the best snapshot's students is returned.
+(:class:`HeldOut`).  The better of the final and the best snapshot's students is kept; then
+(``meta_distill.reference``, on by default) plain ``kd`` trains from the same seed, and the
+student returned is whichever of the two scores higher on the held-out images
+(:func:`bounded_by_kd`): learned teaching is never worse than ``kd`` there.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,9 +49,9 @@ from pipelines.engine import distributed
 from pipelines.engine.batches import BatchPlan
 from pipelines.engine.device import rows
 from pipelines.engine.loop import BatchLoss, LogFn, StepHook, TrainResult
-from pipelines.engine.metrics import accuracy, check_finite
+from pipelines.engine.metrics import accuracy, check_finite, correctness
 from pipelines.students.context import StudentContext
-from pipelines.students.kd import FrozenTeacher
+from pipelines.students.kd import FrozenTeacher, train_kd
 from pipelines.students.maml_init import maml_initialised
 
 
@@ -338,9 +342,28 @@ def co_teach(ctx: StudentContext, student: nn.Module) -> TrainResult:
     return result
 
 
+def bounded_by_kd(ctx: StudentContext, student: nn.Module, result: TrainResult) -> tuple[nn.Module, TrainResult]:
+    """``student`` or plain ``kd`` trained from the same seed (the same initialisation and
+    batches: the sweep's paired ``kd`` student), whichever is right on more held-out images
+    (ties: ``student``); the reference's compute is added to ``result``."""
+    if not ctx.meta_distill.reference:
+        return student, result
+    reference, ref_result = train_kd(dataclasses.replace(ctx, on_log=None, checkpoint=None,
+                                                         desc=f"{ctx.desc} kd reference"))
+    result.seconds += ref_result.seconds
+    x, y = ctx.held_out()
+    mine, theirs = correctness(student, x, y).sum().item(), correctness(reference, x, y).sum().item()
+    use_reference = theirs > mine
+    if ctx.on_log is not None:
+        ctx.on_log(ctx.student.train.steps, {"returned_kd_reference": float(use_reference),
+                                             "held_out_acc_vs_kd_reference": (mine - theirs) / max(1, len(y))})
+    return (reference if use_reference else student), result
+
+
 def train_meta_distill(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     student = ctx.new_student()
-    return student, co_teach(ctx, student)
+    result = co_teach(ctx, student)
+    return bounded_by_kd(ctx, student, result)
 
 
 def train_meta_distill_maml_init(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:

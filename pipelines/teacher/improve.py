@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from pipelines.config.teacher import ImproveConfig
 from pipelines.data.prepared import Prepared
 from pipelines.engine.batches import Augment, Transfer
 from pipelines.engine.loop import LogFn, StepHook, TrainResult, train_classifier
+from pipelines.engine.metrics import correctness, held_out, sign_test
 from pipelines.teacher.context import TeacherContext
 from pipelines.teacher.fit import TeacherOutcome, cached_teacher, record_cost, teacher_inputs, teacher_spec
 
@@ -130,3 +132,39 @@ def _improve(ctx: TeacherContext, teacher: nn.Module, folder: Path, on_log: LogF
     seconds = time.perf_counter() - start
     record_cost(folder, seconds)
     return TeacherOutcome(model, result, folder.name, seconds, train_seconds=seconds, mask_rate=rate)
+
+
+@dataclass
+class Verdict:
+    """Whether the improved teacher replaces the original, and the evidence."""
+
+    kept: bool
+    original_acc: float  # on the held-out labelled images
+    improved_acc: float
+    wins: int  # held-out images only the improved teacher gets right
+    losses: int  # ... only the original gets right
+    p: float  # McNemar's exact one-sided p-value
+    reason: str
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def judge_improvement(original: nn.Module, improved: nn.Module, data: Prepared, keep_p: float) -> Verdict:
+    """The improved teacher is kept only when it beats the original on the held-out
+    labelled images (quiz and validation splits) beyond noise: on the images the two
+    disagree on, it is right more often than chance allows (``sign_test``, p < ``keep_p``).
+    A worse teacher makes every student worse; so does one that is merely different."""
+    x, y = held_out(data)
+    new, old = correctness(improved, x, y), correctness(original, x, y)
+    wins, losses, p = sign_test(new, old)
+    original_acc, improved_acc = old.float().mean().item(), new.float().mean().item()
+    kept = p < keep_p or keep_p >= 1
+    evidence = (f"held-out {100 * improved_acc:.2f}% against the original's {100 * original_acc:.2f}% on "
+                f"{len(y)} images; right on {wins} the original gets wrong, wrong on {losses} it gets right: "
+                f"sign test p = {p:.2g}")
+    reason = (f"the improved teacher replaces the original ({evidence})" if kept else
+              f"the students learn from the original teacher: the improved one is not better beyond noise "
+              f"({evidence} >= teacher.improve.keep_p {keep_p:g})")
+    return Verdict(kept, original_acc, improved_acc, wins, losses, p, reason)
+
