@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_seconds = outcome.model, outcome.train_seconds or outcome.seconds
     if improve.improves(cfg.teacher.improve, prepared):
         better = improve.improve_teacher(tctx, teacher)
-        teacher, teacher_seconds = better.model, teacher_seconds + (better.train_seconds or better.seconds)
+        teacher_seconds += better.train_seconds or better.seconds
+        # As the flow: the improved teacher only when it beats the original beyond noise.
+        if improve.judge_improvement(teacher, better.model, prepared, cfg.teacher.improve.keep_p).kept:
+            teacher = better.model
     grid_seconds = grid_search(StudentContext.from_config(cfg, prepared, teacher, 0), TUNINGS["kd"])["grid_seconds"]
     standard = teacher_seconds + grid_seconds
     print(f"teacher and kd_tuned grid: {standard:.0f} s ({time.perf_counter() - start:.0f} s wall)", flush=True)
