@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -49,17 +49,28 @@ class KDConfig(Strict):
         return int(round(self.transfer_ratio * batch_size))
 
 
-def _positive_grid(values: list[float], name: str) -> list[float]:
-    if not values:
-        raise ValueError(f"{name} must list at least one value")
-    if any(v <= 0 for v in values):
-        raise ValueError(f"{name} has values that are not positive: {[v for v in values if v <= 0]}")
-    return values
+class _GridSection(Strict):
+    """A loss's section with a tuned variant's grid (``grid_beta``, ``grid_temperature``):
+    every grid lists at least one value, every value positive."""
+
+    section: ClassVar[str]
+
+    @field_validator("grid_beta", "grid_temperature", check_fields=False)
+    @classmethod
+    def _grid(cls, values: list[float], info) -> list[float]:
+        name = f"{cls.section}.{info.field_name}"
+        if not values:
+            raise ValueError(f"{name} must list at least one value")
+        if any(v <= 0 for v in values):
+            raise ValueError(f"{name} has values that are not positive: {[v for v in values if v <= 0]}")
+        return values
 
 
-class DKDConfig(Strict):
+class DKDConfig(_GridSection):
     """``dkd``: decoupled KD (Zhao et al. 2022), cross-entropy on the labels plus
     ``alpha * TCKD + beta * NCKD``; defaults are the authors' CIFAR-100 settings."""
+
+    section: ClassVar[str] = "dkd"
 
     alpha: float = Field(1.0, ge=0, description="weight of the target-class term (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of the non-target term (NCKD)")
@@ -72,16 +83,13 @@ class DKDConfig(Strict):
     grid_temperature: list[float] = Field(default_factory=lambda: [1.0, 4.0], description="dkd_tuned: temperatures "
                                                                                           "searched")
 
-    @field_validator("grid_beta", "grid_temperature")
-    @classmethod
-    def _grid(cls, values: list[float], info) -> list[float]:
-        return _positive_grid(values, f"dkd.{info.field_name}")
 
-
-class DISTKDConfig(Strict):
+class DISTKDConfig(_GridSection):
     """``dist_kd``: DIST (Huang et al. 2022), cross-entropy on the labels plus the teacher's
     inter- and intra-class relations matched by Pearson correlation; defaults are the
     authors' ImageNet settings."""
+
+    section: ClassVar[str] = "dist_kd"
 
     beta: float = Field(1.0, ge=0, description="weight of the inter-class relation (within each example)")
     gamma: float = Field(1.0, ge=0, description="weight of the intra-class relation (within each class, across the "
@@ -93,11 +101,6 @@ class DISTKDConfig(Strict):
     grid_temperature: list[float] = Field(default_factory=lambda: [1.0, 4.0],
                                           description="dist_kd_tuned: temperatures searched (the authors: 1 on "
                                                       "ImageNet, 4 on CIFAR-100)")
-
-    @field_validator("grid_beta", "grid_temperature")
-    @classmethod
-    def _grid(cls, values: list[float], info) -> list[float]:
-        return _positive_grid(values, f"dist_kd.{info.field_name}")
 
 
 class HeadConfig(Strict):
