@@ -85,6 +85,7 @@ EXPECT = {
     "distill_variants": Expect("ablation/mnist_search.json"),
     "fewshot_configs": Expect("fewshot_configs_h200.json", keys=fewshot_keys),
     "gpu_throughput": Expect("gpu_throughput_h200.json"),
+    "hinton2015": Expect("hinton2015_stand_in.json", check=lambda r: r["measured"]["no3_errors_on_3s"]["mean"] <= r["test_3s"]),
     "meta_engine": Expect("meta_engine.json"),
     "pipeline_overhead": Expect("pipeline_overhead.json", slow="2 `metadistill run` processes"),
     "serving": Expect("serving.json", args=registered_tiny, check=served),
@@ -164,3 +165,19 @@ def test_paired_stats_against_hand_computed_values_and_scipy():
     assert same["ci95"] is None and same["p"] == pytest.approx(2 / 1024) and same["p_wilcoxon"] == same["p"]
     assert paired_stats(np.zeros(4))["p"] == 1.0
     assert paired_text(got, scale=100) == "+200.00 [-48.41, +448.41], p = 0.074 (Wilcoxon 0.25)"
+
+
+def test_hinton2015_counts_errors_with_the_bias_of_the_omitted_class():
+    """Hand-made logits: the omitted class (3) loses where its logit is 1 below the top,
+    and a bias of 1.5 on it wins those images back, turning one right answer wrong."""
+    from benchmarks.hinton2015 import errors
+
+    logits = torch.zeros(4, 10)
+    logits[0, 3], logits[0, 5] = 1.0, 2.0  # a 3 read as 5 (3 is 1 below)
+    logits[1, 3], logits[1, 8] = 0.5, 1.5  # a 3 read as 8
+    logits[2, 7] = 1.0  # a 7, right; 3's logit 1 below
+    logits[3, 1], logits[3, 3] = 3.0, 0.0  # a 1, right; 3 far below
+    y = torch.tensor([3, 3, 7, 1])
+    assert errors(logits, y) == {"errors": 2, "errors_on_3s": 2}
+    assert errors(logits, y, 1.5) == {"errors": 1, "errors_on_3s": 0}  # the 7 is now read as a 3
+    assert errors(logits, y, 0.5) == {"errors": 2, "errors_on_3s": 2}  # not enough for either 3

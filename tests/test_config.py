@@ -13,7 +13,7 @@ def test_every_preset_validates(preset):
     cfg = load_config(preset)
     spec = PRESETS[preset]
     assert cfg.preset == preset and cfg.data.name == spec["data"]["name"]
-    assert cfg.tracking.experiment == f"metadistill-{preset}"  # named after the data, as every preset's data is
+    assert cfg.tracking.experiment == f"metadistill-{spec['data']['name']}"  # named after the data
     assert cfg.teacher.model.arch == spec["teacher"]["model"]["arch"]  # the preset's own settings, not defaults
     assert cfg.teacher.train.steps == spec["teacher"]["train"]["steps"]
     assert cfg.student.model.arch == spec["student"]["model"]["arch"]

@@ -149,7 +149,8 @@ def test_stream_over_two_ranks_equals_one_process(stage_home, tmp_path):
     ("meta_distill", ["meta_distill.interval=1", "meta_distill.head.lr=0.05", "student.train.steps=6",
                       "meta_distill.feedback.weight=1",
                       "meta_distill.guard.every=3", "meta_distill.temperature.learn=true",
-                      "meta_distill.temperature.window=2", "meta_distill.temperature.lr=0.3", "data.label_budget=600"]),
+                      "meta_distill.temperature.window=2", "meta_distill.temperature.lr=0.3", "data.label_budget=600",
+                      "meta_distill.reference=none"]),  # the learned student itself, not the one returned
 ])
 def test_meta_step_over_two_ranks_equals_one_process(stage_home, tmp_path, method, overrides):
     """Distributed MAML steps (each rank: half the tasks, meta-gradients all-reduced) and
@@ -224,7 +225,8 @@ def _client(home) -> MlflowClient:
 
 TINY_FLOW = BASE + ["tracking.cost_card=false",  # measured in test_cost and test_integration
                     "teacher.train.steps=40", "student.train.steps=30", "student.seeds=[0]", "maml.meta_steps=4",
-                    "maml.log_every=2", "dist.nproc=2", "tracking.experiment=dist-digits"]
+                    "maml.log_every=2", "dist.nproc=2", "tracking.experiment=dist-digits",
+                    "meta_distill.reference=kd"]  # the sweep's kd, reused (no grids)
 
 
 def test_pipeline_runs_every_stage_under_torchrun(home, prefect_server):

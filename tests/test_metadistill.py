@@ -155,7 +155,7 @@ def test_learning_rates_zero_reproduce_kd_trajectory(home, learn):
 
     if learn == "[head]":  # at kd's temperature and alpha; the guard off (a revert is not kd's trajectory)
         method, section = "meta_distill", ["meta_distill.temperature.value=null", "meta_distill.alpha=null",
-                                           "meta_distill.guard.every=0", "meta_distill.reference=false"]
+                                           "meta_distill.guard.every=0", "meta_distill.reference=none"]
         rates = lambda lr: [f"meta_distill.head.lr={lr}"]  # noqa: E731
     else:
         method, section = "meta_distill_pilot", ["meta_distill_pilot.temperature=null", "meta_distill_pilot.alpha=null",

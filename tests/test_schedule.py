@@ -71,7 +71,7 @@ def test_interval_schedule_runs_and_trigger(prefect_server, home, tmp_path):
     url, env = prefect_server
     env = {**env, "PREFECT_API_URL": url}
     args = [x for item in TINY for x in ("--set", item)]
-    serve = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", "--interval", "10",
+    serve = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", "--interval", "30",
                               "--name", "it", *args], env=env, stdout=open(tmp_path / "serve.log", "w"),
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:

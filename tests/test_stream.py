@@ -228,6 +228,7 @@ def test_flow_trains_every_stage_from_streamed_jpegs(home, tmp_path, prefect_ser
         "data.on_bad_image=skip", "data.label_budget=60", "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}",
         "teacher.train.steps=60", "teacher.train.batch_size=16", "student.train.steps=40",
         "student.train.batch_size=16", "student.seeds=[0]", "student.methods=[scratch, kd, maml_init, meta_distill]",
+        "meta_distill.reference=kd",
         "student.model.arch=mlp", "student.model.kwargs={hidden: [16]}",  # not the imagefolder preset's resnet8
         "maml.meta_steps=4", "teacher.improve.steps=30", "teacher.improve.batch_size=16",
         "tracking.experiment=stream-jpegs"])

@@ -168,11 +168,17 @@ class MetaDistillConfig(Strict):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
-    reference: bool = Field(True, description="also train plain kd from the same seed (same initialisation and "
-                                              "batches) and return it instead when it scores higher on the "
-                                              "held-out images: the guard compares the student with its own "
-                                              "snapshots and misses a teacher that harms it slowly; this bounds "
-                                              "it by kd (about one kd training more)")
+    reference: Literal["standard_practice", "kd", "none"] = Field(
+        "standard_practice", description="the method whose student (trained from the same seed: the same "
+                                         "initialisation and batches) is returned unless the learned student beats "
+                                         "it on the held-out images beyond noise (keep_p). The guard compares the "
+                                         "student with its own snapshots and misses a teacher that harms it slowly; "
+                                         "this bounds learned teaching by the reference. standard_practice: the best "
+                                         "of tuned kd, dkd and dist_kd (its grids cost about 20 trainings, once per "
+                                         "home); kd: one kd training more; none: the learned student as it ends")
+    keep_p: float = Field(0.05, gt=0, le=1, description="the learned student replaces the reference only when it "
+                                                        "beats it on the held-out images with McNemar's exact "
+                                                        "one-sided p below this (1: whenever it is right on more)")
 
 
 Learnable = Literal["teacher", "calibration", "kd_params", "weights"]

@@ -10,7 +10,9 @@ from pipelines.engine.checkpoint import Checkpointer
 from pipelines.engine.loop import LogFn, TrainResult
 from pipelines.evaluate.compare import StudentOutcome
 from pipelines.evaluate.metrics import evaluate
+from pipelines.students import paired
 from pipelines.students.context import StudentContext
+from pipelines.students.meta_distill import REFERENCES
 from pipelines.students.methods import STUDENT_METHODS
 from pipelines.teacher import sources
 
@@ -22,7 +24,10 @@ def fit_student(method: str, cfg: PipelineConfig, data: Prepared, teacher: nn.Mo
     the learned teacher (if any)."""
     ctx = StudentContext.from_config(cfg, data, teacher, seed, on_log=on_log, desc=f"student {method} seed {seed}",
                                      checkpoint=checkpoint, init=init)
-    model, result = STUDENT_METHODS[method](ctx)
+    if method in REFERENCES:  # kept for meta_distill's reference of the same seed (no second training)
+        model, result = paired.train_and_remember(method, ctx, STUDENT_METHODS[method])
+    else:
+        model, result = STUDENT_METHODS[method](ctx)
     return model, result, ctx.learned_teacher
 
 

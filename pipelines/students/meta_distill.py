@@ -19,15 +19,14 @@ hooks act around the student's steps, in this order, each with one job:
 
 The held-out images (quiz and validation splits) rotate in batches of ``quiz_batch_size``
 (:class:`HeldOut`).  The better of the final and the best snapshot's students is kept; then
-(``meta_distill.reference``, on by default) plain ``kd`` trains from the same seed, and the
-student returned is whichever of the two scores higher on the held-out images
-(:func:`bounded_by_kd`): learned teaching is never worse than ``kd`` there.
+the reference method (``meta_distill.reference``, default ``standard_practice``: the best of
+tuned KD, DKD and DIST) trains from the same seed, and its student is returned unless the
+learned one beats it on the held-out images beyond noise (:func:`bounded_by_reference`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,10 +48,12 @@ from pipelines.engine import distributed
 from pipelines.engine.batches import BatchPlan
 from pipelines.engine.device import rows
 from pipelines.engine.loop import BatchLoss, LogFn, StepHook, TrainResult
-from pipelines.engine.metrics import accuracy, check_finite, correctness
+from pipelines.engine.metrics import accuracy, check_finite, correctness, sign_test
+from pipelines.students import paired
 from pipelines.students.context import StudentContext
 from pipelines.students.kd import FrozenTeacher, train_kd
 from pipelines.students.maml_init import maml_initialised
+from pipelines.students.tuned import train_standard_practice
 
 
 class TeachingHead:
@@ -342,28 +343,36 @@ def co_teach(ctx: StudentContext, student: nn.Module) -> TrainResult:
     return result
 
 
-def bounded_by_kd(ctx: StudentContext, student: nn.Module, result: TrainResult) -> tuple[nn.Module, TrainResult]:
-    """``student`` or plain ``kd`` trained from the same seed (the same initialisation and
-    batches: the sweep's paired ``kd`` student), whichever is right on more held-out images
-    (ties: ``student``); the reference's compute is added to ``result``."""
-    if not ctx.meta_distill.reference:
+REFERENCES = {"kd": train_kd, "standard_practice": train_standard_practice}  # meta_distill.reference
+
+
+def bounded_by_reference(ctx: StudentContext, student: nn.Module,
+                         result: TrainResult) -> tuple[nn.Module, TrainResult]:
+    """The reference method's student trained from the same seed (the same initialisation
+    and batches: the sweep's paired row, reused when it was trained already), or ``student``
+    when it beats that on the held-out images beyond noise: McNemar's exact test on the
+    images where the two disagree, one-sided p below ``meta_distill.keep_p``.  The
+    burden of proof is on the learned student, because 300-odd held-out images cannot see a
+    loss of one or two points (one seed of ten lost 2.1 points on Fashion-MNIST's test set
+    while it led ``kd`` on the held-out images).  The reference's compute is added to ``result``."""
+    method = ctx.meta_distill.reference
+    if method == "none":
         return student, result
-    reference, ref_result = train_kd(dataclasses.replace(ctx, on_log=None, checkpoint=None,
-                                                         desc=f"{ctx.desc} kd reference"))
+    reference, ref_result = paired.trained_once(method, ctx, REFERENCES[method])
     result.seconds += ref_result.seconds
     x, y = ctx.held_out()
-    mine, theirs = correctness(student, x, y).sum().item(), correctness(reference, x, y).sum().item()
-    use_reference = theirs > mine
+    wins, losses, p = sign_test(correctness(student, x, y), correctness(reference, x, y))
+    keep = wins > losses and p < ctx.meta_distill.keep_p
     if ctx.on_log is not None:
-        ctx.on_log(ctx.student.train.steps, {"returned_kd_reference": float(use_reference),
-                                             "held_out_acc_vs_kd_reference": (mine - theirs) / max(1, len(y))})
-    return (reference if use_reference else student), result
+        ctx.on_log(ctx.student.train.steps, {"returned_reference": float(not keep), "reference_wins": float(losses),
+                                             "learned_wins": float(wins), "learned_vs_reference_p": p})
+    return (student if keep else reference), result
 
 
 def train_meta_distill(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
     student = ctx.new_student()
     result = co_teach(ctx, student)
-    return bounded_by_kd(ctx, student, result)
+    return bounded_by_reference(ctx, student, result)
 
 
 def train_meta_distill_maml_init(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
