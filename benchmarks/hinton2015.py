@@ -56,12 +56,6 @@ SMOKE = ["--seeds", "1", *[x for item in (
     "student.model.kwargs.hidden=[16]", "student.train.steps=20") for x in ("--set", item)]]
 
 
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + 2048]) for i in range(0, len(x), 2048)])
-
-
 def errors(logits: torch.Tensor, y: torch.Tensor, bias: float = 0.0) -> dict:
     """Test errors overall and on the omitted class, with ``bias`` added to its logit."""
     shifted = logits.clone()
@@ -88,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import data as data_stage
     from pipelines.config.errors import ConfigError
     from pipelines.config.loader import load_config
+    from pipelines.evaluate.metrics import logits_of
     from pipelines.students.fit import fit_student
     from pipelines.teacher.context import TeacherContext
     from pipelines.teacher.fit import obtain_teacher

@@ -41,14 +41,22 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-             batch: int | None = None, device: torch.device | None = None) -> Evaluation:
-    """``device``: where the forward runs; default where the model's weights are (an int8
-    model, whose packed weights are no parameters, says ``torch.device("cpu")``)."""
+def logits_of(model: nn.Module, x: torch.Tensor, batch: int | None = None,
+              device: torch.device | None = None) -> torch.Tensor:
+    """The model's logits for ``x`` (float32, on the host), in eval mode.  ``device``: where
+    the forward runs; default where the model's weights are (an int8 model, whose packed
+    weights are no parameters, says ``torch.device("cpu")``)."""
     model.eval()
     device = device or device_of(model, x.device)
+    return torch.cat([model(images).float().cpu() for images in in_batches(x, batch or inference_batch(x), device)])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+             batch: int | None = None, device: torch.device | None = None) -> Evaluation:
+    """``device``: where the forward runs (see :func:`logits_of`)."""
     # Forward on the model's device; the metrics on the host (y's device when it is there).
-    logits = torch.cat([model(images).float().cpu() for images in in_batches(x, batch or inference_batch(x), device)])
+    logits = logits_of(model, x, batch, device)
     y = y.cpu()
     probs = logits.softmax(-1)
     predicted = logits.argmax(-1)
