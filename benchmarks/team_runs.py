@@ -100,6 +100,14 @@ def http_tracking(tmp: Path, pairs: int, extra: list[str]) -> dict:
             "paired_ratios": [s / q for s, q in zip(server, local)]}
 
 
+def team_folder(prefix: str) -> Path:
+    """A fresh folder for a benchmark's servers and homes, which PostgreSQL's own user can
+    enter (it refuses to run as root; mkdtemp's folders are private)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    tmp.chmod(0o711)
+    return tmp
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import parse_args, write_json
 
@@ -110,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="passed to metadistill run")
     args = parse_args(parser, argv, SMOKE)
     extra = [x for o in args.overrides for x in ("--set", o)]
-    tmp = Path(tempfile.mkdtemp(prefix="md-team-", dir="/tmp"))
-    tmp.chmod(0o711)  # PostgreSQL's own user must reach its cluster when this runs as root
+    tmp = team_folder("md-team-")
     try:
         result = {"overlap": overlap(tmp, args.runs, extra), "http_tracking": http_tracking(tmp, args.pairs, extra),
                   "settings": args.overrides, "cpus": os.cpu_count()}

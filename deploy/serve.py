@@ -5,6 +5,10 @@ returns class ids, class names and probabilities), ``POST /invocations`` (MLflow
 protocol: ``{"inputs": ...}`` or ``{"instances": ...}``, returns ``{"predictions": logits}``),
 ``GET /health``, ``GET /ready``, ``GET /metadata``.
 
+With a token (``token_file``, as ``metadistill serve --token-file`` gives it) every route but
+``/health`` (a liveness probe that says nothing of the model) asks for ``Authorization:
+Bearer <token>`` and answers 401 without it; the token is compared in constant time.
+
 Concurrent requests are micro-batched: the batcher takes whatever is queued (up to
 ``max_batch`` rows, waiting at most ``max_wait_ms`` for more) and runs one forward pass.
 A new ``champion`` is picked up by polling the registry (``poll_seconds``) or on SIGHUP:
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import json
 import logging
@@ -33,6 +38,7 @@ import torch
 
 from deploy.registry import LoadedModel, ModelLoadError, VariantUnavailable, load_registered
 from models.forward import forward
+from pipelines.common.secrets import read_secret
 
 log = logging.getLogger("metadistill.serve")
 ENV_CONFIG = "METADISTILL_SERVE_CONFIG"
@@ -54,6 +60,7 @@ class ServeConfig:
     drain_bytes: int = 64 << 20  # read and discard this much of an oversized body before answering
     device: str = "cpu"  # "cuda": forward passes on the GPU (cuda:0)
     variant: str = "float"  # "int8": the version's int8 variant (deploy.registry.load_registered)
+    token_file: str | None = None  # a file (mode 600) holding the bearer token; None: no authentication
 
 
 def check_device(device: str, variant: str = "float") -> None:
@@ -127,6 +134,9 @@ class App:
         self.batcher = Batcher(cfg)
         self.shape = tuple(loaded.spec["input_shape"])
         self._tasks: list[asyncio.Task] = []
+        # the expected header, whole: one constant-time compare, no parsing of what was sent
+        self._authorization = (b"Bearer " + read_secret(cfg.token_file, "the serve token").encode()
+                               if cfg.token_file else None)
 
     # ------------------------------------------------------------ lifecycle
     async def _startup(self) -> None:
@@ -185,7 +195,11 @@ class App:
                     return
         if scope["type"] != "http":
             return
+        headers = [(b"content-type", b"application/json")]
         try:
+            if not self._authorized(scope):
+                headers.append((b"www-authenticate", b'Bearer realm="metadistill"'))
+                raise BadRequest(401, "this server asks for a bearer token: send Authorization: Bearer <token>")
             status, body = await self._route(scope, receive)
         except BadRequest as exc:
             status, body = exc.status, {"error": exc.message}
@@ -194,9 +208,14 @@ class App:
             status, body = 500, {"error": f"internal error: {type(exc).__name__}"}
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
+                    "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
+
+    def _authorized(self, scope) -> bool:
+        if self._authorization is None or (scope["method"] == "GET" and scope["path"] == "/health"):
+            return True
+        sent = [value for name, value in scope["headers"] if name == b"authorization"]
+        return len(sent) == 1 and hmac.compare_digest(sent[0], self._authorization)
 
     async def _route(self, scope, receive):
         method, path = scope["method"], scope["path"]
@@ -340,9 +359,22 @@ def create_app(cfg: ServeConfig | None = None) -> App:
     return App(placed(load_registered(cfg.model, cfg.alias, cfg.variant), cfg.device), cfg)
 
 
+def check_listening(host: str, token_file: str | None) -> None:
+    """Nothing answers beyond this machine without a token; a token file must be usable."""
+    from pipelines.common.secrets import AuthRequired, is_loopback
+
+    if token_file is not None:
+        read_secret(token_file, "the serve token")
+    elif not is_loopback(host):
+        raise AuthRequired(f"serve --host {host} listens beyond this machine, and anyone who reaches the port "
+                           f"could use the model: give --token-file FILE (the bearer token clients send, "
+                           f"mode 600), or bind 127.0.0.1")
+
+
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
     import uvicorn
 
+    check_listening(host, cfg.token_file)
     check_device(cfg.device, cfg.variant)
     load_registered(cfg.model, cfg.alias, cfg.variant)  # fail before binding if the model cannot be served
     os.environ[ENV_CONFIG] = json.dumps(asdict(cfg))
@@ -351,4 +383,4 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workers: 
                 timeout_graceful_shutdown=10)
 
 
-__all__ = ["App", "BadRequest", "ModelLoadError", "ServeConfig", "create_app", "serve"]
+__all__ = ["App", "BadRequest", "ModelLoadError", "ServeConfig", "check_listening", "create_app", "serve"]

@@ -116,6 +116,11 @@ def _schedule_commands(sub) -> None:
     svc.add_argument("--mlflow-port", type=int, default=5000)
     svc.add_argument("--prefect-port", type=int, default=4200)
     svc.add_argument("--pg-user", default="postgres", help="who runs PostgreSQL when this command runs as root")
+    svc.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
+                     help="MLflow's basic-auth app and Prefect's auth string (default: on when --host is not "
+                          "loopback; --no-auth is refused there)")
+    svc.add_argument("--advertise", help="the address other machines reach the servers by (default: --host, or "
+                                         "this machine's name when --host is 0.0.0.0)")
 
 
 
@@ -139,6 +144,8 @@ def _registry_commands(sub) -> None:
     srv.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where forward passes run (default cpu; cuda: the first GPU)")
     srv.add_argument("--variant", default="float", choices=VARIANTS, help=VARIANT_HELP)
+    srv.add_argument("--token-file", help="a file (mode 600) holding the bearer token every route but /health asks "
+                                          "for; required to bind beyond 127.0.0.1")
 
     prom = sub.add_parser("promote", help="make VERSION the champion (old champion becomes challenger)")
     prom.add_argument("version")
@@ -374,8 +381,14 @@ def cmd_trigger(args) -> int:
 
 
 def cmd_server(args) -> int:
+    from pipelines.common.secrets import AuthRequired, is_loopback
     from pipelines.orchestrate.schedule import server_command
 
+    if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        raise AuthRequired(f"server --host {args.host} listens beyond this machine: anyone who reaches the port "
+                           f"could start flow runs on your workers; set PREFECT_SERVER_API_AUTH_STRING (user:secret; "
+                           f"clients set PREFECT_API_AUTH_STRING to the same), use `metadistill services`, or bind "
+                           f"127.0.0.1")
     cmd, env = server_command(args.host, args.port)
     print(f"Prefect server on http://{args.host}:{args.port}; set PREFECT_API_URL=http://{args.host}:{args.port}/api",
           file=sys.stderr)
@@ -394,7 +407,7 @@ def cmd_services(args) -> int:
     from pipelines.orchestrate.services import Ports, Services
 
     services = Services(project_home() / "services", Ports(args.host, args.pg_port, args.mlflow_port,
-                                                           args.prefect_port), args.pg_user)
+                                                           args.prefect_port), args.pg_user, args.auth, args.advertise)
     signal.signal(signal.SIGTERM, _interrupted)  # a service manager's stop: the same clean shutdown as Ctrl-C
     print(f"starting PostgreSQL, MLflow and Prefect under {services.root} ...", file=sys.stderr, flush=True)
     services.start()
@@ -402,6 +415,10 @@ def cmd_services(args) -> int:
         print("servers up; on every node that runs or reads the pipeline:", file=sys.stderr)
         for key, value in services.env().items():
             print(f"  export {key}={value}", file=sys.stderr)
+        if services.auth:
+            print(f"authentication on: copy {services.admin_password_file.name} and {services.auth_string_file.name} "
+                  f"(mode 600) from {services.root} to each node, or give each user their own (README: Team set-up)",
+                  file=sys.stderr)
         print("Ctrl-C stops all three", file=sys.stderr, flush=True)
         while all(p.poll() is None for p in services.processes.values()):
             time.sleep(1.0)
@@ -416,28 +433,37 @@ def cmd_services(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from deploy.serve import ServeConfig, serve
+    from deploy.serve import ServeConfig, check_listening, serve
+
+    check_listening(args.host, args.token_file)  # exit 2 before anything loads: an open door, or a bad token file
 
     cfg = ServeConfig(model=args.model or DEFAULT_MODEL, alias=args.alias, max_batch=args.max_batch,
                       max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                       max_instances=args.max_instances, poll_seconds=args.poll_seconds, device=args.device,
-                      variant=args.variant)
-    print(f"serving {cfg.model}@{cfg.alias} ({cfg.variant}) on http://{args.host}:{args.port}", file=sys.stderr)
+                      variant=args.variant, token_file=args.token_file)
+    guarded = " (bearer token)" if cfg.token_file else ""
+    print(f"serving {cfg.model}@{cfg.alias} ({cfg.variant}) on http://{args.host}:{args.port}{guarded}", file=sys.stderr)
     serve(cfg, args.host, args.port, args.workers)
     return 0
 
 
 def cmd_promote(args) -> int:
+    from pipelines.orchestrate.registration import hand_move_turn
     from pipelines.register.promotion import promote
 
-    print(json.dumps(promote(args.model or DEFAULT_MODEL, args.version, args.reason), indent=2))
+    model = args.model or DEFAULT_MODEL
+    with hand_move_turn(model):  # never between another node's champion read and its registration
+        print(json.dumps(promote(model, args.version, args.reason), indent=2))
     return 0
 
 
 def cmd_rollback(args) -> int:
+    from pipelines.orchestrate.registration import hand_move_turn
     from pipelines.register.promotion import rollback
 
-    print(json.dumps(rollback(args.model or DEFAULT_MODEL, args.reason), indent=2))
+    model = args.model or DEFAULT_MODEL
+    with hand_move_turn(model):
+        print(json.dumps(rollback(model, args.reason), indent=2))
     return 0
 
 
@@ -480,6 +506,12 @@ def cmd_ui(args) -> int:
         for name, link in experiment_links(tracking_uri().rstrip("/")).items():
             print(f"  {name}: {link}")
         return 0
+    from pipelines.common.secrets import AuthRequired, is_loopback
+
+    if not is_loopback(args.host):
+        raise AuthRequired(f"ui --host {args.host} would show and edit the project's runs and registry to anyone "
+                           f"who reaches the port, with no login: keep it on 127.0.0.1 (ssh -L {args.port}:127.0.0.1:"
+                           f"{args.port} from your machine), or run `metadistill services` (basic-auth) for a team")
     base = f"http://{args.host}:{args.port}"
     print(f"starting the MLflow UI on {base} over {tracking_uri()} ...", file=sys.stderr)
 
@@ -496,6 +528,7 @@ def _known_errors() -> dict[type, tuple[int, str]]:
     reported as one line (the traceback only with --debug)."""
     from deploy.export import ExportError
     from deploy.registry import ModelLoadError, VariantUnavailable
+    from pipelines.common.secrets import AuthRequired
     from pipelines.config.errors import ConfigError
     from pipelines.data.errors import DataError
     from pipelines.engine.metrics import TrainingDiverged
@@ -504,9 +537,10 @@ def _known_errors() -> dict[type, tuple[int, str]]:
     from pipelines.orchestrate.schedule import ScheduleError
     from pipelines.orchestrate.services import ServicesError
     from pipelines.tracking import TrackingError
-    from pipelines.tracking.registry import VersionNotFound
+    from pipelines.tracking.registry import NotAllowed, VersionNotFound
 
     return {ConfigError: (EXIT_CONFIG, ""),  # its message names the setting and what is allowed
+            AuthRequired: (EXIT_CONFIG, ""),  # its message names the flag or the secret file
             DataError: (1, "check the data folder and its layout (README: Data)"),
             TrainingDiverged: (1, "the stage diverged: lower the learning rate or kd.temperature"),
             NoStudentLearned: (1, "no student learned: train longer or check the data"),
@@ -517,6 +551,7 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             VariantUnavailable: (EXIT_CONFIG, ""),  # its message says why and what to serve instead
             ModelLoadError: (1, "see `metadistill promote` / `metadistill run`"),
             VersionNotFound: (1, "list versions in the MLflow UI (`metadistill ui`)"),
+            NotAllowed: (1, ""),  # its message says who was refused and who may
             TrackingError: (1, f"MLflow at {os.environ.get('MLFLOW_TRACKING_URI') or 'the project home'} failed: "
                                  f"when it answers again, run again (the data, teacher and grid caches are kept)"),
             ValueError: (1, "")}
@@ -556,11 +591,23 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(known) as exc:
         if args.debug:
             raise
+        exc = _refused(exc)
         code, hint = next(v for k, v in known.items() if isinstance(exc, k))
         message = " ".join(str(exc).split()) if not isinstance(exc, known_multiline()) else str(exc)
         print(f"metadistill: {message}" + (f"\n  hint: {hint}; --debug shows the traceback" if hint else ""),
               file=sys.stderr)
         return code
+
+
+def _refused(exc: BaseException) -> BaseException:
+    """A tracking server's 401 or 403, wherever it surfaced, as the refusal it is (who was
+    refused, who may), not as a server that failed and should be tried again."""
+    from pipelines.tracking import TrackingError
+    from pipelines.tracking.registry import refusal
+
+    if isinstance(exc, TrackingError) and (refused := refusal(exc, "the MLflow server")) is not None:
+        return refused
+    return exc
 
 
 def _one_line_moved_keys() -> None:

@@ -93,6 +93,8 @@ EXPECT = {
     "teacher_sources": Expect("teacher_sources.json"),
     "team_runs": Expect("team_runs.json", slow="PostgreSQL, an MLflow and a Prefect server, 6 `metadistill run` "
                                                "processes"),
+    "team_auth": Expect("team_auth.json", slow="two sets of PostgreSQL, MLflow and Prefect servers, 2 `metadistill "
+                                               "run` processes; its refusal table runs in test_team"),
 }
 
 

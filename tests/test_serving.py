@@ -25,6 +25,7 @@ from models.normalize import Normalized
 from models.weights import save_weights
 from pipelines import tracking
 from pipelines.common.home import project_home
+from pipelines.common.net import outward_address
 from pipelines.register.promotion import promote, rollback
 from pipelines.register.student import cost_tags
 from tests.helpers import free_port
@@ -71,15 +72,17 @@ def registry(tmp_path_factory):
         os.environ["METADISTILL_HOME"] = old
 
 
-def request(port, path, body=None, ctype="application/json", raw: bytes | None = None):
+def request(port, path, body=None, ctype="application/json", raw: bytes | None = None, headers: dict | None = None,
+            host: str = "127.0.0.1", full: bool = False):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"content-type": ctype} if data is not None else {})
+    sent = {**({"content-type": ctype} if data is not None else {}), **(headers or {})}
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, headers=sent)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
+            status, answer, got = resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        status, answer, got = err.code, json.loads(err.read()), err.headers
+    return (status, answer, got) if full else (status, answer)
 
 
 @pytest.fixture(scope="module")
@@ -282,20 +285,96 @@ def test_int8_of_a_version_without_one_is_refused_exit_2(registry, tmp_path, cap
     assert not list(tmp_path.iterdir())
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, int]:
+def start_server(*args: str, headers: dict | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", NAME, "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if request(port, "/ready")[0] == 200:
+            if request(port, "/ready", headers=headers)[0] == 200:
                 return proc, port
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.3)
         if proc.poll() is not None:
             raise RuntimeError(proc.stdout.read().decode())
     raise TimeoutError("serve did not get ready")
+
+
+def test_a_token_guards_every_route_but_health_even_beyond_loopback(registry, tmp_path):
+    """``--token-file``: without the header, with a wrong token, a lower-case scheme or two
+    headers, every route but /health answers 401 and says how to authenticate; with it,
+    the routes work.  Bound to 0.0.0.0, the check holds on this machine's own network
+    address too, not only on loopback."""
+    from pipelines.common.secrets import made_secret
+
+    token = made_secret(tmp_path / "token")
+    right = {"authorization": f"Bearer {token}"}
+    proc, port = start_server("--token-file", str(tmp_path / "token"), "--host", "0.0.0.0", "--poll-seconds", "0",
+                              headers=right)
+    try:
+        x = {"instances": np.zeros((1, 1, 8, 8)).tolist()}
+        for host in ("127.0.0.1", *filter(None, [outward_address()])):
+            for wrong in ({}, {"authorization": f"Bearer {token[:-1]}x"}, {"authorization": f"bearer {token}"},
+                          {"authorization": token}, {"authorization": "Basic " + base64.b64encode(
+                              f"admin:{token}".encode()).decode()}):
+                for path, body in (("/ready", None), ("/metadata", None), ("/predict", x), ("/invocations", x),
+                                   ("/nowhere", None)):
+                    status, answer, got = request(port, path, body, headers=wrong, host=host, full=True)
+                    assert status == 401 and "bearer token" in answer["error"], (host, path, wrong, status)
+                    assert got["www-authenticate"].startswith("Bearer")
+            assert request(port, "/health", host=host) == (200, {"status": "ok"})  # a liveness probe needs none
+            assert request(port, "/predict", x, headers=right, host=host)[0] == 200
+            assert request(port, "/metadata", headers=right, host=host)[1]["version"] == registry["v1"]
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", "/ready")
+        conn.putheader("Authorization", "Bearer nope")  # a wrong one and the right one: refused, not picked from
+        conn.putheader("Authorization", f"Bearer {token}")
+        conn.endheaders()
+        assert conn.getresponse().status == 401
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert token not in proc.stdout.read().decode()
+
+
+def test_a_request_fuzzer_gets_no_5xx_from_a_guarded_server(registry, tmp_path):
+    from benchmarks.team_auth import SERVE, fuzz
+    from pipelines.common.secrets import made_secret
+
+    token = made_secret(tmp_path / "token")
+    right = {"authorization": f"Bearer {token}"}
+    proc, port = start_server("--token-file", str(tmp_path / "token"), "--poll-seconds", "0", headers=right)
+    try:
+        rows = fuzz(f"http://127.0.0.1:{port}", [e[2] for e in SERVE] + ["/health"], right, 120, seed=2)
+        assert not [r for r in rows if r["status"] >= 500], [r for r in rows if r["status"] >= 500][:5]
+        assert sum(r["status"] == 401 for r in rows) >= 20 and sum(r["status"] in (400, 405, 413, 415) for r in rows)
+        assert request(port, "/health") == (200, {"status": "ok"})
+        x = {"instances": np.zeros((1, 1, 8, 8)).tolist()}
+        assert request(port, "/predict", x, headers=right)[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serving_beyond_loopback_without_a_token_exits_2(registry, tmp_path):
+    """``--host 0.0.0.0`` without ``--token-file`` is refused before anything loads or
+    listens (exit 2, naming the flag); so is a token file others can read."""
+    port = free_port()
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--model", NAME, "--host", "0.0.0.0",
+                           "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--token-file" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    loose = tmp_path / "loose"
+    loose.write_text("a-token")
+    loose.chmod(0o644)
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--model", NAME, "--token-file", str(loose),
+                           "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"chmod 600 {loose}" in done.stderr, done.stderr
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
 def test_int8_variant_is_served_and_kept_across_reloads(registry):

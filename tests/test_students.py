@@ -57,13 +57,31 @@ def test_kd_tuned_searches_once_and_trains_the_best_validation_point(setting, ho
         assert torch.equal(a, b)
 
 
+def test_standard_practice_keeps_tuned_kd_unless_an_alternative_wins_beyond_noise_by_hand():
+    """Held-out hits counted by hand: DKD right on 5 images KD gets wrong and wrong on none
+    (p = 1/32) replaces KD at keep_p 0.05; DIST's 3 to 0 (p = 1/8) does not, though its
+    score is higher; at keep_p 1 the best score wins whatever the margin."""
+    from pipelines.students.tuned import standard_choice
+
+    kd = "0" * 5 + "1" * 95
+    grids = {"kd": {"hits": kd, "val_acc": 0.95}, "dkd": {"hits": "1" * 100, "val_acc": 1.0},
+             "dist_kd": {"hits": "111" + "0" * 2 + "1" * 95, "val_acc": 1.01}}
+    choice, p = standard_choice(grids, 0.05)
+    assert choice == "dkd" and p == {"dkd": 1 / 32, "dist_kd": 1 / 8}
+    assert standard_choice(grids, 0.01)[0] == "kd"
+    assert standard_choice(grids, 1.0)[0] == "dist_kd"
+    tie = {**grids, "dkd": {"hits": kd, "val_acc": 0.95}}  # no disagreement: p = 1, never replaces
+    assert standard_choice(tie, 0.1) == ("kd", {"dkd": 1.0, "dist_kd": 1 / 8})
+
+
 def test_standard_practice_trains_the_best_of_the_three_tuned_grids(setting, home):
-    """Each grid is searched once and cached; the method whose best point scored highest on
-    the held-out images is trained at that point, exactly as that method alone would be."""
+    """Each grid is searched once and cached; with kd.keep_p=1 the method whose best point
+    scored highest on the held-out images is trained at that point, exactly as that method
+    alone would be."""
     cfg, prepared, teacher = setting
     cfg = load_config(overrides=TINY + ["kd.grid_alpha=[0.9]", "kd.grid_temperature=[4]", "dkd.grid_beta=[1, 8]",
                                         "dkd.grid_temperature=[4]", "dist_kd.grid_beta=[2]",
-                                        "dist_kd.grid_temperature=[1, 4]"])
+                                        "dist_kd.grid_temperature=[1, 4]", "kd.keep_p=1"])
     logged = {}
     first = run_student("standard_practice", cfg, prepared, teacher, seed=1, on_log=lambda step, m: logged.update(m))
     grids = {m: json.loads(next((home / "cache" / f"{m}_tuned").glob("*.json")).read_text())

@@ -407,3 +407,42 @@ def test_the_temperature_moves_inside_its_box_when_the_readings_agree(setting, m
             assert math.copysign(1, moved) == -math.copysign(1, mean)
     assert sum(1 for agree, _, _ in decisions if agree) == follow.follower.moves
     assert 1.5 - 1e-9 <= follow.follower.temperature <= 2.5 + 1e-9
+
+
+def test_weight_average_follows_the_formula_by_hand():
+    """``teacher.improve.ema``: after steps with weights 1.0 then 3.0 from a start of 0.0,
+    decay 0.5 gives 0.5 * 0 + 0.5 * 1 = 0.5, then 0.5 * 0.5 + 0.5 * 3 = 1.75; the
+    batch-norm running mean is averaged the same way and its step counter copied."""
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        net[0].weight.fill_(0.0)
+    average = improve.WeightAverage(net, 0.5)
+    for value, batches in ((1.0, 1), (3.0, 2)):
+        with torch.no_grad():
+            net[0].weight.fill_(value)
+            net[1].running_mean.fill_(2 * value)
+            net[1].num_batches_tracked.fill_(batches)
+        average.after_step(batches, None)
+    assert average.average[0].weight.item() == pytest.approx(1.75)
+    assert average.average[1].running_mean.item() == pytest.approx(3.5)
+    assert average.average[1].num_batches_tracked.item() == 2
+    restored = improve.WeightAverage(net, 0.5)
+    restored.load_state_dict(average.state_dict())  # a resumed run carries the average on
+    assert restored.average[0].weight.item() == pytest.approx(1.75)
+
+
+def test_the_improved_teacher_with_ema_is_the_average_not_the_trained_weights(setting):
+    cfg, prepared, teacher = setting
+    on = load_config(overrides=TINY + ["teacher.improve.ema=0.9"])
+    model, _, _ = improve.fit_improved(teacher, on.teacher.improve, prepared, None,
+                                       improve.strong_view(TeacherContext.from_config(on, prepared)), 0)
+    plain, _, _ = improve.fit_improved(teacher, cfg.teacher.improve, prepared, None,
+                                       improve.strong_view(TeacherContext.from_config(cfg, prepared)), 0)
+    # the same run, so the average sits between the start and the trained weights, on neither
+    for name, start in teacher.state_dict().items():
+        if start.is_floating_point() and not torch.equal(start, plain.state_dict()[name]):
+            avg, end = model.state_dict()[name], plain.state_dict()[name]
+            assert not torch.equal(avg, end) and not torch.equal(avg, start), name
+            break
+    else:
+        raise AssertionError("the improvement changed nothing")

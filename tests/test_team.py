@@ -18,6 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
+from benchmarks.team_auth import MLFLOW, PREFECT, add_user, basic, call, fuzz, grant, markdown, prepare_probe, refusals
+from pipelines.common.secrets import AuthRequired
 from pipelines.orchestrate.services import Ports, Services, stop_group
 from tests.helpers import free_port, wait_http
 
@@ -43,15 +45,23 @@ def sets(*items: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def team():
-    """The three servers of `metadistill services`, under a folder PostgreSQL's own user can
-    reach (it refuses to run as root; pytest's tmp folders are private to root)."""
+    """The three servers of `metadistill services --host 0.0.0.0`, as a team runs them: on
+    every interface, so with authentication (on by default there), under a folder
+    PostgreSQL's own user can reach (it refuses to run as root; pytest's tmp folders are
+    private to root).  Clients use the address the services advertise, not loopback; this
+    process holds the admin's credentials while the module runs."""
     root = Path(tempfile.mkdtemp(prefix="metadistill-team-", dir="/tmp"))
     root.chmod(0o711)
-    services = Services(root / "services", Ports(postgres=free_port(), mlflow=free_port(), prefect=free_port()))
+    services = Services(root / "services", Ports("0.0.0.0", free_port(), free_port(), free_port()))
+    assert services.auth and not services.address.startswith("127.")
+    saved = {k: os.environ.get(k) for k in services.credentials()}
     services.start()
+    os.environ.update(services.credentials())
     try:
         yield services
     finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         services.stop()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -60,12 +70,18 @@ def clean_env(**extra: str) -> dict:
     """This process's environment less what earlier tests left: the tracking and Prefect
     URLs, and the registry URI that ``mlflow.set_registry_uri`` exports."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_HOME")}
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_HOME",
+                        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")}
     return {**env, **extra}
 
 
-def node_env(team: Services, home: Path) -> dict:
-    env = clean_env(**team.env(), METADISTILL_HOME=str(home))
+def node_env(team: Services, home: Path, user: tuple[str, str] | None = None) -> dict:
+    """A node's environment: what `metadistill services` prints, with the admin's
+    credentials (or ``user``'s) as the shell's ``$(cat FILE)`` gives them."""
+    credentials = team.credentials()
+    if user is not None:
+        credentials.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
+    env = clean_env(**{**team.env(), **credentials}, METADISTILL_HOME=str(home))
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # the fault test waits seconds, not MLflow's back-off
     env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
     return env
@@ -90,10 +106,38 @@ def test_pipeline_registry_and_serving_over_the_tracking_server(team, tmp_path):
     links = cli("ui", env=env).stdout
     assert f"{team.tracking_uri}/#/experiments/" in links
 
-    # A second node that sees only the server (its own empty home) loads the champion.
+    # Roles: a reader (READ, the server's default) cannot move the champion, and changes
+    # nothing trying; a release manager (EDIT on the registered model) can.
+    add_user(team, "reader", "reader-password")
+    add_user(team, "release", "release-password")
+    grant(team, "release", "registered_model", "team-student", "EDIT")
+    reader = node_env(team, tmp_path / "reader", ("reader", "reader-password"))
+    release = node_env(team, tmp_path / "release", ("release", "release-password"))
+
+    def refused(*args: str) -> None:
+        before = {v: client.get_model_version("team-student", v).tags for v in ("1", "2")}
+        held = client.get_model_version_by_alias("team-student", "champion").version
+        done = cli(*args, "--model", "team-student", env=reader, check=False)
+        assert done.returncode == 1 and "user 'reader' lacks the permission" in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert client.get_model_version_by_alias("team-student", "champion").version == held
+        assert {v: client.get_model_version("team-student", v).tags for v in ("1", "2")} == before  # not a tag moved
+
+    refused("promote", other)
+    wrong = cli("promote", other, "--model", "team-student", env={**reader, "MLFLOW_TRACKING_PASSWORD": "nope"},
+                check=False)
+    assert wrong.returncode == 1 and "credentials of 'reader' were refused" in wrong.stderr, wrong.stderr[-2000:]
+    cli("promote", other, "--model", "team-student", "--reason", "release test", env=release)
+    promoted = client.get_model_version_by_alias("team-student", "champion")
+    assert promoted.version == other and promoted.tags["promoted_by"] == "release"
+    refused("rollback")
+    cli("rollback", "--model", "team-student", env=release)
+    assert client.get_model_version_by_alias("team-student", "champion").version == champion
+
+    # A second node that sees only the server (its own empty home) loads the champion as a reader.
     load = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/team-student@champion'); "
             "print(m.predict(np.random.rand(3, 1, 8, 8).astype(np.float32)).shape)")
-    other_node = {**env, "METADISTILL_HOME": str(tmp_path / "node-b")}
+    other_node = {**reader, "METADISTILL_HOME": str(tmp_path / "node-b")}
     done = subprocess.run([sys.executable, "-c", load], env=other_node, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -124,29 +168,59 @@ def test_an_absent_tracking_server_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / "home" / "cache").exists()
 
 
+def test_an_absent_prefect_server_exits_2_before_any_work(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = clean_env(METADISTILL_HOME=str(tmp_path / "home"), PREFECT_API_URL=url)
+    done = cli("run", *sets(*TINY), env=env, check=False, timeout=120)
+    assert done.returncode == 2 and url in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "home" / "cache").exists()
+
+
+def test_wrong_or_missing_credentials_exit_2_before_any_work(team, tmp_path):
+    env = node_env(team, tmp_path / "home")
+    for changed, named in (({"MLFLOW_TRACKING_PASSWORD": "wrong"}, "MLFLOW_TRACKING_USERNAME=admin"),
+                           ({"MLFLOW_TRACKING_USERNAME": None}, "set MLFLOW_TRACKING_USERNAME"),
+                           ({"PREFECT_API_AUTH_STRING": "metadistill:wrong"}, "PREFECT_API_AUTH_STRING"),
+                           ({"PREFECT_API_AUTH_STRING": None}, "set PREFECT_API_AUTH_STRING")):
+        node = {k: v for k, v in {**env, **changed}.items() if v is not None}
+        done = cli("run", *sets(*TINY), env=node, check=False, timeout=120)
+        assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert team.credentials()["MLFLOW_TRACKING_PASSWORD"] not in done.stderr
+    assert not (tmp_path / "home" / "cache").exists()
+
+
 def test_the_tracking_server_killed_mid_run_then_a_rerun_reuses_the_caches(team, tmp_path):
     env = node_env(team, tmp_path / "node")
     args = ["run", *sets(*TINY, "tracking.experiment=fault", "teacher.train.steps=4000")]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     client, deadline = MlflowClient(team.tracking_uri, registry_uri=team.tracking_uri), time.time() + 180
-    while time.time() < deadline and proc.poll() is None:  # kill it while the teacher trains
+    teacher = []
+    while time.time() < deadline and proc.poll() is None and not teacher:  # kill it while the teacher trains
         found = client.get_experiment_by_name("fault")
-        if found and client.search_runs([found.experiment_id], "attributes.run_name = 'teacher'"):
-            break
-        time.sleep(0.5)
+        teacher = found and client.search_runs([found.experiment_id], "attributes.run_name = 'teacher'")
+        time.sleep(0.2)
     assert proc.poll() is None, "the run ended before the teacher started: " + proc.stderr.read()[-2000:]
     stop_group(team.processes.pop("mlflow"))
+    # aimed at the teacher's stage, and it hit it: the teacher was still training at the kill
+    assert teacher and teacher[0].info.status == "RUNNING"
     try:
         stderr = proc.communicate(timeout=240)[1]
         assert proc.returncode == 1, stderr[-3000:]
         assert team.tracking_uri in stderr and "run again" in stderr
     finally:
         team.start_mlflow()
+    experiment = client.get_experiment_by_name("fault").experiment_id
+    orphans = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert len(orphans) >= 2  # the parent and its teacher: their process died with the server away
     cli(*args, env=env)
-    runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id],
-                              "attributes.run_name = 'teacher' and attributes.status = 'FINISHED'")
+    runs = client.search_runs([experiment], "attributes.run_name = 'teacher' and attributes.status = 'FINISHED'")
     assert [r.data.tags["teacher.cached"] for r in runs] == ["True"]  # trained before the kill, reused after
+    # the rerun marked the dead process's runs FAILED, saying why
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    for orphan in orphans:
+        run = client.get_run(orphan.info.run_id)
+        assert run.info.status == "FAILED" and "tracking server was away" in run.data.tags["metadistill.failed_reason"]
 
 
 def test_a_work_pool_runs_two_overlapping_scheduled_runs(team, tmp_path):
@@ -186,16 +260,55 @@ def test_a_work_pool_runs_two_overlapping_scheduled_runs(team, tmp_path):
 def test_nodes_with_homes_of_their_own_register_in_turn(team, tmp_path):
     """Two nodes (homes of their own, no common flock) take their registration turns through
     the Prefect server's one-slot limit: the two turns never overlap."""
-    turn = ("import json, time; from pipelines.orchestrate.registration import registration_turn\n"
+    turn = ("import json, pathlib, sys, time; from pipelines.orchestrate.registration import registration_turn\n"
+            "folder = pathlib.Path(sys.argv[1]); (folder / f'ready-{sys.argv[2]}').touch()\n"
+            "while not (folder / 'go').exists(): time.sleep(0.02)\n"
+            "asked = time.time()\n"
             "with registration_turn('nodes-student'):\n"
             "    start = time.time(); time.sleep(3); end = time.time()\n"
-            "print(json.dumps([start, end]))")
-    procs = [subprocess.Popen([sys.executable, "-c", turn], env=node_env(team, tmp_path / f"node{i}"),
+            "print(json.dumps([asked, start, end]))")
+    procs = [subprocess.Popen([sys.executable, "-c", turn, str(tmp_path), str(i)], env=node_env(team, tmp_path / f"node{i}"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2:  # both imported: they ask for the turn together
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "a node failed to start"
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    (a0, a1), (b0, b1) = sorted(json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    (_, a0, a1), (b_asked, b0, b1) = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs),
+                                            key=lambda t: t[1])
+    assert b_asked < a1, "the second node asked for its turn only after the first had finished: no contention"
     assert a1 <= b0, f"the turns overlapped: {a0:.2f}-{a1:.2f} and {b0:.2f}-{b1:.2f}"
+
+
+def test_a_holder_killed_in_its_turn_frees_it_promptly_and_promote_waits_for_its_turn(team, tmp_path):
+    """A node killed while it holds the registration turn frees it within its lease (60 s,
+    plus the server's 15-second sweep), not Prefect's default 5 minutes; a `metadistill promote` started
+    meanwhile waits for the turn instead of moving the champion under the holder."""
+    from pipelines.orchestrate.registration import LEASE_SECONDS
+
+    hold = ("import pathlib, sys, time; from pipelines.orchestrate.registration import registration_turn\n"
+            "with registration_turn('turn-student'):\n"
+            "    pathlib.Path(sys.argv[1]).touch(); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "in")], env=node_env(team, tmp_path / "a"),
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "in").exists():
+            assert time.time() < deadline and holder.poll() is None, holder.stderr.read()[-2000:]
+            time.sleep(0.2)
+        promote = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "promote", "1", "--model", "turn-student"],
+                                   env=node_env(team, tmp_path / "b"), stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
+        assert promote.poll() is None, "promote did not wait for the turn: " + promote.stderr.read()[-2000:]
+    finally:
+        killed = time.time()
+        stop_group(holder, timeout=0.1)  # SIGTERM, then SIGKILL: no clean release of the slot
+    assert promote.wait(timeout=120) == 1  # it got the turn, then found no such model
+    waited = time.time() - killed
+    assert "no registered model 'turn-student'" in promote.stderr.read()
+    assert waited < LEASE_SECONDS + 15 + 30, f"the slot stayed held {waited:.0f} s after its holder died"
 
 
 def overlapping_runs(home: Path, n: int, experiment: str) -> list[subprocess.CompletedProcess]:
@@ -221,7 +334,10 @@ def test_overlapping_runs_on_one_home_all_finish_and_register_in_turn(tmp_path):
         assert [v.tags["promotion_reason"] for v in found].count("no champion yet") == 1
     exp = client.get_experiment_by_name("overlap")
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
-    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 4
+    parents = sorted((r.info.start_time, r.info.end_time) for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert len(parents) == 4
+    for (_, a_end), (b_start, _) in (parents[:2], parents[2:]):  # each wave's two runs overlapped
+        assert b_start < a_end, f"a wave's runs ran one after the other: {parents}"
     teachers = [r.data.tags["teacher.cached"] for r in runs if r.info.run_name == "teacher"]
     assert sorted(teachers) == ["False", "True", "True", "True"]  # trained once, read by the others
     assert len(list((home / "cache" / "teacher").iterdir())) == 1
@@ -270,7 +386,9 @@ def test_threads_are_shared_by_the_runs_alive_on_the_home(home, monkeypatch):
             sleeper.kill()
             sleeper.wait()
         assert threads.refit_threads() == 4
-        assert threads.share_threads(None) == torch.get_num_threads()  # chosen by hand: left alone
+        torch.set_num_threads(3)  # chosen by hand (not the share of 4): left alone, now and at each refit
+        assert threads.share_threads(None) == 3 and torch.get_num_threads() == 3
+        assert threads.refit_threads() == 3 and torch.get_num_threads() == 3
     finally:
         (home / "runs" / str(os.getpid())).unlink(missing_ok=True)
         threads._budget = None
@@ -287,8 +405,8 @@ def test_two_workers_run_trials_of_one_architecture_study_on_the_team_database(t
     env = {**os.environ, **team.env()}
     assert team.password() not in env["METADISTILL_STUDY_STORAGE"]  # printed by `metadistill services`
     workers = [subprocess.Popen([sys.executable, "-m", "tests.arch_worker", str(tmp_path)], cwd=REPO,
-                                env=clean_env(**team.env(), METADISTILL_HOME=str(tmp_path / f"node-{i}"),
-                                              METADISTILL_PROGRESS="0", OMP_NUM_THREADS="1"))
+                                env={**node_env(team, tmp_path / f"node-{i}"), "METADISTILL_PROGRESS": "0",
+                                     "OMP_NUM_THREADS": "1"})
                for i in range(2)]
     deadline = time.monotonic() + 240
     while len(list(tmp_path.glob("ready-*"))) < 2:  # both have their data and teacher: start together
@@ -312,3 +430,96 @@ def test_two_workers_run_trials_of_one_architecture_study_on_the_team_database(t
     assert a0 < b1 and b0 < a1, f"the workers' trials did not overlap in time: {spans}"
     # Both read the same choice from the one study.
     assert results[0]["chosen"] == results[1]["chosen"]
+
+
+def test_every_server_refuses_callers_without_credentials(team):
+    """The table of the docs (benchmarks/team_auth.py): reads, writes, registration, alias
+    moves, deletions, user creation and flow-run creation, without credentials and with a
+    wrong password, answer 401 on MLflow and Prefect; a READ user's writes to the team's
+    experiment, model and users 403.
+    Health routes stay open (probes)."""
+    prepare_probe(team, ("prober", "prober-password"))
+    rows = refusals(team, reader=("prober", "prober-password"))
+    assert {r["server"] for r in rows} == {"mlflow", "prefect"} and len(rows) >= 40
+    wrong = [r for r in rows if r["expected"] != r["observed"]]
+    assert not wrong, markdown(wrong)
+    assert call(team.local_tracking_uri, "GET", "/health", None) == 200
+    assert call(team.local_url(team.ports.prefect), "GET", "/api/health", None) == 200
+
+
+def command_lines() -> str:
+    """Every process's command line on this machine, as `ps` shows them to any user."""
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(path.read_bytes().replace(b"\0", b" ").decode("latin-1"))
+        except OSError:  # it exited meanwhile
+            pass
+    return "\n".join(lines)
+
+
+def test_no_secret_reaches_a_log_param_tag_or_artifact(team, tmp_path):
+    """A pipeline run with credentials, then every place a secret could leak: the run's
+    output, the servers' logs and command lines, every run's params and tags and the text of
+    its artifacts."""
+    env = node_env(team, tmp_path / "node")
+    done = cli("run", *sets(*TINY, "tracking.experiment=secrets"), env=env)
+    secrets = [team.password(), team.credentials()["MLFLOW_TRACKING_PASSWORD"],
+               team.auth_string().split(":", 1)[1]]
+    places = {"stdout": done.stdout, "stderr": done.stderr,  # and every command line on the machine
+              "command lines": command_lines()}
+    places.update({p.name: p.read_text(errors="replace") for p in team.root.glob("*.log")})
+    client = MlflowClient(team.tracking_uri, registry_uri=team.tracking_uri)
+    experiment = client.get_experiment_by_name("secrets").experiment_id
+    runs = client.search_runs([experiment])
+    assert len(runs) >= 3  # the parent and its stages
+    for run in runs:
+        places[f"{run.info.run_id} params"] = json.dumps(run.data.params)
+        places[f"{run.info.run_id} tags"] = json.dumps(run.data.tags)
+        folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        for path in folder.rglob("*"):
+            if path.is_file():
+                places[str(path)] = path.read_bytes().decode("latin-1")
+    assert len(places) > 10
+    leaks = [(where, i) for where, text in places.items() for i, secret in enumerate(secrets) if secret in text]
+    assert not leaks, leaks
+
+
+def test_listening_beyond_loopback_without_authentication_exits_2(tmp_path):
+    """`services --host 0.0.0.0 --no-auth`, `server --host 0.0.0.0` without an auth string
+    and `ui --host 0.0.0.0` are refused, naming the flag, before anything starts."""
+    with pytest.raises(AuthRequired, match="--no-auth"):
+        Services(tmp_path / "services", Ports("0.0.0.0"), auth=False)
+    assert Services(tmp_path / "s", Ports("127.0.0.1")).auth is False  # loopback: off unless asked
+    assert Services(tmp_path / "s", Ports("127.0.0.1"), auth=True).auth is True
+    env = clean_env(METADISTILL_HOME=str(tmp_path / "home"))
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+    for args, named in ((["services", "--host", "0.0.0.0", "--no-auth"], "--no-auth"),
+                        (["server", "--host", "0.0.0.0"], "PREFECT_SERVER_API_AUTH_STRING"),
+                        (["ui", "--host", "0.0.0.0"], "127.0.0.1")):
+        done = cli(*args, env=env, check=False, timeout=120)
+        assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "home" / "services").exists()
+
+
+def test_a_request_fuzzer_never_gets_in_and_the_servers_stay_healthy(team):
+    """Malformed requests at MLflow and Prefect, with and without credentials: no request
+    without them is ever answered 2xx on an API route, and both servers still answer their
+    health checks and a real call.  Their 5xx are theirs, reported, not asserted away:
+    MLflow 3.17.2 answers 500 to an ``Authorization`` header of another scheme than Basic
+    (Bearer, Digest) and Prefect 3.9.1 to a binary body on a filter route, both where it
+    then refuses or serves nothing (docs/team.md)."""
+    admin = basic("admin", team.credentials()["MLFLOW_TRACKING_PASSWORD"])
+    prefect_auth = {"authorization": "Basic " + __import__("base64").b64encode(team.auth_string().encode()).decode()}
+    for base, endpoints, credentials, health in (
+            (team.local_tracking_uri, MLFLOW, admin, "/health"),
+            (team.local_url(team.ports.prefect), PREFECT, prefect_auth, "/api/health")):
+        paths = [e[2] for e in endpoints]
+        rows = fuzz(base, paths, credentials, 80, seed=1)
+        let_in = [r for r in rows if not (set(r["headers"]) & {"authorization"}) and 200 <= r["status"] < 300
+                  and any(r["path"] == p[:60] for p in paths)]
+        assert not let_in, let_in[:5]
+        assert sum(r["status"] in (401, 403) for r in rows) >= 10  # it reached the auth checks
+        assert call(base, "GET", health, None) == 200
+    assert call(team.local_tracking_uri, "GET", "/api/2.0/mlflow/experiments/search?max_results=1", None, admin) == 200
+    assert call(team.local_url(team.ports.prefect), "POST", "/api/flows/filter", {}, prefect_auth) == 200

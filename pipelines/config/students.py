@@ -29,6 +29,10 @@ class KDConfig(Strict):
     grid_transfer_ratio: list[float] | None = Field(None, description="kd_tuned: transfer ratios searched "
                                                                       "(default: kd.transfer_ratio only)")
     grid_seed: int = Field(0, description="kd_tuned: the student seed of the search")
+    keep_p: float = Field(0.05, gt=0, le=1, description="standard_practice: tuned DKD or DIST replaces tuned KD only "
+                                                        "when its grid's best student beats tuned KD's on the held-out "
+                                                        "images beyond noise (McNemar's exact one-sided p below this; "
+                                                        "1: the best held-out score, however small the margin)")
 
     @field_validator("grid_alpha", "grid_temperature", "grid_transfer_ratio")
     @classmethod

@@ -48,6 +48,10 @@ class ImproveConfig(TrainConfig):
                                                          "every narrow op of meta.augment at up to its full range")
     cutout: float = Field(0.5, ge=0, lt=1, description="strong view: a square of this share of the side, "
                                                       "set to the mean colour, at a random place (0: none)")
+    ema: float | None = Field(None, gt=0, lt=1, description="None: the improved teacher is the trained weights; a "
+                                                          "decay (0.999): their exponential moving average over "
+                                                          "the steps, buffers included (Mean Teacher, Noisy "
+                                                          "Student's EMA)")
     keep_p: float = Field(0.05, gt=0, le=1, description="the improved teacher replaces the original only when it "
                                                         "beats it on the held-out labelled images beyond noise: "
                                                         "McNemar's exact test on the images the two disagree on, "

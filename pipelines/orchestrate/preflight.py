@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipelines.common.net import answers
+from pipelines.common.net import answers, basic_auth, status_of
 from pipelines.config.errors import ConfigError
 from pipelines.config.pipeline import PipelineConfig, check_models, dataset_shape
 from pipelines.data.errors import DataError
@@ -116,7 +116,21 @@ def check_servers() -> None:
         raise ConfigError(f"no MLflow tracking server answers at MLFLOW_TRACKING_URI={uri}: start it "
                           f"(`metadistill services`, README: Team set-up) or unset MLFLOW_TRACKING_URI for the "
                           f"project home's own store")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if is_server(uri) and status_of(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                                    headers=basic_auth(user, os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+                                    if user else None, timeout=30) == 401:
+        raise ConfigError(f"the MLflow server at {uri} refused " + (
+            f"the credentials of MLFLOW_TRACKING_USERNAME={user}" if user else
+            "a caller without credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") +
+            " (README: Team set-up)")
     api = os.environ.get("PREFECT_API_URL")
     if api and not answers(f"{api.rstrip('/')}/health", timeout=10):
         raise ConfigError(f"no Prefect server answers at PREFECT_API_URL={api}: start it (`metadistill services` "
                           f"or `metadistill server`) or unset PREFECT_API_URL for a run's own API")
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    if api and status_of(f"{api.rstrip('/')}/flows/filter", "POST", {"limit": 1}, timeout=30,
+                         headers=basic_auth(*auth.split(":", 1)) if auth and ":" in auth else None) == 401:
+        raise ConfigError(f"the Prefect server at {api} refused " + (
+            "the auth string in PREFECT_API_AUTH_STRING" if auth else
+            "a caller without its auth string: set PREFECT_API_AUTH_STRING") + " (README: Team set-up)")

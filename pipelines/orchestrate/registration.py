@@ -13,6 +13,10 @@ from prefect.exceptions import ObjectAlreadyExists
 
 from pipelines import tracking
 
+# The slot's lease: renewed by Prefect while the holder lives, so a turn may last; a holder
+# killed in its turn frees the slot once the lease lapses (and the server's next sweep runs).
+LEASE_SECONDS = 60  # the least the Prefect server accepts
+
 
 @contextlib.contextmanager
 def registration_turn(model_name: str):
@@ -27,5 +31,14 @@ def registration_turn(model_name: str):
                 client.upsert_global_concurrency_limit_by_name(limit, 1)
             except ObjectAlreadyExists:  # another run made it a moment ago
                 client.read_global_concurrency_limit_by_name(limit)
-        with concurrency(limit, occupy=1, strict=True):
+        with concurrency(limit, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
             yield
+
+
+def hand_move_turn(model_name: str):
+    """``promote`` and ``rollback`` by hand take the same turn as a run's registration
+    when a Prefect server orders the team's nodes; alone on a home, its lock is enough
+    (and no local Prefect API is started for it)."""
+    import os
+
+    return registration_turn(model_name) if os.environ.get("PREFECT_API_URL") else contextlib.nullcontext()

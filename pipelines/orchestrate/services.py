@@ -10,6 +10,18 @@ the Prefect server on it (``metadistill services``).
   that sees only the server can log runs and load the champion.
 - ``prefect server start`` on the ``prefect`` database (``postgresql+asyncpg``).
 
+With ``auth`` (on whenever the servers listen beyond loopback; ``metadistill services``
+refuses ``--no-auth`` there) nobody who merely reaches a port can use them:
+
+- MLflow runs its ``basic-auth`` app, users and permissions in the ``mlflow_auth``
+  database; the ``admin`` user is created on first start with a generated password kept in
+  ``<home>/services/mlflow_admin_password`` (mode 600).  Unauthenticated calls get 401;
+  what an authenticated user may do is their permission (README: Team set-up, roles).
+- Prefect asks every API call for its auth string (``PREFECT_SERVER_API_AUTH_STRING``),
+  generated once into ``<home>/services/prefect_auth_string`` (mode 600).
+- Secrets go to the servers through files and their environment, never a command line;
+  :meth:`Services.env` names the files a node reads them from, never the secrets.
+
 All three stop together when the command is interrupted.  Plain functions and
 subprocesses: nothing here imports MLflow or Prefect.
 """
@@ -18,14 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.common.net import wait_http
+from pipelines.common.net import outward_address, wait_http
+from pipelines.common.secrets import AuthRequired, is_loopback, made_secret
 
 
 class ServicesError(RuntimeError):
@@ -59,23 +72,40 @@ class Services:
     root: Path  # <home>/services
     ports: Ports = Ports()
     pg_user: str = "postgres"  # who runs PostgreSQL when this process is root
+    auth: bool | None = None  # None: on exactly when the servers listen beyond loopback
+    advertise: str | None = None  # the address other machines use (default: the bind address, or this host's name)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.processes: dict[str, subprocess.Popen] = {}
+        beyond = not is_loopback(self.ports.host)
+        if self.auth is None:
+            self.auth = beyond
+        elif beyond and not self.auth:
+            raise AuthRequired(f"services --host {self.ports.host} listens beyond this machine: without "
+                               f"authentication anyone who reaches the ports could log runs, move the champion "
+                               f"or start flow runs; drop --no-auth, or bind 127.0.0.1")
 
     @property
     def cluster(self) -> Path:
         return self.root / "postgres"
 
     def password(self) -> str:
-        path = self.root / "password"
-        if not path.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        """PostgreSQL's password for the ``metadistill`` role."""
+        return made_secret(self.root / "password")
+
+    @property
+    def admin_password_file(self) -> Path:
+        """MLflow's ``admin`` password (auth on): made once, mode 600."""
+        return self.root / "mlflow_admin_password"
+
+    @property
+    def auth_string_file(self) -> Path:
+        """The Prefect server's auth string (auth on), ``metadistill:<secret>``, mode 600."""
+        return self.root / "prefect_auth_string"
+
+    def auth_string(self) -> str:
+        return made_secret(self.auth_string_file, prefix="metadistill:")  # Prefect's user:password form
 
     def database_url(self, database: str, driver: str = "postgresql+psycopg2") -> str:
         return f"{driver}://metadistill:{self.password()}@127.0.0.1:{self.ports.postgres}/{database}"
@@ -96,12 +126,28 @@ class Services:
         return path
 
     @property
+    def address(self) -> str:
+        """Where clients reach the servers: ``advertise``, else the bind address, else (bound
+        to every interface, which no client can connect to by name) this host's name."""
+        if self.advertise:
+            return self.advertise
+        return reachable_name() if self.ports.host in ("0.0.0.0", "::", "") else self.ports.host
+
+    @property
     def tracking_uri(self) -> str:
-        return f"http://{self.ports.host}:{self.ports.mlflow}"
+        return f"http://{self.address}:{self.ports.mlflow}"
 
     @property
     def prefect_api_url(self) -> str:
-        return f"http://{self.ports.host}:{self.ports.prefect}/api"
+        return f"http://{self.address}:{self.ports.prefect}/api"
+
+    def local_url(self, port: int) -> str:
+        """This machine's own way to a server, whatever the servers are called outside."""
+        return f"http://{'127.0.0.1' if not is_loopback(self.address) else self.address}:{port}"
+
+    @property
+    def local_tracking_uri(self) -> str:
+        return self.local_url(self.ports.mlflow)
 
     # ------------------------------------------------------------------ PostgreSQL
     def _as_pg(self, cmd: list[str]) -> list[str]:
@@ -147,7 +193,7 @@ class Services:
         self.init_postgres()
         self._pg([pg_bin("pg_ctl"), "-D", str(self.cluster), "-l", str(self.cluster / "server.log"), "-w", "-t", "60",
                   "-o", f"-p {self.ports.postgres}", "start"], f"starting PostgreSQL (log: {self.cluster / 'server.log'})")
-        for database in ("mlflow", "prefect", "optuna"):
+        for database in ("mlflow", "prefect", "optuna", "mlflow_auth"):
             self._create_database(database)
 
     def _create_database(self, name: str) -> None:
@@ -167,18 +213,53 @@ class Services:
                            capture_output=True)
 
     # ------------------------------------------------------------------ MLflow and Prefect
-    def mlflow_command(self) -> list[str]:
+    def mlflow_command(self) -> tuple[list[str], dict[str, str]]:
         artifacts = self.root / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.database_url("mlflow"),
-                "--serve-artifacts", "--artifacts-destination", str(artifacts),
-                "--default-artifact-root", "mlflow-artifacts:/",
-                "--host", self.ports.host, "--port", str(self.ports.mlflow), "--workers", "2"]
+        # the store's URL holds PostgreSQL's password: through the environment, not the
+        # command line, which `ps` shows every user of the machine
+        cmd = [sys.executable, "-m", "mlflow", "server",
+               "--serve-artifacts", "--artifacts-destination", str(artifacts),
+               "--default-artifact-root", "mlflow-artifacts:/",
+               "--host", self.ports.host, "--port", str(self.ports.mlflow), "--workers", "2"]
+        if not is_loopback(self.address):  # MLflow refuses Host headers it does not know: name ours
+            names = dict.fromkeys(n for n in ["localhost", "127.0.0.1", self.address, _resolved(self.address)] if n)
+            cmd += ["--allowed-hosts", ",".join(f"{n},{n}:*" for n in names)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_AUTH")}
+        env["MLFLOW_BACKEND_STORE_URI"] = self.database_url("mlflow")
+        if self.auth:
+            cmd += ["--app-name", "basic-auth"]
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(self._auth_config())
+            # signs the UI's CSRF tokens; one per home, the same across restarts and workers
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = made_secret(self.root / "mlflow_secret_key")
+        return cmd, env
+
+    def _auth_config(self) -> Path:
+        """The basic-auth app's settings (mode 600: they hold the database's password):
+        users and permissions in PostgreSQL; an authenticated user may read every
+        experiment and model unless given more (README: Team set-up, roles)."""
+        path = self.root / "mlflow_auth.ini"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            # auth_cache_ttl_seconds: a password's hash (PBKDF2, tens of ms) is checked once a
+            # minute per worker, not on every request: without it a pipeline run took 1.32x as
+            # long (benchmarks/team_auth.py).  The price: a changed password or a deleted user
+            # is refused by every worker only within that minute.
+            fh.write("[mlflow]\ndefault_permission = READ\n"
+                     f"database_uri = {self.database_url('mlflow_auth')}\nadmin_username = admin\n"
+                     f"admin_password = {made_secret(self.admin_password_file)}\n"
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                     "auth_cache_ttl_seconds = 60\n")
+        return path
 
     def prefect_command(self) -> tuple[list[str], dict[str, str]]:
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(self.root / "prefect"),
                "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url("prefect", "postgresql+asyncpg")}
         env.pop("PREFECT_API_URL", None)
+        env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+        if self.auth:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_string()
         return ([sys.executable, "-m", "prefect", "server", "start", "--host", self.ports.host,
                  "--port", str(self.ports.prefect)], env)
 
@@ -188,8 +269,8 @@ class Services:
                                                 start_new_session=True)
 
     def start_mlflow(self) -> None:
-        self._spawn("mlflow", self.mlflow_command())
-        self._wait(f"{self.tracking_uri}/health", "mlflow")
+        self._spawn("mlflow", *self.mlflow_command())
+        self._wait(f"{self.local_tracking_uri}/health", "mlflow")
 
     def _wait(self, url: str, name: str, timeout: float = 180.0) -> None:
         log = self.root / f"{name}.log"
@@ -204,10 +285,10 @@ class Services:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             self.start_postgres()
-            self._spawn("mlflow", self.mlflow_command())
+            self._spawn("mlflow", *self.mlflow_command())
             self._spawn("prefect", *self.prefect_command())
-            self._wait(f"{self.tracking_uri}/health", "mlflow")
-            self._wait(f"{self.prefect_api_url}/health", "prefect")
+            self._wait(f"{self.local_tracking_uri}/health", "mlflow")  # both health routes ask no credentials
+            self._wait(f"{self.local_url(self.ports.prefect)}/api/health", "prefect")
         except BaseException:
             self.stop()
             raise
@@ -220,9 +301,45 @@ class Services:
         self.stop_postgres()
 
     def env(self) -> dict[str, str]:
-        """What a node sets to use these servers."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "PREFECT_API_URL": self.prefect_api_url,
-                "METADISTILL_STUDY_STORAGE": self.study_storage, "PGPASSFILE": str(self.pgpass())}
+        """What a node sets to use these servers.  With auth, the credentials are read from
+        their files by the shell (``$(cat FILE)``): the values printed hold no secret."""
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "PREFECT_API_URL": self.prefect_api_url,
+               "METADISTILL_STUDY_STORAGE": self.study_storage, "PGPASSFILE": str(self.pgpass())}
+        if self.auth:
+            self.auth_string()
+            made_secret(self.admin_password_file)
+            env.update({"MLFLOW_TRACKING_USERNAME": "admin",
+                        "MLFLOW_TRACKING_PASSWORD": f'"$(cat {self.admin_password_file})"',
+                        "PREFECT_API_AUTH_STRING": f'"$(cat {self.auth_string_file})"'})
+        return env
+
+    def credentials(self) -> dict[str, str]:
+        """The admin's credentials as variables, for a process started here (tests, the
+        benchmark): what a node's shell gets from :meth:`env`'s ``$(cat ...)``."""
+        if not self.auth:
+            return {}
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": made_secret(self.admin_password_file),
+                "PREFECT_API_AUTH_STRING": self.auth_string()}
+
+
+def reachable_name() -> str:
+    """A name or address other machines can reach this one by: its fully qualified name when
+    that resolves beyond loopback, else the address of the interface that routes outwards."""
+    name = socket.getfqdn()
+    if not is_loopback(_resolved(name) or "127.0.0.1"):
+        return name
+    address = outward_address()
+    if address is None:
+        raise ServicesError(f"this machine's name ({name}) resolves to loopback and no interface routes outwards: "
+                            f"give --advertise with the address other machines reach it by")
+    return address
+
+
+def _resolved(name: str) -> str | None:
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return None
 
 
 def log_tail(path: Path, chars: int = 2000) -> str:

@@ -110,7 +110,12 @@ def _or_unmeasured(value, fmt: str) -> str:
 
 
 def _who() -> str:
+    """The authenticated user where the tracking server asks for one, else the OS user."""
     import getpass
+    import os
+
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
 
     try:
         return getpass.getuser()

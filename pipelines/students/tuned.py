@@ -6,8 +6,11 @@ best on the held-out labelled images (quiz and validation splits, as ``meta_dist
 them).  The grid is searched once per setting with student seed ``kd.grid_seed`` and cached
 under the project home by data, teacher, student, the method's settings and the
 augmentation, so the seeds of a sweep (and torchrun workers) share one search.
-``standard_practice`` searches all three grids and trains the method whose best point
-scored highest: what a user who knows the common distillation losses would do, tuned.
+``standard_practice`` searches all three grids and trains tuned KD, unless tuned DKD or DIST
+beats it on the held-out images beyond noise (``kd.keep_p``): what a user who knows the
+common distillation losses would do, tuned, without taking a 300-image coin flip for a gain
+(measured: on Fashion-MNIST under a RandAugment teacher, DKD scored 3 held-out images above
+KD and 0.36 points below it on the test split).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 from pipelines.common.home import cache_dir, cache_key, made_once, write_json
 from pipelines.engine import distributed
 from pipelines.engine.loop import TrainResult
-from pipelines.engine.metrics import validation_accuracy
+from pipelines.engine.metrics import correctness, pack_hits, sign_test, unpack_hits, validation_accuracy
 from pipelines.students.context import StudentContext, StudentMethod
 from pipelines.students.dist_kd import train_dist_kd
 from pipelines.students.dkd import train_dkd
@@ -67,7 +70,7 @@ def grid_search(ctx: StudentContext, tuning: Tuning) -> dict:
     "table"}`` (``val_acc``: the best point's held-out accuracy)."""
     points = tuning.grid(getattr(ctx, tuning.section))
     section = getattr(ctx, tuning.section).model_dump(mode="json", exclude=set(points[0]))
-    key = cache_key(4, method=tuning.method, data=ctx.data.key, teacher=teacher_fingerprint(ctx.teacher),
+    key = cache_key(5, method=tuning.method, data=ctx.data.key, teacher=teacher_fingerprint(ctx.teacher),
                     student=ctx.student.model_dump(mode="json", exclude={"methods", "seeds"}),
                     init=ctx.init.sha256 if ctx.init else None, settings=section,
                     transfer=ctx.kd.transfer_ratio, points=points, augment=ctx.augment_key)
@@ -80,16 +83,18 @@ def grid_search(ctx: StudentContext, tuning: Tuning) -> dict:
 
 
 def _search(ctx: StudentContext, tuning: Tuning, points: list[dict], path) -> dict:
-    table = []
+    table, hits = [], []
     for point in points:
         label = " ".join(f"{k}={v}" for k, v in point.items())
         sub = at_point(ctx, tuning, point, seed=ctx.kd.grid_seed, on_log=None, checkpoint=None,
                        desc=f"{ctx.desc} {tuning.method} grid {label}")
         student, result = tuning.train(sub)
         table.append({**point, "val_acc": validation_accuracy(student, *ctx.held_out()), "seconds": result.seconds})
-    best = max(table, key=lambda row: row["val_acc"])  # ties: the first point of the grid
-    record = {"point": {k: best[k] for k in points[0]}, "val_acc": best["val_acc"],
-              "grid_seconds": sum(row["seconds"] for row in table), "table": table}
+        hits.append(pack_hits(correctness(student, *ctx.held_out())))
+    best = max(range(len(table)), key=lambda i: table[i]["val_acc"])  # ties: the first point of the grid
+    # hits: which held-out images the best point's student gets right, for standard_practice's test
+    record = {"point": {k: table[best][k] for k in points[0]}, "val_acc": table[best]["val_acc"],
+              "grid_seconds": sum(row["seconds"] for row in table), "table": table, "hits": hits[best]}
     if distributed.world().is_main:
         write_json(path, record, indent=1)
     return record
@@ -117,15 +122,27 @@ def train_tuned(ctx: StudentContext, tuning: Tuning) -> tuple[nn.Module, TrainRe
     return student, result
 
 
+def standard_choice(grids: dict[str, dict], keep_p: float) -> tuple[str, dict[str, float]]:
+    """Which tuned method standard practice trains: ``kd``, unless DKD or DIST beats it on
+    the held-out images beyond noise (one-sided p < ``keep_p`` on the images the two grid
+    winners disagree on); of those that do, the best held-out score (ties: dkd, then
+    dist_kd).  Also each alternative's p against tuned KD."""
+    kd = unpack_hits(grids["kd"]["hits"])
+    p = {name: sign_test(unpack_hits(g["hits"]), kd)[2] for name, g in grids.items() if name != "kd"}
+    better = [name for name in p if p[name] < keep_p or keep_p >= 1]
+    return (max(better, key=lambda name: grids[name]["val_acc"]) if better else "kd"), p
+
+
 def train_standard_practice(ctx: StudentContext) -> tuple[nn.Module, TrainResult]:
-    """The best of tuned KD, DKD and DIST on the held-out images (ties: the first of kd,
-    dkd, dist_kd); its compute is the three grids' plus its own."""
+    """Tuned KD, or tuned DKD or DIST where one beats it beyond noise (:func:`standard_choice`);
+    its compute is the three grids' plus its own."""
     grids = {name: grid_search(ctx, tuning) for name, tuning in TUNINGS.items()}
-    best = max(grids, key=lambda name: grids[name]["val_acc"])
+    best, p = standard_choice(grids, ctx.kd.keep_p)
     student, result = TUNINGS[best].train(at_point(ctx, TUNINGS[best], grids[best]["point"]))
     result.seconds += sum(g["grid_seconds"] for g in grids.values())
     if ctx.on_log is not None:
         ctx.on_log(0, {f"standard_practice_is_{name}": float(name == best) for name in grids}
                    | {f"standard_practice_val_acc_{name}": g["val_acc"] for name, g in grids.items()}
+                   | {f"standard_practice_p_{name}_over_kd": value for name, value in p.items()}
                    | _metrics(best, grids[best]))
     return student, result

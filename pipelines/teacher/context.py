@@ -66,8 +66,10 @@ class TeacherContext:
         """The improved teacher's cache key: the labelled teacher's, the improvement's settings,
         and the learned policy when it is the strong view."""
         strong = self.augmentation.learned_fingerprint if self.teacher.improve.strong == "learned" else {}
-        return cache_key(IMPROVE_CACHE_VERSION, teacher=self.teacher_key,
-                         improve=self.teacher.improve.model_dump(mode="json"), **strong)
+        # ema came later: off, it is left out, so improved teachers cached before it stay valid
+        improve = self.teacher.improve.model_dump(mode="json", exclude={"ema"} if self.teacher.improve.ema is None
+                                                  else None)
+        return cache_key(IMPROVE_CACHE_VERSION, teacher=self.teacher_key, improve=improve, **strong)
 
     @property
     def improved_folder(self) -> Path:

@@ -86,6 +86,32 @@ class ConsistencyLoss(StepHook):
         return loss
 
 
+class WeightAverage(StepHook):
+    """``teacher.improve.ema``: after each optimiser step, ``average = decay * average +
+    (1 - decay) * weights``, for the parameters and the floating buffers (batch-norm
+    statistics) alike; integer buffers are copied.  Starts from the teacher it improves,
+    so early steps cannot pull it far."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.average = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        live = dict(self.model.state_dict())
+        for name, value in self.average.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(live[name], 1 - self.decay)
+            else:
+                value.copy_(live[name])
+
+    def state_dict(self) -> dict:
+        return {"average": self.average.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average.load_state_dict(state["average"])
+
+
 def strong_view(ctx: TeacherContext) -> StrongView:
     """``teacher.improve.strong``'s view: FixMatch's RandAugment (``strong_depth`` narrow ops
     drawn uniformly, each at up to its full range) or the learned policy, then cutout."""
@@ -108,12 +134,14 @@ def fit_improved(teacher: nn.Module, improve: ImproveConfig, data: Prepared, wea
     ``strong`` views); its training result and the mean share of pseudo-labels kept."""
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     loss = ConsistencyLoss(model, strong, improve, seed)
+    average = WeightAverage(model, improve.ema) if improve.ema is not None else None
+    hooks = [loss] if average is None else [loss, average]
     transfer = Transfer(data.transfer(), int(round(improve.unlabeled_ratio * improve.batch_size)))
-    result = train_classifier(model, data.x("train"), data.y("train"), improve, loss, seed=seed, hooks=[loss],
+    result = train_classifier(model, data.x("train"), data.y("train"), improve, loss, seed=seed, hooks=hooks,
                               augment=weak if improve.augment else None, val=(data.x("val"), data.y("val")),
                               on_log=on_log, desc="teacher improve", transfer=transfer, device=data.device)
     rate = sum(loss.mask_rates) / max(1, len(loss.mask_rates))
-    return model.eval(), result, rate
+    return (model if average is None else average.average).eval(), result, rate
 
 
 def improve_teacher(ctx: TeacherContext, teacher: nn.Module, on_log: LogFn | None = None) -> TeacherOutcome:

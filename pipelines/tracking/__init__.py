@@ -7,6 +7,7 @@ May import: ``pipelines.common``.
 """
 
 from pipelines.tracking.registry import (
+    NotAllowed,
     Registration,
     VersionNotFound,
     current_champion,
@@ -37,6 +38,7 @@ from pipelines.tracking.runs import (
 from pipelines.tracking.ui import experiment_links, serve_ui
 
 __all__ = [
+    'NotAllowed',
     'EXPERIMENT_KIND',
     'TrackingError',
     'tracking_uri',

@@ -36,7 +36,8 @@ def current_champion(model_name: str) -> dict | None:
     c = client()
     try:
         version = c.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
+    except MlflowException as exc:
+        _absent(exc, f"reading {model_name}@champion")
         return None
     return {"version": str(version.version), **version.tags}
 
@@ -45,7 +46,8 @@ def model_version_by_alias(model_name: str, alias: str) -> dict | None:
     """``{"version", "run_id", "tags", "aliases"}`` of the version holding ``alias``, or None."""
     try:
         v = client().get_model_version_by_alias(model_name, alias)
-    except MlflowException:
+    except MlflowException as exc:
+        _absent(exc, f"reading {model_name}@{alias}")
         return None
     return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
 
@@ -53,6 +55,36 @@ def model_version_by_alias(model_name: str, alias: str) -> dict | None:
 def model_version(model_name: str, version: str) -> dict:
     v = client().get_model_version(model_name, version)
     return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+class NotAllowed(RuntimeError):
+    """The tracking server refused the caller: no or wrong credentials (401), or a user
+    whose permission on the model does not cover the call (403)."""
+
+
+def refusal(exc: MlflowException, what: str) -> NotAllowed | None:
+    """``exc`` as :class:`NotAllowed` when it is the server's 401 or 403, else None.  A
+    refusal must never read as "no such version": a reader who may not see the champion
+    would otherwise register a second one."""
+    import os
+
+    status = exc.get_http_status_code()
+    if status not in (401, 403) and exc.error_code not in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 or exc.error_code == "UNAUTHENTICATED":
+        who = (f"the credentials of {user!r} were refused" if user else
+               "the tracking server asks who is calling: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        return NotAllowed(f"{what}: {who} (README: Team set-up)")
+    return NotAllowed(f"{what}: user {user!r} lacks the permission; a user with EDIT on the registered model (a "
+                      f"release manager) can, and an admin grants it (README: Team set-up, roles)")
+
+
+def _absent(exc: MlflowException, what: str) -> None:
+    """Let a lookup's "not found" through as None; raise a refusal."""
+    refused = refusal(exc, what)
+    if refused is not None:
+        raise refused from None
 
 
 class VersionNotFound(LookupError):
@@ -65,7 +97,8 @@ def resolve_version(model_name: str, alias: str | None = None, version: str | No
     c = client()
     try:
         c.get_registered_model(model_name)
-    except MlflowException:
+    except MlflowException as exc:
+        _absent(exc, f"reading {model_name}")
         names = [m.name for m in c.search_registered_models(max_results=50)]
         raise VersionNotFound(f"no registered model {model_name!r}; registered: {', '.join(names) or 'none'}") from None
     if alias is not None:
@@ -97,10 +130,18 @@ def register_weights(run: RunLogger, weights_dir: Path, model_name: str, tags: d
 
 
 def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -> None:
+    """Tag ``version``, then move ``alias`` to it; a caller without the right changes nothing
+    (the first tag is refused) and gets :class:`NotAllowed`."""
     c = client()
-    for k, v in tags.items():
-        c.set_model_version_tag(model_name, version, k, str(v))
-    c.set_registered_model_alias(model_name, alias, version)
+    try:
+        for k, v in tags.items():
+            c.set_model_version_tag(model_name, version, k, str(v))
+        c.set_registered_model_alias(model_name, alias, version)
+    except MlflowException as exc:
+        refused = refusal(exc, f"moving {model_name}@{alias} to v{version}")
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 def register_model(model_uri: str, model_name: str, alias: str | None, tags: dict[str, str],
@@ -113,8 +154,12 @@ def register_model(model_uri: str, model_name: str, alias: str | None, tags: dic
     # A logged model's URI (models:/m-<id>) must come with its id: a tracking server checks
     # that the id holds the source (the local store does not).
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = c.create_model_version(model_name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                     model_id=model_id)
+    try:
+        version = c.create_model_version(model_name, model_uri, run_id=run_id,
+                                         tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+    except MlflowException as exc:  # nothing was created: a refusal says whose right is missing
+        _absent(exc, f"registering a version of {model_name}")
+        raise
     try:
         _wait_ready(c, model_name, version.version)
         if alias is not None:

@@ -147,9 +147,64 @@ class RunLogger:
             client().log_inputs(self.run_id, inputs)
 
 
+def _process_tags(pid: int | None = None) -> dict[str, str]:
+    """Which process a run belongs to: host, pid and the process's start (so a reused pid is
+    not taken for the run's own process)."""
+    import socket
+
+    pid = os.getpid() if pid is None else pid
+    return {"metadistill.host": socket.gethostname(), "metadistill.pid": str(pid),
+            "metadistill.process_start": _process_start(pid) or ""}
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start in clock ticks since boot (Linux), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _alive(pid: int, start: str) -> bool:
+    """Whether the run's process lives: the same pid with the same start (Linux); elsewhere,
+    whether the pid exists."""
+    if Path("/proc/self/stat").exists():
+        return _process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def reap_orphans(experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment_id`` whose process, on this host, is gone:
+    a run whose tracking server was away when it ended could not say so then.  Runs of
+    other hosts are left alone (nothing here can tell whether they live).  Returns their ids."""
+    import socket
+
+    c, host, reaped = client(), socket.gethostname(), []
+    for run in c.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=200):
+        tags = run.data.tags
+        if tags.get("metadistill.host") != host or not tags.get("metadistill.pid", "").isdigit():
+            continue
+        if _alive(int(tags["metadistill.pid"]), tags.get("metadistill.process_start", "")):
+            continue
+        c.set_tag(run.info.run_id, "metadistill.failed_reason",
+                  f"its process (pid {tags['metadistill.pid']} on {host}) ended while the tracking server was "
+                  f"away; marked FAILED by the next run on this host")
+        c.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        reaped.append(run.info.run_id)
+    return reaped
+
+
 @contextlib.contextmanager
 def _run(experiment_id: str, name: str, tags: dict[str, str], parent: str | None) -> Iterator[RunLogger]:
     c = client()
+    tags = {**tags, **_process_tags()}
     if parent is not None:
         tags = {**tags, "mlflow.parentRunId": parent}
     run = c.create_run(experiment_id, run_name=name, tags=tags)
@@ -166,7 +221,9 @@ def _run(experiment_id: str, name: str, tags: dict[str, str], parent: str | None
 
 
 def pipeline_run(experiment: str, name: str, tags: dict[str, str]) -> contextlib.AbstractContextManager[RunLogger]:
-    return _run(ensure_experiment(experiment), name, tags, parent=None)
+    experiment_id = ensure_experiment(experiment)
+    reap_orphans(experiment_id)
+    return _run(experiment_id, name, tags, parent=None)
 
 
 def child_run(parent: RunLogger, name: str, tags: dict[str, str] | None = None):
