@@ -9,7 +9,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install install-dev system-deps run lint docs test bench
+.PHONY: install install-dev system-deps run lint docs test test-fast bench
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
@@ -37,8 +37,18 @@ lint: install-dev
 docs: install-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
+# Two pytest workers, a test file each at a time (module fixtures, such as the team's servers,
+# start once per file): on the 2-core reference machine most of the suite waits on servers and
+# subprocess start-up, which leaves a core idle when the tests run one by one.
+PYTEST_WORKERS ?= 2
 test: lint system-deps docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# The fast loop: everything but the files that start servers, torchrun or a browser.
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/test_team.py --ignore=tests/test_team_faults.py \
+	  --ignore=tests/test_distributed.py --ignore=tests/test_schedule.py --ignore=tests/test_ui_browser.py \
+	  --ignore=tests/test_sources.py --ignore=tests/test_serving.py
 
 bench: install-dev
 	$(BIN)/python -m benchmarks.pipeline_overhead --json results/pipeline_overhead.json

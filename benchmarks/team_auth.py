@@ -76,19 +76,10 @@ SERVE = [
 ]
 
 
-def call(base: str, method: str, path: str, body: dict | None, headers: dict[str, str] | None = None,
-         raw: bytes | None = None, timeout: float = 30) -> int:
-    """The HTTP status ``method base+path`` answers with."""
-    return status_of(base + path, method, body, headers, raw, timeout)
-
-
-basic = basic_auth
-
-
 def add_user(services: Services, user: str, password: str) -> None:
     """An MLflow user (READ on everything by the server's default), made by the admin."""
-    admin = basic("admin", services.credentials()["MLFLOW_TRACKING_PASSWORD"])
-    status = call(services.local_tracking_uri, "POST", "/api/2.0/mlflow/users/create",
+    admin = basic_auth("admin", services.credentials()["MLFLOW_TRACKING_PASSWORD"])
+    status = status_of(services.local_tracking_uri + "/api/2.0/mlflow/users/create", "POST",
                   {"username": user, "password": password}, admin)
     if status not in (200, 201):
         raise RuntimeError(f"creating MLflow user {user!r} answered {status}")
@@ -97,8 +88,8 @@ def add_user(services: Services, user: str, password: str) -> None:
 def grant(services: Services, user: str, resource_type: str, resource_id: str, permission: str) -> None:
     """The admin grants ``user`` ``permission`` (READ, USE, EDIT, MANAGE) on one resource
     (``registered_model`` by name, ``experiment`` by id): MLflow's v3 permissions API."""
-    admin = basic("admin", services.credentials()["MLFLOW_TRACKING_PASSWORD"])
-    status = call(services.local_tracking_uri, "POST", "/api/3.0/mlflow/users/permissions/grant",
+    admin = basic_auth("admin", services.credentials()["MLFLOW_TRACKING_PASSWORD"])
+    status = status_of(services.local_tracking_uri + "/api/3.0/mlflow/users/permissions/grant", "POST",
                   {"username": user, "resource_type": resource_type, "resource_id": resource_id,
                    "permission": permission}, admin)
     if status != 200:
@@ -109,8 +100,8 @@ def prepare_probe(services: Services, reader: tuple[str, str]) -> None:
     """What the table's calls aim at: a READ user, and the registered model whose aliases
     they try to move (so a refusal is about the right, not a missing model)."""
     add_user(services, *reader)
-    admin = basic("admin", services.credentials()["MLFLOW_TRACKING_PASSWORD"])
-    status = call(services.local_tracking_uri, "POST", "/api/2.0/mlflow/registered-models/create",
+    admin = basic_auth("admin", services.credentials()["MLFLOW_TRACKING_PASSWORD"])
+    status = status_of(services.local_tracking_uri + "/api/2.0/mlflow/registered-models/create", "POST",
                   {"name": PROBE_MODEL}, admin)
     if status != 200:
         raise RuntimeError(f"creating {PROBE_MODEL} answered {status}")
@@ -125,7 +116,7 @@ def refusals(services: Services, serve_base: str | None = None, serve_token: str
     mlflow, prefect = services.local_tracking_uri, services.local_url(services.ports.prefect)
     wrong_prefect = basic_auth("metadistill", "wrong")
     rows = []
-    for server, base, endpoints, wrong in (("mlflow", mlflow, MLFLOW, basic("admin", "wrong-password")),
+    for server, base, endpoints, wrong in (("mlflow", mlflow, MLFLOW, basic_auth("admin", "wrong-password")),
                                            ("prefect", prefect, PREFECT, wrong_prefect),
                                            ("serve", serve_base, SERVE, {"authorization": "Bearer wrong-token"})):
         if base is None:
@@ -133,10 +124,10 @@ def refusals(services: Services, serve_base: str | None = None, serve_token: str
         for kind, method, path, body, *as_reader in endpoints:
             for caller, headers, expected in (("none", {}, 401), ("wrong", wrong, 401)):
                 rows.append({"server": server, "kind": kind, "method": method, "path": path, "caller": caller,
-                             "expected": expected, "observed": call(base, method, path, body, headers)})
+                             "expected": expected, "observed": status_of(base + path, method, body, headers)})
             if as_reader and reader is not None:
                 rows.append({"server": server, "kind": kind, "method": method, "path": path, "caller": "reader",
-                             "expected": as_reader[0], "observed": call(base, method, path, body, basic(*reader))})
+                             "expected": as_reader[0], "observed": status_of(base + path, method, body, basic_auth(*reader))})
     return rows
 
 

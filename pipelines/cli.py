@@ -526,6 +526,8 @@ def cmd_ui(args) -> int:
 def _known_errors() -> dict[type, tuple[int, str]]:
     """Errors the pipeline raises on purpose, each with its exit code and a hint: they are
     reported as one line (the traceback only with --debug)."""
+    import httpx
+
     from deploy.export import ExportError
     from deploy.registry import ModelLoadError, VariantUnavailable
     from pipelines.common.secrets import AuthRequired
@@ -554,6 +556,11 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             NotAllowed: (1, ""),  # its message says who was refused and who may
             TrackingError: (1, f"MLflow at {os.environ.get('MLFLOW_TRACKING_URI') or 'the project home'} failed: "
                                  f"when it answers again, run again (the data, teacher and grid caches are kept)"),
+            # Prefect's client speaks httpx (MLflow's, requests): a Prefect server that stopped
+            # answering mid-run.  Training finished and cached; the registration turn needs it.
+            httpx.TransportError: (1, f"the Prefect server at {os.environ.get('PREFECT_API_URL') or 'the local API'} "
+                                      f"stopped answering: nothing was registered; when it answers again, run again "
+                                      f"(the data, teacher and grid caches are kept)"),
             ValueError: (1, "")}
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("METADISTILL_PROGRESS", "0")
+
+# The longest files first: `make test`'s workers take a file each, and a long file started
+# last leaves one worker running it alone while the other idles.
+LONGEST_FIRST = ("test_team_faults.py", "test_team.py", "test_distributed.py", "test_sources.py", "test_schedule.py",
+                 "test_integration.py", "test_serving.py", "test_ui_browser.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file keeps its order
 
 
 @pytest.fixture
@@ -35,3 +47,29 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def team():
+    """The three servers of `metadistill services --host 0.0.0.0`, as a team runs them: on
+    every interface, so with authentication (on by default there), under a folder
+    PostgreSQL's own user can reach (it refuses to run as root; pytest's tmp folders are
+    private to root).  Clients use the address the services advertise, not loopback; this
+    process holds the admin's credentials while the module runs."""
+    from pipelines.orchestrate.services import Ports, Services
+    from tests.helpers import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="metadistill-team-", dir="/tmp"))
+    root.chmod(0o711)
+    services = Services(root / "services", Ports("0.0.0.0", free_port(), free_port(), free_port()))
+    assert services.auth and not services.address.startswith("127.")
+    saved = {k: os.environ.get(k) for k in services.credentials()}
+    services.start()
+    os.environ.update(services.credentials())
+    try:
+        yield services
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        services.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -18,7 +18,7 @@ from pipelines.config.loader import load_config
 from pipelines.engine.loop import StepHook, TrainResult
 from pipelines.engine.metrics import accuracy
 from pipelines.students.context import StudentContext
-from pipelines.students.meta_distill import co_teaching
+from pipelines.students.meta_distill import co_teaching, held_out_parts
 from pipelines.teacher import improve
 from pipelines.teacher.context import TeacherContext
 from pipelines.teacher.fit import obtain_teacher
@@ -165,7 +165,7 @@ def test_a_harmful_teacher_step_is_reverted_and_damped(setting):
     assert parts.update.updates > seen["updates"]  # the head learned on after the revert ...
     assert parts.update.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.meta_distill.head.lr * 0.5)  # ... damped
     parts.check.finish()
-    assert accuracy(student, *ctx.held_out()) >= parts.check.guard.best
+    assert accuracy(student, *held_out_parts(ctx)[0]) >= parts.check.guard.best
 
 
 # --- the improvement stage -----------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_the_learned_student_replaces_the_reference_only_beyond_noise(setting, m
 
     cfg, prepared, teacher = setting
     ctx = StudentContext.from_config(cfg, prepared, teacher, seed=0)
-    n = len(ctx.held_out()[1])
+    n = len(meta_distill.held_out_parts(ctx)[1][1])
     learned, reference = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
 
     def returned(wins: int, losses: int, keep_p: float) -> str:
@@ -285,6 +285,34 @@ def test_the_learned_student_replaces_the_reference_only_beyond_noise(setting, m
     assert returned(5, 1, 0.05) == "reference"
     assert returned(5, 1, 0.2) == "learned"
     assert returned(3, 3, 1.0) == "reference"
+
+
+def test_the_learned_student_is_judged_on_images_its_teaching_never_saw(setting, monkeypatch):
+    """The held-out images split into a teaching part (what HeldOut, and so the head, the
+    temperature and the guard, draw from) and a judging part (what the keep test scores):
+    disjoint, together the whole held-out set, judge_fraction of it judging, a different
+    draw per seed and the same draw for the same seed."""
+    from pipelines.students import meta_distill, paired
+    from pipelines.students.context import StudentContext
+
+    cfg, prepared, teacher = setting
+    ctx = StudentContext.from_config(cfg, prepared, teacher, seed=0)
+    x, y = ctx.held_out()
+    (tx, ty), (jx, jy) = meta_distill.held_out_parts(ctx)
+    assert len(jy) == round(len(y) * cfg.meta_distill.judge_fraction) and len(ty) + len(jy) == len(y)
+    key = lambda images: {tuple(row.flatten().tolist()) for row in images}  # noqa: E731
+    assert key(tx).isdisjoint(key(jx)) and key(tx) | key(jx) == key(x)
+    assert torch.equal(meta_distill.held_out_parts(ctx)[1][0], jx)
+    other = meta_distill.held_out_parts(dataclasses.replace(ctx, seed=1))[1][0]
+    assert key(other) != key(jx)
+    assert torch.equal(meta_distill.HeldOut(ctx, torch.nn.Linear(1, 1), 8).x, tx)
+
+    scored = []
+    monkeypatch.setattr(meta_distill, "correctness", lambda model, x, y: scored.append(x) or torch.ones(len(y), dtype=torch.bool))
+    monkeypatch.setattr(paired, "trained_once", lambda method, c, train: (torch.nn.Linear(1, 1), TrainResult({}, 1.0)))
+    c = dataclasses.replace(ctx, meta_distill=cfg.meta_distill.model_copy(update={"reference": "kd"}))
+    meta_distill.bounded_by_reference(c, torch.nn.Linear(1, 1), TrainResult({}, 1.0))
+    assert len(scored) == 2 and all(torch.equal(images, jx) for images in scored)
 
 
 def test_the_learned_policy_can_be_the_strong_view(setting):

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,73 +17,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
-from benchmarks.team_auth import MLFLOW, PREFECT, add_user, basic, call, fuzz, grant, markdown, prepare_probe, refusals
+from benchmarks.team_auth import MLFLOW, PREFECT, add_user, fuzz, grant, markdown, prepare_probe, refusals
+from pipelines.common.net import basic_auth, status_of
 from pipelines.common.secrets import AuthRequired
 from pipelines.orchestrate.services import Ports, Services, stop_group
 from tests.helpers import free_port, wait_http
+from tests.team_support import TINY, clean_env, cli, node_env, sets
 
 REPO = Path(__file__).resolve().parents[1]
-
-# One small student method: these tests are about processes, servers and the registry.
-TINY = ["tracking.cost_card=false",  # measured in test_cost and test_integration
-        "teacher.model.arch=mlp", "teacher.model.kwargs={hidden: [32]}", "teacher.train.steps=40",
-        "teacher.improve.method=none", "student.train.steps=30", "student.seeds=[0]", "student.methods=[scratch]"]
-
-
-def cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def sets(*items: str) -> list[str]:
-    return [x for item in items for x in ("--set", item)]
-
-
-@pytest.fixture(scope="module")
-def team():
-    """The three servers of `metadistill services --host 0.0.0.0`, as a team runs them: on
-    every interface, so with authentication (on by default there), under a folder
-    PostgreSQL's own user can reach (it refuses to run as root; pytest's tmp folders are
-    private to root).  Clients use the address the services advertise, not loopback; this
-    process holds the admin's credentials while the module runs."""
-    root = Path(tempfile.mkdtemp(prefix="metadistill-team-", dir="/tmp"))
-    root.chmod(0o711)
-    services = Services(root / "services", Ports("0.0.0.0", free_port(), free_port(), free_port()))
-    assert services.auth and not services.address.startswith("127.")
-    saved = {k: os.environ.get(k) for k in services.credentials()}
-    services.start()
-    os.environ.update(services.credentials())
-    try:
-        yield services
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        services.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def clean_env(**extra: str) -> dict:
-    """This process's environment less what earlier tests left: the tracking and Prefect
-    URLs, and the registry URI that ``mlflow.set_registry_uri`` exports."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_HOME",
-                        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")}
-    return {**env, **extra}
-
-
-def node_env(team: Services, home: Path, user: tuple[str, str] | None = None) -> dict:
-    """A node's environment: what `metadistill services` prints, with the admin's
-    credentials (or ``user``'s) as the shell's ``$(cat FILE)`` gives them."""
-    credentials = team.credentials()
-    if user is not None:
-        credentials.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
-    env = clean_env(**{**team.env(), **credentials}, METADISTILL_HOME=str(home))
-    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # the fault test waits seconds, not MLflow's back-off
-    env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
-    return env
 
 
 def test_pipeline_registry_and_serving_over_the_tracking_server(team, tmp_path):
@@ -189,74 +129,6 @@ def test_wrong_or_missing_credentials_exit_2_before_any_work(team, tmp_path):
     assert not (tmp_path / "home" / "cache").exists()
 
 
-def test_the_tracking_server_killed_mid_run_then_a_rerun_reuses_the_caches(team, tmp_path):
-    env = node_env(team, tmp_path / "node")
-    args = ["run", *sets(*TINY, "tracking.experiment=fault", "teacher.train.steps=4000")]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    client, deadline = MlflowClient(team.tracking_uri, registry_uri=team.tracking_uri), time.time() + 180
-    teacher = []
-    while time.time() < deadline and proc.poll() is None and not teacher:  # kill it while the teacher trains
-        found = client.get_experiment_by_name("fault")
-        teacher = found and client.search_runs([found.experiment_id], "attributes.run_name = 'teacher'")
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before the teacher started: " + proc.stderr.read()[-2000:]
-    stop_group(team.processes.pop("mlflow"))
-    # aimed at the teacher's stage, and it hit it: the teacher was still training at the kill
-    assert teacher and teacher[0].info.status == "RUNNING"
-    try:
-        stderr = proc.communicate(timeout=240)[1]
-        assert proc.returncode == 1, stderr[-3000:]
-        assert team.tracking_uri in stderr and "run again" in stderr
-    finally:
-        team.start_mlflow()
-    experiment = client.get_experiment_by_name("fault").experiment_id
-    orphans = client.search_runs([experiment], "attributes.status = 'RUNNING'")
-    assert len(orphans) >= 2  # the parent and its teacher: their process died with the server away
-    cli(*args, env=env)
-    runs = client.search_runs([experiment], "attributes.run_name = 'teacher' and attributes.status = 'FINISHED'")
-    assert [r.data.tags["teacher.cached"] for r in runs] == ["True"]  # trained before the kill, reused after
-    # the rerun marked the dead process's runs FAILED, saying why
-    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
-    for orphan in orphans:
-        run = client.get_run(orphan.info.run_id)
-        assert run.info.status == "FAILED" and "tracking server was away" in run.data.tags["metadistill.failed_reason"]
-
-
-def test_a_work_pool_runs_two_overlapping_scheduled_runs(team, tmp_path):
-    env = node_env(team, tmp_path / "worker-node")
-    made = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "team-pool", "--type", "process"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
-    made = cli("schedule", "--cron", "0 3 * * *", "--name", "nightly", "--work-pool", "team-pool",
-               *sets(*TINY, "tracking.experiment=pool"), env=env, timeout=180)
-    assert "deployment metadistill/nightly created in work pool 'team-pool'" in made.stdout
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "team-pool",
-                               "--limit", "2"], env=env, stdout=open(tmp_path / "worker.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        triggers = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", "trigger", "--name", "nightly", "--set",
-                                      f"student.seeds=[{seed}]"], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
-        outs = [t.communicate(timeout=400) for t in triggers]
-        for t, (out, err) in zip(triggers, outs):
-            assert t.returncode == 0, out[-1500:] + err[-1500:] + (tmp_path / "worker.log").read_text()[-3000:]
-    finally:
-        stop_group(worker)
-    client = MlflowClient(team.tracking_uri, registry_uri=team.tracking_uri)
-    exp = client.get_experiment_by_name("pool")
-    parents = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
-               if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2
-    starts = sorted((r.info.start_time, r.info.end_time) for r in parents)
-    assert starts[1][0] < starts[0][1], "the two flow runs did not overlap"
-    versions = client.search_model_versions("name='pool-student'")
-    assert sorted(int(v.version) for v in versions) == [1, 2]
-    # (a server's version search leaves the aliases out: ask for the champion itself)
-    assert int(client.get_model_version_by_alias("pool-student", "champion").version) in (1, 2)
-    assert [v.tags["promotion_reason"] for v in versions].count("no champion yet") == 1
-
-
 def test_nodes_with_homes_of_their_own_register_in_turn(team, tmp_path):
     """Two nodes (homes of their own, no common flock) take their registration turns through
     the Prefect server's one-slot limit: the two turns never overlap."""
@@ -280,35 +152,6 @@ def test_nodes_with_homes_of_their_own_register_in_turn(team, tmp_path):
                                             key=lambda t: t[1])
     assert b_asked < a1, "the second node asked for its turn only after the first had finished: no contention"
     assert a1 <= b0, f"the turns overlapped: {a0:.2f}-{a1:.2f} and {b0:.2f}-{b1:.2f}"
-
-
-def test_a_holder_killed_in_its_turn_frees_it_promptly_and_promote_waits_for_its_turn(team, tmp_path):
-    """A node killed while it holds the registration turn frees it within its lease (60 s,
-    plus the server's 15-second sweep), not Prefect's default 5 minutes; a `metadistill promote` started
-    meanwhile waits for the turn instead of moving the champion under the holder."""
-    from pipelines.orchestrate.registration import LEASE_SECONDS
-
-    hold = ("import pathlib, sys, time; from pipelines.orchestrate.registration import registration_turn\n"
-            "with registration_turn('turn-student'):\n"
-            "    pathlib.Path(sys.argv[1]).touch(); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "in")], env=node_env(team, tmp_path / "a"),
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (tmp_path / "in").exists():
-            assert time.time() < deadline and holder.poll() is None, holder.stderr.read()[-2000:]
-            time.sleep(0.2)
-        promote = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "promote", "1", "--model", "turn-student"],
-                                   env=node_env(team, tmp_path / "b"), stderr=subprocess.PIPE, text=True)
-        time.sleep(8)
-        assert promote.poll() is None, "promote did not wait for the turn: " + promote.stderr.read()[-2000:]
-    finally:
-        killed = time.time()
-        stop_group(holder, timeout=0.1)  # SIGTERM, then SIGKILL: no clean release of the slot
-    assert promote.wait(timeout=120) == 1  # it got the turn, then found no such model
-    waited = time.time() - killed
-    assert "no registered model 'turn-student'" in promote.stderr.read()
-    assert waited < LEASE_SECONDS + 15 + 30, f"the slot stayed held {waited:.0f} s after its holder died"
 
 
 def overlapping_runs(home: Path, n: int, experiment: str) -> list[subprocess.CompletedProcess]:
@@ -443,8 +286,8 @@ def test_every_server_refuses_callers_without_credentials(team):
     assert {r["server"] for r in rows} == {"mlflow", "prefect"} and len(rows) >= 40
     wrong = [r for r in rows if r["expected"] != r["observed"]]
     assert not wrong, markdown(wrong)
-    assert call(team.local_tracking_uri, "GET", "/health", None) == 200
-    assert call(team.local_url(team.ports.prefect), "GET", "/api/health", None) == 200
+    assert status_of(team.local_tracking_uri + "/health", "GET", None) == 200
+    assert status_of(team.local_url(team.ports.prefect) + "/api/health", "GET", None) == 200
 
 
 def command_lines() -> str:
@@ -509,7 +352,7 @@ def test_a_request_fuzzer_never_gets_in_and_the_servers_stay_healthy(team):
     MLflow 3.17.2 answers 500 to an ``Authorization`` header of another scheme than Basic
     (Bearer, Digest) and Prefect 3.9.1 to a binary body on a filter route, both where it
     then refuses or serves nothing (docs/team.md)."""
-    admin = basic("admin", team.credentials()["MLFLOW_TRACKING_PASSWORD"])
+    admin = basic_auth("admin", team.credentials()["MLFLOW_TRACKING_PASSWORD"])
     prefect_auth = {"authorization": "Basic " + __import__("base64").b64encode(team.auth_string().encode()).decode()}
     for base, endpoints, credentials, health in (
             (team.local_tracking_uri, MLFLOW, admin, "/health"),
@@ -520,6 +363,31 @@ def test_a_request_fuzzer_never_gets_in_and_the_servers_stay_healthy(team):
                   and any(r["path"] == p[:60] for p in paths)]
         assert not let_in, let_in[:5]
         assert sum(r["status"] in (401, 403) for r in rows) >= 10  # it reached the auth checks
-        assert call(base, "GET", health, None) == 200
-    assert call(team.local_tracking_uri, "GET", "/api/2.0/mlflow/experiments/search?max_results=1", None, admin) == 200
-    assert call(team.local_url(team.ports.prefect), "POST", "/api/flows/filter", {}, prefect_auth) == 200
+        assert status_of(base + health, "GET", None) == 200
+    assert status_of(team.local_tracking_uri + "/api/2.0/mlflow/experiments/search?max_results=1", "GET", None, admin) == 200
+    assert status_of(team.local_url(team.ports.prefect) + "/api/flows/filter", "POST", {}, prefect_auth) == 200
+
+
+def test_proc_reads_a_process_start_and_tells_a_reused_pid_from_its_process(tmp_path):
+    """A process whose name holds spaces and parentheses parses like any other (the fields
+    after the name's last parenthesis); it is alive at its start and not under another start
+    or once it has ended."""
+    from pipelines.common.proc import alive, process_start, stat_fields
+
+    odd = tmp_path / "a) b (c"
+    odd.symlink_to(shutil.which("sleep"))
+    proc = subprocess.Popen([str(odd), "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != odd.name and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the exec
+        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == odd.name
+        start = process_start(proc.pid)
+        assert len(stat_fields(proc.pid)[0]) == 1 and stat_fields(proc.pid)[1] == str(os.getpid())  # state, parent
+        assert start and start.isdigit()
+        assert start == stat_fields(proc.pid)[19] and int(start) >= int(process_start(os.getpid()))
+        assert alive(proc.pid, start) and not alive(proc.pid, str(int(start) - 1))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_start(proc.pid) is None and not alive(proc.pid, start)

@@ -28,3 +28,9 @@ def held_out_generator(seed: int) -> torch.Generator:
     """The generator of a student's held-out draws (the quiz batches of learning to teach):
     seeded apart from the data order's, which ``seed`` itself seeds."""
     return torch.Generator().manual_seed(10_000 + seed)
+
+
+def judge_generator(seed: int) -> torch.Generator:
+    """The generator of a student's split of the held-out images into the part that steers
+    learning to teach and the part kept to judge it (``meta_distill.judge_fraction``)."""
+    return torch.Generator().manual_seed(20_000 + seed)

@@ -22,6 +22,7 @@ import os
 import time
 
 from pipelines.common.home import project_home
+from pipelines.common.proc import stat_fields
 
 
 def usable_cpus() -> list[int]:
@@ -43,9 +44,8 @@ def _cpu_times(cpus: list[int]) -> dict[int, tuple[int, int]]:
 
 def _own_ticks() -> int:
     """This process's user + system clock ticks so far (its threads included)."""
-    with open("/proc/self/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    fields = stat_fields()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
 class CpuSample:

@@ -175,14 +175,20 @@ class MetaDistillConfig(Strict):
     reference: Literal["standard_practice", "kd", "none"] = Field(
         "standard_practice", description="the method whose student (trained from the same seed: the same "
                                          "initialisation and batches) is returned unless the learned student beats "
-                                         "it on the held-out images beyond noise (keep_p). The guard compares the "
+                                         "it on the judging images beyond noise (keep_p, judge_fraction). The guard compares the "
                                          "student with its own snapshots and misses a teacher that harms it slowly; "
                                          "this bounds learned teaching by the reference. standard_practice: the best "
                                          "of tuned kd, dkd and dist_kd (its grids cost about 20 trainings, once per "
                                          "home); kd: one kd training more; none: the learned student as it ends")
     keep_p: float = Field(0.05, gt=0, le=1, description="the learned student replaces the reference only when it "
-                                                        "beats it on the held-out images with McNemar's exact "
-                                                        "one-sided p below this (1: whenever it is right on more)")
+                                                        "beats it on the judging images (judge_fraction) with "
+                                                        "McNemar's exact one-sided p below this (1: whenever it is "
+                                                        "right on more)")
+    judge_fraction: float = Field(0.5, gt=0, lt=1, description="share of the held-out images (drawn at random per "
+                                                               "seed) kept from the learned teaching (its head, "
+                                                               "temperature and guard never see them) to judge its "
+                                                               "student against the reference: judged on the images "
+                                                               "its guard chose on, it looked better than it was")
 
 
 Learnable = Literal["teacher", "calibration", "kd_params", "weights"]

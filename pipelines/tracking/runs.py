@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.common.home import home_lock, project_home
+from pipelines.common.proc import alive, process_start
 
 _clients: dict[str, MlflowClient] = {}
 
@@ -154,30 +155,7 @@ def _process_tags(pid: int | None = None) -> dict[str, str]:
 
     pid = os.getpid() if pid is None else pid
     return {"metadistill.host": socket.gethostname(), "metadistill.pid": str(pid),
-            "metadistill.process_start": _process_start(pid) or ""}
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start in clock ticks since boot (Linux), or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
-
-
-def _alive(pid: int, start: str) -> bool:
-    """Whether the run's process lives: the same pid with the same start (Linux); elsewhere,
-    whether the pid exists."""
-    if Path("/proc/self/stat").exists():
-        return _process_start(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+            "metadistill.process_start": process_start(pid) or ""}
 
 
 def reap_orphans(experiment_id: str) -> list[str]:
@@ -191,7 +169,7 @@ def reap_orphans(experiment_id: str) -> list[str]:
         tags = run.data.tags
         if tags.get("metadistill.host") != host or not tags.get("metadistill.pid", "").isdigit():
             continue
-        if _alive(int(tags["metadistill.pid"]), tags.get("metadistill.process_start", "")):
+        if alive(int(tags["metadistill.pid"]), tags.get("metadistill.process_start", "")):
             continue
         c.set_tag(run.info.run_id, "metadistill.failed_reason",
                   f"its process (pid {tags['metadistill.pid']} on {host}) ended while the tracking server was "
