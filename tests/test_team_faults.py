@@ -18,18 +18,25 @@ from pipelines.orchestrate.services import stop_group
 from tests.team_support import TINY, cli, node_env, sets
 
 
-def test_the_tracking_server_killed_mid_run_then_a_rerun_reuses_the_caches(team, tmp_path):
-    env = node_env(team, tmp_path / "node")
-    args = ["run", *sets(*TINY, "tracking.experiment=fault", "teacher.train.steps=4000")]
+def started_until_the_teacher_trains(team, env: dict, args: list[str], experiment: str):
+    """``metadistill run`` started, returned once its teacher's MLflow run exists (the
+    teacher is training), with a client of the team's tracking server and that run."""
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     client, deadline = MlflowClient(team.tracking_uri, registry_uri=team.tracking_uri), time.time() + 180
     teacher = []
-    while time.time() < deadline and proc.poll() is None and not teacher:  # kill it while the teacher trains
-        found = client.get_experiment_by_name("fault")
+    while time.time() < deadline and proc.poll() is None and not teacher:
+        found = client.get_experiment_by_name(experiment)
         teacher = found and client.search_runs([found.experiment_id], "attributes.run_name = 'teacher'")
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before the teacher started: " + proc.stderr.read()[-2000:]
+    return proc, client, teacher
+
+
+def test_the_tracking_server_killed_mid_run_then_a_rerun_reuses_the_caches(team, tmp_path):
+    env = node_env(team, tmp_path / "node")
+    args = ["run", *sets(*TINY, "tracking.experiment=fault", "teacher.train.steps=4000")]
+    proc, client, teacher = started_until_the_teacher_trains(team, env, args, "fault")  # killed while it trains
     stop_group(team.processes.pop("mlflow"))
     # aimed at the teacher's stage, and it hit it: the teacher was still training at the kill
     assert teacher and teacher[0].info.status == "RUNNING"
@@ -59,15 +66,7 @@ def test_the_prefect_server_killed_mid_run_fails_the_run_cleanly_and_a_rerun_wor
     finishes, reusing the teacher trained before the kill."""
     env = {**node_env(team, tmp_path / "node"), "PREFECT_CLIENT_MAX_RETRIES": "1"}  # seconds, not its back-off
     args = ["run", *sets(*TINY, "tracking.experiment=prefect-fault", "teacher.train.steps=4000")]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    client, deadline = MlflowClient(team.tracking_uri, registry_uri=team.tracking_uri), time.time() + 180
-    teacher = []
-    while time.time() < deadline and proc.poll() is None and not teacher:  # kill it while the teacher trains
-        found = client.get_experiment_by_name("prefect-fault")
-        teacher = found and client.search_runs([found.experiment_id], "attributes.run_name = 'teacher'")
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before the teacher started: " + proc.stderr.read()[-2000:]
+    proc, client, _ = started_until_the_teacher_trains(team, env, args, "prefect-fault")
     stop_group(team.processes.pop("prefect"))
     try:
         stderr = proc.communicate(timeout=300)[1]
@@ -76,8 +75,7 @@ def test_the_prefect_server_killed_mid_run_fails_the_run_cleanly_and_a_rerun_wor
         assert f"the Prefect server at {team.prefect_api_url} stopped answering" in said, stderr[-3000:]
         assert "nothing was registered" in said and "Traceback" not in said
     finally:
-        team._spawn("prefect", *team.prefect_command())
-        team._wait(f"{team.local_url(team.ports.prefect)}/api/health", "prefect")
+        team.start_prefect()
     experiment = client.get_experiment_by_name("prefect-fault").experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     assert client.search_runs([experiment], "attributes.status = 'FAILED'")

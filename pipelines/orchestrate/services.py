@@ -272,6 +272,10 @@ class Services:
         self._spawn("mlflow", *self.mlflow_command())
         self._wait(f"{self.local_tracking_uri}/health", "mlflow")
 
+    def start_prefect(self) -> None:
+        self._spawn("prefect", *self.prefect_command())
+        self._wait(f"{self.local_url(self.ports.prefect)}/api/health", "prefect")
+
     def _wait(self, url: str, name: str, timeout: float = 180.0) -> None:
         log = self.root / f"{name}.log"
         try:
