@@ -557,10 +557,11 @@ def _known_errors() -> dict[type, tuple[int, str]]:
             TrackingError: (1, f"MLflow at {os.environ.get('MLFLOW_TRACKING_URI') or 'the project home'} failed: "
                                  f"when it answers again, run again (the data, teacher and grid caches are kept)"),
             # Prefect's client speaks httpx (MLflow's, requests): a Prefect server that stopped
-            # answering mid-run.  Training finished and cached; the registration turn needs it.
+            # answering mid-run.  The stages before it finished and cached; the registration
+            # turn needs it (whether this run registered, the registry says: it may have died later).
             httpx.TransportError: (1, f"the Prefect server at {os.environ.get('PREFECT_API_URL') or 'the local API'} "
-                                      f"stopped answering: nothing was registered; when it answers again, run again "
-                                      f"(the data, teacher and grid caches are kept)"),
+                                      f"stopped answering: when it answers again, run again (the data, teacher and "
+                                      f"grid caches are kept; the run is FAILED in MLflow)"),
             ValueError: (1, "")}
 
 
