@@ -29,6 +29,7 @@ subprocesses: nothing here imports MLflow or Prefect.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -125,8 +126,8 @@ class Services:
                 fh.write(f"127.0.0.1:{self.ports.postgres}:optuna:metadistill:{self.password()}\n")
         return path
 
-    @property
-    def address(self) -> str:
+    @functools.cached_property
+    def address(self) -> str:  # cached: the host's name may take a DNS lookup
         """Where clients reach the servers: ``advertise``, else the bind address, else (bound
         to every interface, which no client can connect to by name) this host's name."""
         if self.advertise:

@@ -37,7 +37,7 @@ def current_champion(model_name: str) -> dict | None:
     try:
         version = c.get_model_version_by_alias(model_name, "champion")
     except MlflowException as exc:
-        _absent(exc, f"reading {model_name}@champion")
+        _raise_refusal(exc, f"reading {model_name}@champion")
         return None
     return {"version": str(version.version), **version.tags}
 
@@ -47,7 +47,7 @@ def model_version_by_alias(model_name: str, alias: str) -> dict | None:
     try:
         v = client().get_model_version_by_alias(model_name, alias)
     except MlflowException as exc:
-        _absent(exc, f"reading {model_name}@{alias}")
+        _raise_refusal(exc, f"reading {model_name}@{alias}")
         return None
     return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
 
@@ -80,8 +80,9 @@ def refusal(exc: MlflowException, what: str) -> NotAllowed | None:
                       f"release manager) can, and an admin grants it (README: Team set-up, roles)")
 
 
-def _absent(exc: MlflowException, what: str) -> None:
-    """Let a lookup's "not found" through as None; raise a refusal."""
+def _raise_refusal(exc: MlflowException, what: str) -> None:
+    """Raise ``exc`` as :class:`NotAllowed` when it is a refusal; otherwise return, for the
+    caller to handle it (a lookup's "not found") or re-raise it."""
     refused = refusal(exc, what)
     if refused is not None:
         raise refused from None
@@ -98,7 +99,7 @@ def resolve_version(model_name: str, alias: str | None = None, version: str | No
     try:
         c.get_registered_model(model_name)
     except MlflowException as exc:
-        _absent(exc, f"reading {model_name}")
+        _raise_refusal(exc, f"reading {model_name}")
         names = [m.name for m in c.search_registered_models(max_results=50)]
         raise VersionNotFound(f"no registered model {model_name!r}; registered: {', '.join(names) or 'none'}") from None
     if alias is not None:
@@ -138,9 +139,7 @@ def set_alias(model_name: str, alias: str, version: str, tags: dict[str, str]) -
             c.set_model_version_tag(model_name, version, k, str(v))
         c.set_registered_model_alias(model_name, alias, version)
     except MlflowException as exc:
-        refused = refusal(exc, f"moving {model_name}@{alias} to v{version}")
-        if refused is not None:
-            raise refused from None
+        _raise_refusal(exc, f"moving {model_name}@{alias} to v{version}")
         raise
 
 
@@ -158,7 +157,7 @@ def register_model(model_uri: str, model_name: str, alias: str | None, tags: dic
         version = c.create_model_version(model_name, model_uri, run_id=run_id,
                                          tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
     except MlflowException as exc:  # nothing was created: a refusal says whose right is missing
-        _absent(exc, f"registering a version of {model_name}")
+        _raise_refusal(exc, f"registering a version of {model_name}")
         raise
     try:
         _wait_ready(c, model_name, version.version)
