@@ -13,6 +13,23 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("METADISTILL_PROGRESS", "0")
 
+
+def _pin_worker() -> None:
+    """Under `pytest -n N`, worker i and every process it starts (CLI runs, torchrun ranks,
+    servers) get CPUs of their own, as on a CI runner.  Left to share, two workers' torch
+    processes each take every core and wait on each other's OpenMP threads: a 32x32 resnet8
+    step beside a busy process runs 3.6 times slower with two threads than with one
+    (docs/benchmarks/busy_machine.json).  Runs at import, before torch sizes its thread pool."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker and 1 < count <= len(cpus):
+        share = len(cpus) // count
+        index = int(worker.removeprefix("gw"))
+        os.sched_setaffinity(0, cpus[index * share:(index + 1) * share])
+
+
+_pin_worker()
+
 # The longest files first: `make test`'s workers take a file each, and a long file started
 # last leaves one worker running it alone while the other idles.
 LONGEST_FIRST = ("test_team_faults.py", "test_team.py", "test_distributed.py", "test_sources.py", "test_schedule.py",

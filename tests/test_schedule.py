@@ -69,7 +69,9 @@ def test_ephemeral_api_refuses_schedules(home):
 
 def test_interval_schedule_runs_and_trigger(prefect_server, home, tmp_path):
     url, env = prefect_server
-    env = {**env, "PREFECT_API_URL": url}
+    # The runner asks the server for due runs every 2 s, not Prefect's 10: the scheduled run and
+    # the triggered one start that much sooner.
+    env = {**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     args = [x for item in TINY for x in ("--set", item)]
     serve = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", "--interval", "30",
                               "--name", "it", *args], env=env, stdout=open(tmp_path / "serve.log", "w"),

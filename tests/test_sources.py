@@ -261,6 +261,9 @@ def test_torchvision_resnet18_finetuned_teaches_resnet8_registered_and_served(ho
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "resnet18.pth")
     cfg = load_config("cifar10", overrides=[
         f"data.root={_cifar_test_only(tmp_path, shared_data)}", "data.label_budget=null", "data.train_fraction=0.3",
+        # the teacher's outputs over 1,000 transfer images and 1,000 test images, not 5,600 and 2,000:
+        # at 48x48 a resnet18 pass over them was a fifth of the test
+        "data.transfer_limit=1000", "data.test_fraction=0.1",
         "teacher.source=torchvision", "teacher.model.arch=resnet18", f"teacher.weights={tmp_path / 'resnet18.pth'}",
         "teacher.image_size=48", "teacher.finetune.mode=all", "teacher.finetune.steps=100",
         "teacher.finetune.batch_size=32", "teacher.finetune.optimizer.lr=0.02", "teacher.finetune.augment=false",
