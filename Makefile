@@ -40,8 +40,8 @@ docs: install-dev
 # Two pytest workers, a test file each at a time (module fixtures, such as the team's servers,
 # start once per file): much of the suite waits on servers and subprocess start-up, which
 # leaves a core idle when the tests run one by one.  Each worker and what it starts keep to
-# CPUs of their own (tests/conftest.py).  On the 2-core reference machine: 17 min 52 s in all
-# (lint, docs and tests); unpinned, the workers' torch threads fought and took 24 min; one by
+# CPUs of their own (tests/conftest.py).  On the 2-core reference machine: 17 min 52 s and
+# 18 min 27 s for lint, docs and tests once installed (20 min 30 s for .ci/run from a fresh clone); unpinned, the workers' torch threads fought and took 24 min; one by
 # one, about 29.
 PYTEST_WORKERS ?= 2
 test: lint system-deps docs
