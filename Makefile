@@ -40,9 +40,10 @@ docs: install-dev
 # Two pytest workers, a test file each at a time (module fixtures, such as the team's servers,
 # start once per file): much of the suite waits on servers and subprocess start-up, which
 # leaves a core idle when the tests run one by one.  Each worker and what it starts keep to
-# CPUs of their own (tests/conftest.py).  On the 2-core reference machine: 17 min 52 s and
-# 18 min 27 s for lint, docs and tests once installed (20 min 30 s for .ci/run from a fresh clone); unpinned, the workers' torch threads fought and took 24 min; one by
-# one, about 29.
+# CPUs of their own (tests/conftest.py).  On the 2-core reference machine, once installed:
+# 17 min 52 s for lint, docs and tests (pytest 17:47); .ci/run from a fresh clone, install
+# included, 20 min 30 s (pytest 18:27).  Unpinned, the workers' torch threads fought and the
+# tests took 24 min; one by one, about 29.
 PYTEST_WORKERS ?= 2
 test: lint system-deps docs
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
