@@ -20,11 +20,8 @@ def process_start(pid: int) -> str | None:
         return None
 
 
-def alive(pid: int, start: str) -> bool:
-    """Whether process ``pid`` that started at ``start`` lives: the same pid with the same start
-    (Linux: a reused pid is not taken for it); elsewhere, whether the pid exists."""
-    if Path("/proc/self/stat").exists():
-        return process_start(pid) == start
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (any user's): signal 0 checks without sending."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -32,3 +29,11 @@ def alive(pid: int, start: str) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def alive(pid: int, start: str) -> bool:
+    """Whether process ``pid`` that started at ``start`` lives: the same pid with the same start
+    (Linux: a reused pid is not taken for it); elsewhere, whether the pid exists."""
+    if Path("/proc/self/stat").exists():
+        return process_start(pid) == start
+    return pid_exists(pid)

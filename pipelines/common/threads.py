@@ -22,7 +22,7 @@ import os
 import time
 
 from pipelines.common.home import project_home
-from pipelines.common.proc import stat_fields
+from pipelines.common.proc import pid_exists, stat_fields
 
 
 def usable_cpus() -> list[int]:
@@ -128,15 +128,12 @@ def home_runs() -> int:
     folder = project_home() / "runs"
     alive = 0
     for entry in folder.glob("*") if folder.is_dir() else []:
-        try:
-            os.kill(int(entry.name), 0)
-            alive += 1
-        except ProcessLookupError:
-            entry.unlink(missing_ok=True)
-        except PermissionError:  # another user's live process
-            alive += 1
-        except ValueError:  # not a pid: not ours
+        if not entry.name.isdigit():  # not a pid: not ours
             continue
+        if pid_exists(int(entry.name)):
+            alive += 1
+        else:
+            entry.unlink(missing_ok=True)
     return max(1, alive)
 
 

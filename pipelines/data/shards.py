@@ -40,6 +40,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pipelines.common import entrypoints
 from pipelines.common.home import sha256_of
+from pipelines.common.proc import pid_exists
 from pipelines.data.errors import DataError
 
 
@@ -258,9 +259,7 @@ def exit_with(owner: int, *_) -> None:
     def watch() -> None:
         while True:
             time.sleep(1)
-            try:
-                os.kill(owner, 0)
-            except ProcessLookupError:
+            if not pid_exists(owner):
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-owner").start()

@@ -271,13 +271,16 @@ class Services:
 
     def start_mlflow(self) -> None:
         self._spawn("mlflow", *self.mlflow_command())
-        self._wait(f"{self.local_tracking_uri}/health", "mlflow")
+        self._wait("mlflow")
 
     def start_prefect(self) -> None:
         self._spawn("prefect", *self.prefect_command())
-        self._wait(f"{self.local_url(self.ports.prefect)}/api/health", "prefect")
+        self._wait("prefect")
 
-    def _wait(self, url: str, name: str, timeout: float = 180.0) -> None:
+    def _wait(self, name: str, timeout: float = 180.0) -> None:
+        """Until server ``name`` answers its health route (neither asks for credentials)."""
+        url = {"mlflow": f"{self.local_tracking_uri}/health",
+               "prefect": f"{self.local_url(self.ports.prefect)}/api/health"}[name]
         log = self.root / f"{name}.log"
         try:
             wait_http(url, timeout, lambda: self.processes[name].poll() is None, lambda: log_tail(log))
@@ -292,8 +295,8 @@ class Services:
             self.start_postgres()
             self._spawn("mlflow", *self.mlflow_command())
             self._spawn("prefect", *self.prefect_command())
-            self._wait(f"{self.local_tracking_uri}/health", "mlflow")  # both health routes ask no credentials
-            self._wait(f"{self.local_url(self.ports.prefect)}/api/health", "prefect")
+            self._wait("mlflow")
+            self._wait("prefect")
         except BaseException:
             self.stop()
             raise
